@@ -1,0 +1,103 @@
+"""The KV block pool: fixed-size blocks with reference counts and a prefix cache.
+
+Bookkeeping only (ints and hashes); the tensors that hold K/V live in the worker.
+
+    free queue (LRU, evict from the left)      cached: block_hash -> block
+    [b7][b3][b9] ... [b2]   <- freed blocks appended on the right
+
+A block with ref_cnt 0 sits in the free queue; if it still carries a hash it is a
+cached block that a later request may revive ("touch") until it is evicted, i.e.
+handed out again by `allocate`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, eq=False)
+class KVBlock:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: bytes | None = None  # set once the block is full and cached
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._cached: dict[bytes, KVBlock] = {}
+        self.num_evictions = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now (free, possibly evicting a cached one)."""
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    def lookup(self, block_hash: bytes) -> KVBlock | None:
+        return self._cached.get(block_hash)
+
+    def allocate(self, num: int) -> list[KVBlock]:
+        """Take `num` blocks from the front of the free queue (least recently freed)."""
+        if num > len(self._free):
+            raise RuntimeError(f"asked for {num} blocks, only {len(self._free)} free")
+        out = []
+        for _ in range(num):
+            _, block = self._free.popitem(last=False)
+            if block.block_hash is not None:
+                # NOTE: evicting only drops the mapping if it still points at this block.
+                if self._cached.get(block.block_hash) is block:
+                    del self._cached[block.block_hash]
+                block.block_hash = None
+                self.num_evictions += 1
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def touch(self, blocks: Iterable[KVBlock]) -> None:
+        """Take a reference on cache-hit blocks, reviving those sitting in the free queue."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                del self._free[block.block_id]
+            block.ref_cnt += 1
+
+    def num_revivals(self, blocks: Iterable[KVBlock]) -> int:
+        """How many of these cache hits are in the free queue (touching them uses free slots)."""
+        return sum(1 for b in blocks if b.ref_cnt == 0)
+
+    def free(self, blocks: Iterable[KVBlock]) -> None:
+        """Drop one reference on each block; blocks reaching 0 join the free queue's tail,
+        in the order given (so pass a request's blocks tail-first: its head blocks, the
+        most shareable ones, are then evicted last)."""
+        for block in blocks:
+            block.ref_cnt -= 1
+            if block.ref_cnt < 0:
+                raise RuntimeError(f"block {block.block_id} freed more often than allocated")
+            if block.ref_cnt == 0:
+                self._free[block.block_id] = block
+
+    def cache_block(self, block: KVBlock, block_hash: bytes) -> None:
+        """Publish a full, computed block under its chain hash."""
+        if not self.enable_caching or block.block_hash is not None:
+            return
+        if block_hash in self._cached:
+            return  # another request computed the same block first; keep that one
+        block.block_hash = block_hash
+        self._cached[block_hash] = block
+
+    def reset_prefix_cache(self) -> None:
+        for block in self._cached.values():
+            block.block_hash = None
+        self._cached.clear()

@@ -1,0 +1,60 @@
+"""Engine configuration: frozen dataclasses, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scalellm.protocol.errors import InvalidParameterError
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048  # token budget of one step
+    max_num_seqs: int = 256  # running requests at most
+    max_model_len: int = 8192  # prompt + output of one request
+    decode_first: bool = True  # give running decodes budget before running prefills
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise InvalidParameterError("max_num_batched_tokens", "must be >= 1")
+        if self.max_num_seqs < 1:
+            raise InvalidParameterError("max_num_seqs", "must be >= 1")
+        if self.max_model_len < 2:
+            raise InvalidParameterError("max_model_len", "must be >= 2")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int = 16
+    num_blocks: int = 0  # 0: derived from kv_cache_memory by the worker
+    kv_cache_memory: int = 1 << 30  # bytes for K and V of all layers
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise InvalidParameterError("block_size", f"must be a power of two, got {self.block_size}")
+        if self.kv_cache_memory <= 0 and self.num_blocks <= 0:
+            raise InvalidParameterError("kv_cache_memory", "must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything needed to build an engine. CLI flags and LLM(...) kwargs map here."""
+
+    model: str | None = None  # HF directory or .gguf file; None: the embedded default model
+    dtype: str = "auto"  # auto | float32 | bfloat16 (| float16 on GPU)
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30  # bytes
+    enable_prefix_caching: bool = True
+    seed: int = 0  # seed of the shared generator for unseeded requests
+
+    def __post_init__(self) -> None:
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise InvalidParameterError("max_model_len", "must be >= 2")
+        # Reuse the part configs' validation.
+        SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len or 2)
+        CacheConfig(self.block_size, 0, self.kv_cache_memory, self.enable_prefix_caching)

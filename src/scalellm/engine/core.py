@@ -1,0 +1,84 @@
+"""The engine core: schedule -> execute -> update, over token ids only.
+
+It owns the scheduler and a model executor (anything with
+`execute(SchedulerOutput) -> ModelRunnerOutput`). No text, no tokenizer: those
+belong to the frontend. This is the loop that later runs in its own process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from scalellm.engine.request import Request
+from scalellm.engine.scheduler import Scheduler
+from scalellm.protocol.step import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
+
+
+class Executor(Protocol):
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks_used: int
+    num_kv_blocks_total: int
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_steps: int
+    num_tokens_scheduled: int
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, executor: Executor) -> None:
+        self.scheduler = scheduler
+        self.executor = executor
+        self.num_steps = 0
+        self.num_tokens_scheduled = 0
+        self.step_time = 0.0
+
+    def add_request(self, request: Request, seed_offset: int = 0) -> None:
+        self.scheduler.add_request(request, seed_offset)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.scheduler.abort_requests(request_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if sched.finished_request_ids:
+                self.executor.execute(sched)  # let the worker drop finished state
+            return []
+        result = self.executor.execute(sched)
+        outputs = self.scheduler.update_from_output(sched, result)
+        self.num_steps += 1
+        self.num_tokens_scheduled += sched.total_num_scheduled_tokens
+        self.step_time += time.perf_counter() - t0
+        return outputs
+
+    def stats(self) -> EngineStats:
+        kv = self.scheduler.kv_cache
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_kv_blocks_used=kv.pool.num_used_blocks,
+            num_kv_blocks_total=kv.pool.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=kv.stats.num_queried_tokens,
+            prefix_cache_hits=kv.stats.num_hit_tokens,
+            num_steps=self.num_steps,
+            num_tokens_scheduled=self.num_tokens_scheduled,
+        )

@@ -1,0 +1,253 @@
+"""The token-budget scheduler: continuous batching with chunked prefill and preemption.
+
+There is no prefill or decode phase. Every request has `num_computed_tokens` and a
+target `num_tokens` (prompt + outputs so far); each step hands out a budget of
+`max_num_batched_tokens` tokens and at most `max_num_seqs` running requests:
+
+1. Running requests first (decodes before unfinished prefills when `decode_first`,
+   then by priority and arrival). Each gets min(remaining, budget) tokens. If the
+   KV pool cannot supply blocks, the lowest-priority, latest-arrived running request
+   is preempted (blocks freed, recomputed later) until the allocation fits.
+2. Then waiting requests in (priority, arrival) order, after prefix-cache lookup,
+   as long as budget, sequence slots and blocks last. A prompt longer than the
+   remaining budget is prefilled in chunks over several steps.
+
+Knows nothing of tensors or text. Stop strings are the frontend's: it aborts.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterable
+
+from scalellm.engine.config import SchedulerConfig
+from scalellm.engine.kv_cache_manager import KVCacheManager
+from scalellm.engine.request import Request, RequestStatus
+from scalellm.protocol.step import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # sorted by Request.sort_key
+        self.running: list[Request] = []
+        self._finished_ids: list[str] = []  # to tell the worker next step
+        self._seen_by_worker: set[str] = set()  # holds blocks the worker knows of
+        self._known_by_worker: set[str] = set()  # has worker state (kept across preemption)
+        self.num_preemptions = 0
+        self.seed_offsets: dict[str, int] = {}
+
+    # -- intake ------------------------------------------------------------------
+    def add_request(self, request: Request, seed_offset: int = 0) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.seed_offsets[request.request_id] = seed_offset
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        keys = [r.sort_key() for r in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, request.sort_key()), request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
+        """Abort at any point; blocks come back at once. Unknown ids are ignored."""
+        aborted = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+            aborted.append(request)
+        return aborted
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv_cache.free(request)
+        del self.requests[request.request_id]
+        self.seed_offsets.pop(request.request_id, None)
+        self._seen_by_worker.discard(request.request_id)
+        if request.request_id in self._known_by_worker:
+            self._known_by_worker.discard(request.request_id)
+            self._finished_ids.append(request.request_id)
+
+    # -- queries -----------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ----------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted: list[str] = []
+        now = time.monotonic()
+
+        def remaining(r: Request) -> int:
+            return r.num_tokens - r.num_computed_tokens
+
+        order = sorted(
+            self.running,
+            key=lambda r: ((remaining(r) > 1) if self.config.decode_first else False, *r.sort_key()),
+        )
+        for request in order:
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(remaining(request), budget)
+            old_num_blocks = len(self.kv_cache.block_ids(request.request_id))
+            while not self.kv_cache.allocate_slots(request, num_new):
+                victim = self._pick_victim(exclude=num_scheduled) or request
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                continue
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            block_ids = self.kv_cache.block_ids(request.request_id)
+            if request.request_id in self._seen_by_worker:
+                cached_reqs.append(
+                    CachedRequestData(request.request_id, block_ids[old_num_blocks:], request.num_computed_tokens)
+                )
+            else:
+                new_reqs.append(self._new_request_data(request, block_ids))
+
+        # Waiting requests only when nothing was preempted: they would take the blocks back.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            hits, num_hit_tokens = ([], 0)
+            if request.num_computed_tokens == 0:
+                hits, num_hit_tokens = self.kv_cache.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            if not self.kv_cache.allocate_slots(request, num_new, hits):
+                break
+            self.waiting.pop(0)
+            request.num_computed_tokens = num_hit_tokens
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+                request.num_cached_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            new_reqs.append(self._new_request_data(request, self.kv_cache.block_ids(request.request_id)))
+
+        for data in new_reqs:
+            self._seen_by_worker.add(data.request_id)
+            self._known_by_worker.add(data.request_id)
+        out = SchedulerOutput(
+            new_requests=new_reqs,
+            cached_requests=cached_reqs,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+            finished_request_ids=self._finished_ids,
+            preempted_request_ids=preempted,
+        )
+        self._finished_ids = []
+        return out
+
+    def _new_request_data(self, request: Request, block_ids: list[int]) -> NewRequestData:
+        return NewRequestData(
+            request_id=request.request_id,
+            all_token_ids=list(request.all_token_ids),
+            num_prompt_tokens=request.num_prompt_tokens,
+            sampling_params=request.sampling_params,
+            block_ids=block_ids,
+            num_computed_tokens=request.num_computed_tokens,
+            seed_offset=self.seed_offsets.get(request.request_id, 0),
+        )
+
+    def _pick_victim(self, exclude: dict[str, int]) -> Request | None:
+        """The lowest-priority, latest running request not yet scheduled this step."""
+        candidates = [r for r in self.running if r.request_id not in exclude]
+        return max(candidates, key=Request.sort_key) if candidates else None
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        # NOTE: the worker keeps this request's sampling state (seeded generator, output
+        # tokens); it is re-sent in full as NewRequestData when it resumes.
+        self._seen_by_worker.discard(request.request_id)
+        self._enqueue(request)
+
+    # -- after the step ------------------------------------------------------------
+    def update_from_output(
+        self, sched: SchedulerOutput, result: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        now = time.monotonic()
+        for request_id, num_tokens in sched.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += num_tokens
+            self.kv_cache.cache_computed_blocks(request)
+            token_id = result.sampled_token_ids.get(request_id)
+            if token_id is None:
+                continue  # a prefill chunk short of the end
+            request.append_token(token_id)
+            first = request.first_token_time is None
+            if first:
+                request.first_token_time = now
+            lp = result.logprobs.get(request_id)
+            if lp is not None and request.logprobs is not None:
+                request.logprobs.append((lp.sampled_logprob, lp.top_token_ids, lp.top_logprobs))
+            status = self._check_stop(request, token_id)
+            out = EngineCoreOutput(
+                request_id=request_id,
+                new_token_ids=[token_id],
+                new_logprobs=[lp] if lp is not None else None,
+                num_cached_tokens=request.num_cached_tokens,
+                num_preemptions=request.num_preemptions,
+            )
+            if first:
+                out.first_scheduled_time = request.first_scheduled_time
+                out.first_token_time = now
+            if status is not None:
+                self._finish(request, status)
+                out.finish_reason = str(status.finish_reason())
+                out.stop_reason = request.stop_reason
+            outputs.append(out)
+        return outputs
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_output_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,110 @@
+"""`scalellm` command line. Subcommands: generate (offline). Flags map to EngineConfig."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from scalellm.protocol.errors import ScaleLLMError
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV cache")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _engine_kwargs(a: argparse.Namespace) -> dict:
+    return dict(
+        dtype=a.dtype, device=a.device, max_model_len=a.max_model_len,
+        max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
+        block_size=a.block_size, kv_cache_memory=int(a.kv_cache_memory * (1 << 30)),
+        enable_prefix_caching=not a.no_prefix_caching, seed=a.seed,
+    )
+
+
+def _read_prompts(path: str) -> list[str]:
+    prompts = []
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                prompts.append(json.loads(line)["prompt"])
+            else:
+                prompts.append(line)
+    return prompts
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from scalellm import LLM, SamplingParams
+
+    if not a.prompt and not a.prompts_file:
+        print("error: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    llm = LLM(a.model, **_engine_kwargs(a))
+    load_s = time.perf_counter() - t0
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                            top_k=a.top_k, seed=a.sampling_seed, ignore_eos=a.ignore_eos)
+    if a.prompts_file:
+        prompts = _read_prompts(a.prompts_file)
+        t1 = time.perf_counter()
+        outs = (llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=True)
+                if a.chat else llm.generate(prompts, params, use_tqdm=True))
+        dt = time.perf_counter() - t1
+        n_in = sum(len(o.prompt_token_ids) for o in outs)
+        n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        for o in outs:
+            print(json.dumps({"prompt": o.prompt, "text": o.outputs[0].text, "finish_reason": str(o.outputs[0].finish_reason)}))
+        print(f"{len(outs)} requests in {dt:.2f}s: {len(outs) / dt:.2f} req/s, {n_out / dt:.1f} output tok/s, "
+              f"{(n_in + n_out) / dt:.1f} total tok/s (model load {load_s:.1f}s)", file=sys.stderr)
+        return 0
+    outs = llm.chat([{"role": "user", "content": a.prompt}], params) if a.chat else llm.generate(a.prompt, params)
+    print(outs[0].outputs[0].text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scalellm", description="ScaleLLM: end-to-end LLM serving")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="offline generation")
+    _add_engine_args(g)
+    g.add_argument("--prompt", default=None)
+    g.add_argument("--prompts-file", default=None, help="one prompt per line (or JSONL with a 'prompt' field)")
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template to each prompt")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--sampling-seed", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return a.func(a)
+    except ScaleLLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

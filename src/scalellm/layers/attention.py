@@ -1,0 +1,108 @@
+"""Attention over a paged KV cache: the torch reference backend (CPU and GPU).
+
+The KV cache of one layer is one tensor:
+
+    kv_cache: [2, N, S, Hkv, D]     (K at index 0, V at index 1)
+    slot = block_id * S + offset     flat view [N*S, Hkv, D] is indexed by slot
+
+A step's tokens are laid out decodes first, then prefill chunks:
+
+    | d0 | d1 | ... | d(Bd-1) | prefill 0 (q_len0) | prefill 1 (q_len1) | ...
+
+Decodes (one query token each) run as one batched SDPA call over K/V gathered
+through their block tables and padded to the longest context (masked). Each
+prefill chunk runs its own causal SDPA call; a chunk that continues a cached
+context gathers its earlier K/V through its block table.
+
+Knows nothing of requests or scheduling: only slots, lengths and block tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    q_start: int  # first row of this chunk in the step's token layout
+    q_len: int
+    ctx_len: int  # tokens of context after this step (cached + this chunk)
+    ctx_slots: torch.Tensor | None  # [ctx_len] slots, None when ctx_len == q_len (fresh prompt)
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] where each token's K/V is written
+    num_decode_tokens: int  # Bd: the first Bd tokens are single-token decodes
+    decode_slots: torch.Tensor | None  # [Bd, Lmax] context slots per decode, padded with 0
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] True where a key is attended
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    """Everything a model forward needs besides the token ids and positions."""
+
+    attn: AttentionMetadata
+    kv_caches: list[torch.Tensor]  # one [2, N, S, Hkv, D] tensor per layer
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
+    # q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D]
+    if k.shape[1] != q.shape[1]:
+        if _HAS_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.layer_idx = layer_idx
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, Hkv, D]  ->  out: [T, H*D]
+        md = batch.attn
+        kv_cache = batch.kv_caches[self.layer_idx]
+        k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [N*S, Hkv, D]
+        v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
+        k_flat.index_copy_(0, md.slot_mapping, k.to(k_flat.dtype))
+        v_flat.index_copy_(0, md.slot_mapping, v.to(v_flat.dtype))
+
+        out = torch.empty_like(q)
+        bd = md.num_decode_tokens
+        if bd:
+            qd = q[:bd].unsqueeze(2)  # [Bd, H, 1, D]
+            kd = k_flat[md.decode_slots].transpose(1, 2)  # [Bd, Lmax, Hkv, D] -> [Bd, Hkv, Lmax, D]
+            vd = v_flat[md.decode_slots].transpose(1, 2)
+            out[:bd] = _sdpa(qd, kd, vd, md.decode_mask, False, self.scale).squeeze(2)
+        for chunk in md.prefills:
+            rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+            qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+            if chunk.ctx_slots is None:
+                kp = k[rows].transpose(0, 1).unsqueeze(0)  # [1, Hkv, q_len, D]
+                vp = v[rows].transpose(0, 1).unsqueeze(0)
+                res = _sdpa(qp, kp, vp, None, True, self.scale)
+            else:
+                kp = k_flat[chunk.ctx_slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+                vp = v_flat[chunk.ctx_slots].transpose(0, 1).unsqueeze(0)
+                # query i (absolute position ctx-q_len+i) sees keys 0..ctx-q_len+i
+                offset = chunk.ctx_len - chunk.q_len
+                qi = torch.arange(chunk.q_len, device=q.device).unsqueeze(1)
+                kj = torch.arange(chunk.ctx_len, device=q.device).unsqueeze(0)
+                mask = (kj <= qi + offset).view(1, 1, chunk.q_len, chunk.ctx_len)
+                res = _sdpa(qp, kp, vp, mask, False, self.scale)
+            out[rows] = res.squeeze(0).transpose(0, 1)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)

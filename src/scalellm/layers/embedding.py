@@ -1,0 +1,56 @@
+"""Vocabulary-parallel embedding and LM head: each rank holds a contiguous slice
+of the vocabulary; embedding outputs are summed, logits gathered."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scalellm.distributed.parallel_state import (
+    get_parallel_state,
+    tensor_parallel_all_gather,
+    tensor_parallel_all_reduce,
+)
+from scalellm.protocol.errors import ModelLoadError
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        tp = get_parallel_state()
+        self.tp_rank, self.tp_size = tp.tp_rank, tp.tp_size
+        self.vocab_size = vocab_size
+        self.shard_size = -(-vocab_size // tp.tp_size)
+        self.vocab_start = tp.tp_rank * self.shard_size
+        self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if loaded.shape[1] != param.shape[1] or loaded.shape[0] != self.vocab_size:
+            raise ModelLoadError(
+                f"embedding: checkpoint tensor has shape {tuple(loaded.shape)}, "
+                f"expected ({self.vocab_size}, {param.shape[1]})"
+            )
+        rows = min(self.shard_size, self.vocab_size - self.vocab_start)
+        param.data.zero_()
+        param.data[:rows].copy_(loaded[self.vocab_start : self.vocab_start + rows])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        mask = (local < 0) | (local >= self.shard_size)
+        out = F.embedding(local.masked_fill(mask, 0), self.weight)
+        out.masked_fill_(mask.unsqueeze(-1), 0)
+        return tensor_parallel_all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Projects hidden states to logits over the full vocabulary (float32)."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)  # [B, V/tp]
+        if self.tp_size > 1:
+            logits = tensor_parallel_all_gather(logits, dim=-1)
+        return logits[:, : self.vocab_size].float()  # [B, V]

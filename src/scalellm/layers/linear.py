@@ -1,0 +1,159 @@
+"""Linear layers that own their tensor-parallel sharding and weight loading.
+
+Each parameter carries a `weight_loader(param, loaded_weight, shard_id=None)` that
+copies the slice of a full checkpoint tensor that belongs to this rank, so model
+files stay pure math and a loader stays a loop over (name, tensor) pairs.
+
+    QKVParallelLinear output rows (per rank):  [ q: H/tp*D | k: Hkv/tp*D | v: Hkv/tp*D ]
+    MergedColumnParallelLinear (gate_up):      [ gate: I/tp | up: I/tp ]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scalellm.distributed.parallel_state import get_parallel_state, tensor_parallel_all_reduce
+from scalellm.protocol.errors import ModelLoadError
+
+
+def _check_shape(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ModelLoadError(f"{what}: checkpoint tensor has shape {tuple(loaded.shape)}, expected {tuple(param.shape)}")
+
+
+def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+    _check_shape(param, loaded, "weight")
+    param.data.copy_(loaded)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+        default_weight_loader(param, loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    """Every rank holds the whole matrix."""
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks; no communication in forward."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
+        tp = get_parallel_state()
+        if out_features % tp.tp_size:
+            raise ModelLoadError(f"output size {out_features} is not divisible by tensor-parallel size {tp.tp_size}")
+        self.tp_rank, self.tp_size = tp.tp_rank, tp.tp_size
+        super().__init__(in_features, out_features // tp.tp_size, bias, dtype)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+        size = param.shape[0]
+        shard = loaded.narrow(0, self.tp_rank * size, size)
+        _check_shape(param, shard, "column-parallel weight")
+        param.data.copy_(shard)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel matrices (e.g. gate and up) stacked into one GEMM."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, dtype: torch.dtype | None = None):
+        self.output_sizes = output_sizes
+        super().__init__(in_features, sum(output_sizes), bias, dtype)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if not isinstance(shard_id, int):
+            raise ModelLoadError("merged linear needs an integer shard id")
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        size = self.output_sizes[shard_id] // self.tp_size
+        target = param.data.narrow(0, offset, size)
+        shard = loaded.narrow(0, self.tp_rank * size, size)
+        _check_shape(target, shard, f"merged shard {shard_id}")
+        target.copy_(shard)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Q, K and V projections in one GEMM. KV heads are replicated when fewer than ranks."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+    ):
+        tp_size = get_parallel_state().tp_size
+        if num_heads % tp_size:
+            raise ModelLoadError(f"{num_heads} attention heads are not divisible by tensor-parallel size {tp_size}")
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp_size
+        if num_kv_heads >= tp_size:
+            if num_kv_heads % tp_size:
+                raise ModelLoadError(f"{num_kv_heads} KV heads are not divisible by tensor-parallel size {tp_size}")
+            self.num_kv_heads = num_kv_heads // tp_size
+            self.kv_replicas = 1
+        else:
+            self.num_kv_heads = 1
+            self.kv_replicas = tp_size // num_kv_heads
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
+        super().__init__(hidden_size, out, bias, dtype)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+        d = self.head_dim
+        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+        if shard_id == "q":
+            offset, size, start = 0, q_size, self.tp_rank * q_size
+        elif shard_id == "k":
+            offset, size, start = q_size, kv_size, (self.tp_rank // self.kv_replicas) * kv_size
+        elif shard_id == "v":
+            offset, size, start = q_size + kv_size, kv_size, (self.tp_rank // self.kv_replicas) * kv_size
+        else:
+            raise ModelLoadError(f"QKV linear needs shard id 'q', 'k' or 'v', got {shard_id!r}")
+        target = param.data.narrow(0, offset, size)
+        shard = loaded.narrow(0, start, size)
+        _check_shape(target, shard, f"qkv shard {shard_id}")
+        target.copy_(shard)
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks; partial outputs are summed (all-reduce)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
+        tp = get_parallel_state()
+        if in_features % tp.tp_size:
+            raise ModelLoadError(f"input size {in_features} is not divisible by tensor-parallel size {tp.tp_size}")
+        self.tp_rank, self.tp_size = tp.tp_rank, tp.tp_size
+        super().__init__(in_features // tp.tp_size, out_features, bias, dtype)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if param.dim() == 1:  # bias: added once, after the reduction
+            _check_shape(param, loaded, "row-parallel bias")
+            param.data.copy_(loaded)
+            return
+        size = param.shape[1]
+        shard = loaded.narrow(1, self.tp_rank * size, size)
+        _check_shape(param, shard, "row-parallel weight")
+        param.data.copy_(shard)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        out = tensor_parallel_all_reduce(F.linear(x, self.weight))
+        return out + self.bias if self.bias is not None else out

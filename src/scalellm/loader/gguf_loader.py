@@ -1,0 +1,353 @@
+"""Read a single-file GGUF checkpoint as a HF-style config dict plus HF-named float32 weights.
+
+What this module knows:
+  * the GGUF metadata keys llama.cpp's `convert_hf_to_gguf.py` writes for the decoder-only
+    architectures `llama`, `qwen2` and `qwen3`, and how they map back onto the fields of the
+    model's HF `config.json` (`read_gguf_config`);
+  * the GGUF tensor names of those architectures and their HF parameter names
+    (`iter_gguf_weights`), including undoing the converter's rotary row permutation of the
+    Q/K projections, which it applies to `llama` only (its Qwen2/Qwen3 classes keep the
+    HF layout);
+  * how Llama-3 rope scaling is stored (as a `rope_freqs.weight` tensor of per-frequency
+    factors, not as metadata) and how to recover the HF `rope_scaling` dict from it.
+
+What it does not know: the tokenizer (GGUF's `tokenizer.ggml.*` arrays are read only for
+the vocab size and special ids), split GGUF files (`*-00001-of-0000N.gguf`), MoE or other
+architectures, the chat template, or anything about building the model; dequantization
+lives in `scalellm.quant.gguf_dequant`. Every weight is returned as float32; casting to the
+serving dtype is the caller's job.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from scalellm.protocol.errors import ModelLoadError, UnsupportedModelError
+from scalellm.quant.gguf_dequant import dequantize
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "is_gguf_file",
+    "iter_gguf_weights",
+    "open_gguf",
+    "read_gguf_config",
+    "unpermute_rotary",
+]
+
+GGUF_MAGIC = b"GGUF"
+
+# general.architecture -> (HF model_type, HF architectures entry)
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
+
+# Architectures whose Q/K rows llama.cpp's converter permutes (LlamaModel.permute).
+_PERMUTED_ARCHS = frozenset({"llama"})
+
+# Top-level GGUF tensors -> HF names.
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Per-layer GGUF tensor stems ("blk.{i}.<stem>.<weight|bias>") -> HF module under layer i.
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+# Tensors that hold no model parameter, skipped on purpose:
+#   rope_freqs.weight   Llama-3 rope scaling factors, folded into config["rope_scaling"]
+#   blk.N.attn_rot_embd rotary inv_freq cache written by some old converters
+_NON_PARAMETER_RE = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.attn_rot_embd(\.weight)?)$")
+
+# Converter default when the HF config has no original_max_position_embeddings.
+_LLAMA3_DEFAULT_ORIGINAL_CONTEXT = 8192
+
+
+# ---------------------------------------------------------------------------- file access
+
+
+def is_gguf_file(path: str) -> bool:
+    """True when `path` is a readable file starting with the GGUF magic bytes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def open_gguf(path: str) -> gguf.GGUFReader:
+    """A parsed, memory-mapped `gguf.GGUFReader` for `path` (shared; treat as read-only).
+
+    Parsing is the slow part of reading a GGUF file: GGUFReader builds one numpy view per
+    vocab token and merge (~3 s for a 49k-token vocab on a small CPU), so the last two
+    readers are cached by (real path, size, mtime) and shared by the config reader, the
+    weight iterator and any tokenizer code that needs the `tokenizer.ggml.*` arrays.
+    """
+    if not is_gguf_file(path):
+        raise ModelLoadError(f"{path}: not a GGUF file (missing or no 'GGUF' magic)")
+    st = os.stat(path)
+    return _cached_reader(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
+    del size, mtime_ns  # cache key only: a rewritten file gets a fresh reader
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as exc:  # the reader raises ValueError/struct errors on bad files
+        raise ModelLoadError(f"{path}: cannot parse GGUF file: {exc}") from exc
+
+
+def _value(reader: gguf.GGUFReader, key: str) -> Any:
+    """A scalar or string metadata value, or None when absent. Arrays are not read."""
+    field = reader.fields.get(key)
+    if field is None or not field.data:
+        return None
+    vtype = field.types[0]
+    if vtype == gguf.GGUFValueType.ARRAY:
+        return None
+    part = field.parts[field.data[0]]
+    if vtype == gguf.GGUFValueType.STRING:
+        return bytes(part).decode("utf-8")
+    if vtype == gguf.GGUFValueType.BOOL:
+        return bool(part[0])
+    if vtype in (gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.FLOAT64):
+        # float32 1e-5 reads back as 9.99999974e-06: use the shortest decimal that
+        # round-trips through float32, which is what config.json said.
+        return float(str(part.dtype.type(part[0])))
+    return int(part[0])
+
+
+def _array_len(reader: gguf.GGUFReader, key: str) -> int | None:
+    field = reader.fields.get(key)
+    return len(field.data) if field is not None else None
+
+
+def _architecture(reader: gguf.GGUFReader, path: str) -> str:
+    arch = _value(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise UnsupportedModelError(
+            f"{path}: GGUF architecture {arch!r} is not supported (supported: {supported})"
+        )
+    return arch
+
+
+def _required(reader: gguf.GGUFReader, key: str, path: str) -> Any:
+    value = _value(reader, key)
+    if value is None:
+        raise ModelLoadError(f"{path}: GGUF metadata key {key!r} is missing")
+    return value
+
+
+def _tensor(reader: gguf.GGUFReader, name: str) -> Any:
+    return next((t for t in reader.tensors if t.name == name), None)
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def _head_counts(reader: gguf.GGUFReader, arch: str, path: str) -> tuple[int, int]:
+    n_head = _required(reader, f"{arch}.attention.head_count", path)
+    n_kv = _value(reader, f"{arch}.attention.head_count_kv")
+    if n_kv is None and f"{arch}.attention.head_count_kv" in reader.fields:
+        raise UnsupportedModelError(f"{path}: per-layer head_count_kv arrays are not supported")
+    return n_head, n_head if n_kv is None else n_kv
+
+
+def _vocab_size(reader: gguf.GGUFReader, arch: str, path: str) -> int:
+    size = _value(reader, f"{arch}.vocab_size")
+    if size is not None:
+        return size
+    embd = _tensor(reader, "token_embd.weight")
+    if embd is not None:  # the embedding's row count is what the weights need
+        return int(embd.shape[1])
+    size = _array_len(reader, "tokenizer.ggml.tokens")
+    if size is None:
+        raise ModelLoadError(f"{path}: cannot tell the vocab size (no vocab_size, no tokens)")
+    return size
+
+
+def _llama3_rope_scaling(
+    factors: np.ndarray, theta: float, head_dim: int, original_context: int
+) -> dict[str, Any] | None:
+    """Recover HF's llama3 rope_scaling from llama.cpp's per-frequency factor tensor.
+
+    The converter wrote, for wavelength w_i = 2*pi * theta**(2i/head_dim):
+        1                               if w < L/high
+        factor                          if w > L/low
+        1 / ((1 - s)/factor + s)        otherwise, s = (L/w - low) / (high - low)
+    so factor = max, and the in-between points give s as a line in L/w whose slope and
+    intercept are 1/(high - low) and -low/(high - low).
+    """
+    factors = factors.astype(np.float64)
+    factor = float(factors.max())
+    if factor <= 1.0 + 1e-6:
+        return None
+    inv = 1.0 / factors
+    mid = (inv < 1.0 - 1e-6) & (inv > 1.0 / factor + 1e-6)
+    low, high = 1.0, 4.0  # converter defaults: used when there are too few points to fit
+    if mid.sum() >= 2:
+        i = np.arange(len(factors), dtype=np.float64)
+        wavelen = 2 * math.pi * theta ** (2 * i / head_dim)
+        smooth = (inv - 1.0 / factor) / (1.0 - 1.0 / factor)
+        slope, intercept = np.polyfit(original_context / wavelen[mid], smooth[mid], 1)
+        low = -intercept / slope
+        high = low + 1.0 / slope
+    return {
+        "rope_type": "llama3",
+        "factor": round(factor, 4),
+        "low_freq_factor": round(float(low), 4),
+        "high_freq_factor": round(float(high), 4),
+        "original_max_position_embeddings": original_context,
+    }
+
+
+def _rope_scaling(
+    reader: gguf.GGUFReader, arch: str, theta: float, head_dim: int, path: str
+) -> dict[str, Any] | None:
+    prefix = f"{arch}.rope.scaling."
+    kind = _value(reader, prefix + "type")
+    factor = _value(reader, prefix + "factor")
+    orig = _value(reader, prefix + "original_context_length")
+    if kind == "linear" and factor is not None:
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn" and factor is not None:
+        out: dict[str, Any] = {"rope_type": "yarn", "factor": factor}
+        if orig is not None:
+            out["original_max_position_embeddings"] = orig
+        return out
+    if kind == "llama3":  # not written by llama.cpp, but accepted when a writer does
+        return {
+            "rope_type": "llama3",
+            "factor": factor if factor is not None else 8.0,
+            "low_freq_factor": _value(reader, prefix + "low_freq_factor") or 1.0,
+            "high_freq_factor": _value(reader, prefix + "high_freq_factor") or 4.0,
+            "original_max_position_embeddings": orig or _LLAMA3_DEFAULT_ORIGINAL_CONTEXT,
+        }
+    if kind not in (None, "none"):
+        raise UnsupportedModelError(f"{path}: GGUF rope scaling type {kind!r} is not supported")
+    freqs = _tensor(reader, "rope_freqs.weight")
+    if freqs is None:
+        return None
+    factors = dequantize(freqs.data, freqs.tensor_type, tuple(reversed(freqs.shape.tolist())))
+    return _llama3_rope_scaling(
+        factors.numpy().reshape(-1), theta, head_dim, orig or _LLAMA3_DEFAULT_ORIGINAL_CONTEXT
+    )
+
+
+def read_gguf_config(path: str) -> dict[str, Any]:
+    """The HF `config.json` fields of the model in a GGUF file, from its metadata.
+
+    Raises UnsupportedModelError for an architecture other than llama/qwen2/qwen3 and
+    ModelLoadError for a missing file or missing required metadata.
+    """
+    reader = open_gguf(path)
+    arch = _architecture(reader, path)
+    model_type, hf_arch = SUPPORTED_ARCHITECTURES[arch]
+    hidden = _required(reader, f"{arch}.embedding_length", path)
+    n_head, n_kv = _head_counts(reader, arch, path)
+    head_dim = (
+        _value(reader, f"{arch}.attention.key_length")
+        or _value(reader, f"{arch}.rope.dimension_count")
+        or hidden // n_head
+    )
+    theta = _value(reader, f"{arch}.rope.freq_base") or 10000.0
+    tensor_names = {t.name for t in reader.tensors}
+    config: dict[str, Any] = {
+        "architectures": [hf_arch],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": _required(reader, f"{arch}.feed_forward_length", path),
+        "num_hidden_layers": _required(reader, f"{arch}.block_count", path),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": _required(reader, f"{arch}.attention.layer_norm_rms_epsilon", path),
+        "rope_theta": theta,
+        "rope_scaling": _rope_scaling(reader, arch, theta, head_dim, path),
+        "max_position_embeddings": _required(reader, f"{arch}.context_length", path),
+        "vocab_size": _vocab_size(reader, arch, path),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        # Qwen2 always has q/k/v biases; for llama, trust the file.
+        "attention_bias": arch == "qwen2" or "blk.0.attn_q.bias" in tensor_names,
+        "bos_token_id": _value(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _value(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    return config
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    """HF parameter name of a GGUF tensor; None for a known non-parameter tensor."""
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    if _NON_PARAMETER_RE.match(gguf_name):
+        return None
+    m = _LAYER_RE.match(gguf_name)
+    if m is None or m.group(2) not in _LAYER_TENSORS:
+        raise ModelLoadError(f"GGUF tensor {gguf_name!r} has no known HF parameter name")
+    layer, stem, kind = m.groups()
+    return f"model.layers.{layer}.{_LAYER_TENSORS[stem]}.{kind}"
+
+
+def unpermute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Invert llama.cpp's `LlamaModel.permute` on a Q/K weight (rows) or bias.
+
+    The converter regroups each head's rows from HF's rotate-half order [first half, second
+    half] into interleaved pairs: reshape(n_head, 2, d/2, ...) then swap axes 1 and 2. The
+    inverse reshapes to (n_head, d/2, 2, ...) and swaps back.
+    """
+    rows = weight.shape[0]
+    w = weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:])
+    return w.transpose(1, 2).reshape(weight.shape).contiguous()
+
+
+def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, float32 tensor) for every parameter tensor, in file order.
+
+    `lm_head.weight` appears only when the file has `output.weight` (untied head).
+    Non-parameter tensors (rope_freqs) are skipped; any other unknown name raises
+    ModelLoadError. Tensors are decoded one at a time from the memory-mapped file.
+    """
+    reader = open_gguf(path)
+    arch = _architecture(reader, path)
+    n_head, n_kv = _head_counts(reader, arch, path)
+    for t in reader.tensors:
+        hf_name = _hf_name(t.name)
+        if hf_name is None:
+            continue
+        shape = tuple(reversed([int(d) for d in t.shape]))
+        weight = dequantize(t.data, t.tensor_type, shape, name=t.name)
+        if arch in _PERMUTED_ARCHS:
+            if ".attn_q." in t.name:
+                weight = unpermute_rotary(weight, n_head)
+            elif ".attn_k." in t.name:
+                weight = unpermute_rotary(weight, n_kv)
+        yield hf_name, weight

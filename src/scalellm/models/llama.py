@@ -1,0 +1,162 @@
+"""The Llama family decoder: Llama 2/3, Mistral, SmolLM2, Qwen2 (q/k/v bias) and
+Qwen3 (q/k RMSNorm). Pure math over an explicit ForwardBatch: no requests, no
+files, no processes. Sharding and checkpoint slicing belong to the layers.
+
+    tokens [T] -> embed [T, E] -> N x (attn + mlp, pre-norm, residual) -> norm -> hidden [T, E]
+    logits are computed separately, only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from scalellm.distributed.parallel_state import get_parallel_state
+from scalellm.layers.activation import SiluAndMul
+from scalellm.layers.attention import Attention, ForwardBatch
+from scalellm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from scalellm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from scalellm.layers.norm import RMSNorm
+from scalellm.layers.rotary import RotaryEmbedding
+from scalellm.models.args import ModelArgs
+from scalellm.protocol.errors import ModelLoadError
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        d = args.head_dim
+        self.qkv_proj = QKVParallelLinear(args.hidden_size, d, args.num_heads, args.num_kv_heads, args.qkv_bias, dtype)
+        self.num_heads = self.qkv_proj.num_heads  # per rank
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = d
+        self.o_proj = RowParallelLinear(args.num_heads * d, args.hidden_size, args.o_bias, dtype)
+        self.rotary = RotaryEmbedding(d, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
+        self.q_norm = RMSNorm(d, args.rms_norm_eps, dtype) if args.qk_norm else None
+        self.k_norm = RMSNorm(d, args.rms_norm_eps, dtype) if args.qk_norm else None
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d, d**-0.5, layer_idx)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, batch))  # [T, E]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            args.hidden_size, [args.intermediate_size] * 2, bias=False, dtype=dtype
+        )
+        self.act = SiluAndMul()
+        self.down_proj = RowParallelLinear(args.intermediate_size, args.hidden_size, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))  # [T, E] -> [T, 2I] -> [T, I] -> [T, E]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(args, layer_idx, dtype)
+        self.mlp = LlamaMLP(args, dtype)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(args, i, dtype) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, E]
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, batch)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name fragment -> (our parameter fragment, shard id)
+    stacked_params = [
+        (".q_proj.", ".qkv_proj.", "q"),
+        (".k_proj.", ".qkv_proj.", "k"),
+        (".v_proj.", ".qkv_proj.", "v"),
+        (".gate_proj.", ".gate_up_proj.", 0),
+        (".up_proj.", ".gate_up_proj.", 1),
+    ]
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.args = args
+        self.model = LlamaModel(args, dtype)
+        if args.tie_word_embeddings:
+            self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, dtype)
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.model(input_ids, positions, batch)  # [T, E]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden)  # [B, V] float32
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load (checkpoint name, tensor) pairs; every parameter must be covered once."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue  # derived, not a parameter
+            if name == "lm_head.weight" and self.args.tie_word_embeddings:
+                continue  # tied to the embedding
+            for ckpt_part, our_part, shard_id in self.stacked_params:
+                if ckpt_part in name:
+                    target = name.replace(ckpt_part, our_part)
+                    break
+            else:
+                target, shard_id = name, None
+            param = params.get(target)
+            if param is None:
+                raise ModelLoadError(f"unexpected tensor {name!r} in checkpoint (no parameter {target!r})")
+            param.weight_loader(param, tensor, shard_id)  # type: ignore[attr-defined]
+            loaded.add(target if shard_id is None else f"{target}#{shard_id}")
+        missing = []
+        for name in params:
+            if name == "lm_head.weight" and self.args.tie_word_embeddings:
+                continue
+            expected = [name]
+            if ".qkv_proj." in name:
+                expected = [f"{name}#{s}" for s in "qkv"]
+            elif ".gate_up_proj." in name:
+                expected = [f"{name}#{s}" for s in (0, 1)]
+            missing += [e for e in expected if e not in loaded]
+        if missing:
+            raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")

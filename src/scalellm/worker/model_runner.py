@@ -1,0 +1,200 @@
+"""Turns one scheduled step into tensors, runs the model and samples.
+
+Keeps per-request state between steps (token ids, block table, seeded generator)
+so the scheduler sends each request in full only once. Knows nothing of queues
+or policies: it does what the SchedulerOutput says.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk
+from scalellm.models.args import ModelArgs
+from scalellm.protocol.sampling_params import SamplingParams
+from scalellm.protocol.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from scalellm.worker.sampler import SamplingRow, sample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RequestState:
+    request_id: str
+    token_ids: list[int]  # prompt + outputs
+    num_prompt_tokens: int
+    params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    generator: torch.Generator | None
+
+
+@dataclass(slots=True)
+class StepTimings:
+    """Cumulative seconds spent in each phase (for profiling)."""
+
+    prepare: float = 0.0
+    forward: float = 0.0
+    sample: float = 0.0
+    num_steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        args: ModelArgs,
+        *,
+        block_size: int,
+        num_blocks: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        eos_token_ids: frozenset[int],
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.args = args
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.dtype = dtype
+        self.device = device
+        self.eos_token_ids = eos_token_ids
+        self.states: dict[str, RequestState] = {}
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.timings = StepTimings()
+        shape = (2, num_blocks, block_size, model.model.layers[0].self_attn.num_kv_heads, args.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_layers)]
+
+    # -- state -----------------------------------------------------------------
+    def _add(self, data: NewRequestData) -> None:
+        old = self.states.get(data.request_id)
+        gen = old.generator if old is not None else None
+        if gen is None and data.sampling_params.seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(data.sampling_params.seed + data.seed_offset)
+        self.states[data.request_id] = RequestState(
+            request_id=data.request_id,
+            token_ids=list(data.all_token_ids),
+            num_prompt_tokens=data.num_prompt_tokens,
+            params=data.sampling_params,
+            block_ids=list(data.block_ids),
+            num_computed_tokens=data.num_computed_tokens,
+            generator=gen,
+        )
+
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for request_id in sched.finished_request_ids:
+            self.states.pop(request_id, None)
+        for data in sched.new_requests:
+            self._add(data)
+        for cached in sched.cached_requests:
+            state = self.states[cached.request_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    # -- one step ----------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        t0 = time.perf_counter()
+        self._update_states(sched)
+        if sched.is_empty:
+            return ModelRunnerOutput(sampled_token_ids={})
+        order = self._order(sched)
+        input_ids, positions, batch, sample_ids, sample_rows = self._prepare(sched, order)
+        t1 = time.perf_counter()
+        hidden = self.model(input_ids, positions, batch)  # [T, E]
+        logits = self.model.compute_logits(hidden[sample_rows])  # [B, V] float32
+        t2 = time.perf_counter()
+        rows = [self._sampling_row(self.states[r]) for r in sample_ids]
+        tokens, lps = sample(logits.cpu(), rows, self.generator)
+        out = ModelRunnerOutput(sampled_token_ids={})
+        for request_id, token, lp in zip(sample_ids, tokens, lps):
+            self.states[request_id].token_ids.append(token)
+            out.sampled_token_ids[request_id] = token
+            if lp is not None:
+                out.logprobs[request_id] = lp
+        for request_id, n in sched.num_scheduled_tokens.items():
+            self.states[request_id].num_computed_tokens += n
+        t3 = time.perf_counter()
+        tm = self.timings
+        tm.prepare += t1 - t0
+        tm.forward += t2 - t1
+        tm.sample += t3 - t2
+        tm.num_steps += 1
+        return out
+
+    def _order(self, sched: SchedulerOutput) -> list[str]:
+        """Single-token requests first (batched decode attention), then chunks."""
+        ids = list(sched.num_scheduled_tokens)
+        return [r for r in ids if sched.num_scheduled_tokens[r] == 1] + [
+            r for r in ids if sched.num_scheduled_tokens[r] > 1
+        ]
+
+    def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
+        s = self.block_size
+        return [block_ids[p // s] * s + p % s for p in range(start, end)]
+
+    def _prepare(
+        self, sched: SchedulerOutput, order: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch, list[str], list[int]]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        decode_ctx: list[list[int]] = []
+        prefills: list[PrefillChunk] = []
+        sample_ids: list[str] = []
+        sample_rows: list[int] = []
+        dev = self.device
+        for request_id in order:
+            state = self.states[request_id]
+            n = sched.num_scheduled_tokens[request_id]
+            start = state.num_computed_tokens
+            end = start + n
+            q_start = len(input_ids)
+            input_ids.extend(state.token_ids[start:end])
+            positions.extend(range(start, end))
+            slot_mapping.extend(self._slots(state.block_ids, start, end))
+            if n == 1:
+                decode_ctx.append(self._slots(state.block_ids, 0, end))
+            else:
+                ctx = None if start == 0 else torch.tensor(self._slots(state.block_ids, 0, end), device=dev)
+                prefills.append(PrefillChunk(q_start=q_start, q_len=n, ctx_len=end, ctx_slots=ctx))
+            if end == len(state.token_ids):
+                sample_ids.append(request_id)
+                sample_rows.append(len(input_ids) - 1)
+        decode_slots = decode_mask = None
+        if decode_ctx:
+            lmax = max(len(c) for c in decode_ctx)
+            padded = [c + [0] * (lmax - len(c)) for c in decode_ctx]
+            lens = torch.tensor([len(c) for c in decode_ctx])
+            decode_slots = torch.tensor(padded, device=dev)  # [Bd, Lmax]
+            decode_mask = (torch.arange(lmax).unsqueeze(0) < lens.unsqueeze(1)).view(len(decode_ctx), 1, 1, lmax).to(dev)
+        md = AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, device=dev),
+            num_decode_tokens=len(decode_ctx),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            prefills=prefills,
+        )
+        batch = ForwardBatch(attn=md, kv_caches=self.kv_caches)
+        return (
+            torch.tensor(input_ids, device=dev),
+            torch.tensor(positions, device=dev),
+            batch,
+            sample_ids,
+            sample_rows,
+        )
+
+    def _sampling_row(self, state: RequestState) -> SamplingRow:
+        return SamplingRow(
+            params=state.params,
+            prompt_token_ids=state.token_ids[: state.num_prompt_tokens],
+            output_token_ids=state.token_ids[state.num_prompt_tokens :],
+            eos_token_ids=self.eos_token_ids,
+            generator=state.generator,
+        )

@@ -1,0 +1,135 @@
+"""Batched sampling with per-request parameters.
+
+Order of operations on the float32 logits [B, V]:
+  1. logprobs (if any request asks) from the raw model logits,
+  2. min_tokens: EOS and stop tokens masked until enough tokens were produced,
+  3. penalties: repetition (prompt + output), presence and frequency (output),
+  4. greedy rows: argmax; other rows: temperature, top-k, top-p, min-p, then one
+     draw per row by the exponential race argmax(p / q), q ~ Exp(1). A seeded row
+     draws q from its own generator, so its tokens do not depend on the batch.
+
+Knows nothing of scheduling: it sees one row per sampling request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scalellm.protocol.sampling_params import SamplingParams
+from scalellm.protocol.step import SampledLogprobs
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_ids: frozenset[int]
+    generator: torch.Generator | None  # seeded requests only
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    vocab = logits.shape[1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1.0:
+            continue
+        out_ids = torch.tensor(row.output_token_ids, dtype=torch.long)
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(vocab, dtype=torch.bool)
+            seen[torch.tensor(row.prompt_token_ids, dtype=torch.long)] = True
+            if out_ids.numel():
+                seen[out_ids] = True
+            x = logits[i]
+            penalised = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+            logits[i] = torch.where(seen, penalised, x)
+        if out_ids.numel() and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(out_ids, minlength=vocab)[:vocab].to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    for i, row in enumerate(rows):
+        p = row.params
+        if len(row.output_token_ids) < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(row.eos_token_ids))
+            if banned:
+                logits[i, torch.tensor(banned, dtype=torch.long)] = float("-inf")
+
+
+def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Temperature and top-k/top-p/min-p over the random rows; returns probabilities."""
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype).unsqueeze(1)
+    logits = logits / temps
+    top_k = [r.params.top_k if r.params.top_k > 0 else logits.shape[1] for r in rows]
+    top_p = [r.params.top_p for r in rows]
+    if any(k < logits.shape[1] for k in top_k) or any(p < 1.0 for p in top_p):
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(logits.shape[1]).unsqueeze(0)
+        drop = ranks >= torch.tensor(top_k).unsqueeze(1)
+        sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        cum = sorted_probs.cumsum(dim=-1)
+        # drop a token once the mass before it already reaches top_p (always keep the first)
+        drop |= (cum - sorted_probs) >= torch.tensor(top_p, dtype=logits.dtype).unsqueeze(1)
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    min_p = torch.tensor([r.params.min_p for r in rows], dtype=probs.dtype).unsqueeze(1)
+    if bool((min_p > 0).any()):
+        keep = probs >= min_p * probs.max(dim=-1, keepdim=True).values
+        probs = probs * keep
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _draw(probs: torch.Tensor, rows: list[SamplingRow], generator: torch.Generator | None) -> torch.Tensor:
+    q = torch.empty_like(probs)
+    unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+    if unseeded:
+        if len(unseeded) == len(rows):
+            q.exponential_(generator=generator)
+        else:
+            q[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=generator)
+    for i, row in enumerate(rows):
+        if row.generator is not None:
+            q[i] = torch.empty(probs.shape[1]).exponential_(generator=row.generator)
+    return (probs / q).argmax(dim=-1)
+
+
+def sample(
+    logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Generator | None = None
+) -> tuple[list[int], list[SampledLogprobs | None]]:
+    """logits: [B, V] float32 (modified in place). Returns token ids and logprobs per row."""
+    want_logprobs = [r.params.logprobs for r in rows]
+    raw_logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in want_logprobs) else None
+
+    _apply_min_tokens(logits, rows)
+    _apply_penalties(logits, rows)
+
+    tokens = torch.empty(len(rows), dtype=torch.long)
+    greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
+    random = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+    if greedy:
+        tokens[greedy] = logits[greedy].argmax(dim=-1) if len(greedy) < len(rows) else logits.argmax(dim=-1)
+    if random:
+        sub_rows = [rows[i] for i in random]
+        sub = logits if len(random) == len(rows) else logits[random]
+        tokens[random] = _draw(_filter(sub, sub_rows), sub_rows, generator)
+
+    token_list = tokens.tolist()
+    lps: list[SampledLogprobs | None] = [None] * len(rows)
+    if raw_logprobs is not None:
+        for i, n in enumerate(want_logprobs):
+            if n is None:
+                continue
+            row_lp = raw_logprobs[i]
+            top_vals, top_ids = (row_lp.topk(n) if n > 0 else (row_lp[:0], row_lp[:0].long()))
+            lps[i] = SampledLogprobs(
+                sampled_logprob=float(row_lp[token_list[i]]),
+                top_token_ids=top_ids.tolist(),
+                top_logprobs=top_vals.tolist(),
+            )
+    return token_list, lps

@@ -1,0 +1,265 @@
+"""Scheduler and KV-cache bookkeeping driven with fabricated model outputs: no weights."""
+
+from __future__ import annotations
+
+from scalellm.engine.config import SchedulerConfig
+from scalellm.engine.kv_cache_manager import KVCacheManager
+from scalellm.engine.request import Request, RequestStatus
+from scalellm.engine.scheduler import Scheduler
+from scalellm.protocol.sampling_params import SamplingParams
+from scalellm.protocol.step import ModelRunnerOutput, SchedulerOutput
+
+EOS = 2
+
+
+def make_scheduler(num_blocks=64, block_size=4, budget=32, max_seqs=16, max_len=256, caching=True, decode_first=True):
+    kv = KVCacheManager(num_blocks, block_size, caching)
+    return Scheduler(SchedulerConfig(budget, max_seqs, max_len, decode_first), kv)
+
+
+def make_request(rid, prompt_len=10, max_tokens=5, priority=0, arrival=None, tokens=None, **sp):
+    ids = tokens if tokens is not None else [100 + (i % 50) for i in range(prompt_len)]
+    req = Request(rid, ids, SamplingParams(max_tokens=max_tokens, **sp), frozenset({EOS}), max_tokens, priority)
+    if arrival is not None:
+        req.arrival_time = arrival
+    return req
+
+
+class FakeWorker:
+    """Mimics the worker's contract: samples one token for each request whose scheduled
+    tokens reach the end of its known tokens; checks block tables cover the tokens."""
+
+    def __init__(self, sched: Scheduler, token: int = 7) -> None:
+        self.sched = sched
+        self.token = token
+        self.known: dict[str, int] = {}
+
+    def run(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        for rid in out.finished_request_ids:
+            self.known.pop(rid, None)
+        sampled = {}
+        for rid, n in out.num_scheduled_tokens.items():
+            req = self.sched.requests[rid]
+            blocks = self.sched.kv_cache.block_ids(rid)
+            assert len(blocks) * self.sched.kv_cache.block_size >= req.num_computed_tokens + n
+            if req.num_computed_tokens + n == req.num_tokens:
+                sampled[rid] = self.token
+        return ModelRunnerOutput(sampled_token_ids=sampled)
+
+    def step(self):
+        out = self.sched.schedule()
+        res = self.run(out)
+        return out, self.sched.update_from_output(out, res)
+
+
+def test_chunked_prefill_respects_budget():
+    s = make_scheduler(budget=8)
+    s.add_request(make_request("a", prompt_len=20, max_tokens=3))
+    w = FakeWorker(s)
+    chunks = []
+    while s.has_unfinished_requests():
+        out, _ = w.step()
+        assert out.total_num_scheduled_tokens <= 8
+        chunks.append(out.num_scheduled_tokens.get("a"))
+    # 20 prompt tokens in chunks of 8, 8, 4, then 2 decodes (3 outputs total)
+    assert chunks == [8, 8, 4, 1, 1]
+
+
+def test_decodes_and_prefill_share_a_step():
+    s = make_scheduler(budget=16)
+    w = FakeWorker(s)
+    s.add_request(make_request("a", prompt_len=4, max_tokens=10))
+    w.step()  # a prefills
+    s.add_request(make_request("b", prompt_len=40, max_tokens=2))
+    out, _ = w.step()
+    assert out.num_scheduled_tokens == {"a": 1, "b": 15}
+    out, _ = w.step()
+    assert out.num_scheduled_tokens == {"a": 1, "b": 15}
+
+
+def test_max_num_seqs_caps_running():
+    s = make_scheduler(max_seqs=2, budget=100)
+    for i in range(4):
+        s.add_request(make_request(f"r{i}", prompt_len=4))
+    out = s.schedule()
+    assert set(out.num_scheduled_tokens) == {"r0", "r1"}
+    assert s.num_waiting == 2
+
+
+def test_preemption_and_resume_recomputes():
+    # 8 blocks of 4 tokens = 32 slots; two requests of 12 prompt + 12 output tokens cannot both fit.
+    s = make_scheduler(num_blocks=8, block_size=4, budget=64, caching=False)
+    w = FakeWorker(s)
+    s.add_request(make_request("a", prompt_len=12, max_tokens=12, arrival=1.0))
+    s.add_request(make_request("b", prompt_len=12, max_tokens=12, arrival=2.0))
+    preempted = []
+    finished = {}
+    for _ in range(200):
+        if not s.has_unfinished_requests():
+            break
+        out, outs = w.step()
+        preempted += out.preempted_request_ids
+        for o in outs:
+            if o.finish_reason:
+                finished[o.request_id] = o.finish_reason
+        assert s.kv_cache.pool.num_used_blocks <= 8
+    assert "b" in preempted  # the later request is the victim
+    assert "a" not in preempted
+    assert finished == {"a": "length", "b": "length"}
+    assert s.num_preemptions >= 1
+    assert s.kv_cache.pool.num_used_blocks == 0
+
+
+def test_preempted_request_is_resent_in_full():
+    s = make_scheduler(num_blocks=8, block_size=4, budget=64, caching=False)
+    w = FakeWorker(s)
+    s.add_request(make_request("a", prompt_len=12, max_tokens=12, arrival=1.0))
+    s.add_request(make_request("b", prompt_len=12, max_tokens=12, arrival=2.0))
+    resumed = None
+    for _ in range(200):
+        out, _ = w.step()
+        for new in out.new_requests:
+            if new.request_id == "b" and len(new.all_token_ids) > 12:
+                resumed = new
+        if resumed or not s.has_unfinished_requests():
+            break
+    assert resumed is not None
+    assert resumed.num_computed_tokens == 0
+    assert resumed.all_token_ids[:12] == s.requests["b"].prompt_token_ids if "b" in s.requests else True
+
+
+def test_priority_order_and_victim():
+    s = make_scheduler(max_seqs=1, budget=100)
+    s.add_request(make_request("low", priority=5, arrival=1.0))
+    s.add_request(make_request("high", priority=-1, arrival=2.0))
+    s.add_request(make_request("mid", priority=0, arrival=0.5))
+    out = s.schedule()
+    assert list(out.num_scheduled_tokens) == ["high"]
+    assert [r.request_id for r in s.waiting] == ["mid", "low"]
+
+
+def test_lowest_priority_is_preempted_first():
+    s = make_scheduler(num_blocks=10, block_size=4, budget=64, caching=False)
+    w = FakeWorker(s)
+    s.add_request(make_request("p0", prompt_len=12, max_tokens=20, priority=0, arrival=3.0))
+    s.add_request(make_request("p9", prompt_len=12, max_tokens=20, priority=9, arrival=1.0))
+    s.add_request(make_request("p1", prompt_len=4, max_tokens=20, priority=1, arrival=2.0))
+    victims = []
+    for _ in range(10):
+        out, _ = w.step()
+        victims += out.preempted_request_ids
+        if victims:
+            break
+    assert victims[0] == "p9"
+
+
+def test_abort_frees_blocks_at_once():
+    s = make_scheduler()
+    w = FakeWorker(s)
+    s.add_request(make_request("a", prompt_len=10, max_tokens=50))
+    s.add_request(make_request("b", prompt_len=10, max_tokens=50))
+    w.step()
+    used = s.kv_cache.pool.num_used_blocks
+    assert used == 6  # 3 blocks of 4 each for 10 prompt + 1 token
+    s.abort_requests(["a"])
+    assert s.kv_cache.pool.num_used_blocks == 3
+    assert "a" not in s.requests
+    out = s.schedule()
+    assert "a" in out.finished_request_ids
+    assert set(out.num_scheduled_tokens) == {"b"}
+    # abort while waiting
+    s.add_request(make_request("c", prompt_len=10))
+    s.abort_requests(["c"])
+    assert s.num_waiting == 0
+
+
+def test_prefix_cache_hits_and_hit_rate():
+    s = make_scheduler(block_size=4, budget=64)
+    w = FakeWorker(s)
+    shared = list(range(1000, 1012))  # 3 full blocks
+    s.add_request(make_request("a", tokens=shared + [5, 6], max_tokens=2))
+    while s.has_unfinished_requests():
+        w.step()
+    s.add_request(make_request("b", tokens=shared + [8, 9, 10], max_tokens=2))
+    out = s.schedule()
+    assert out.new_requests[0].num_computed_tokens == 12
+    assert out.num_scheduled_tokens["b"] == 3
+    assert s.kv_cache.stats.num_hit_tokens == 12
+    # a full-prompt hit still leaves one token to compute
+    s2 = make_scheduler(block_size=4, budget=64)
+    w2 = FakeWorker(s2)
+    s2.add_request(make_request("a", tokens=shared, max_tokens=2))
+    while s2.has_unfinished_requests():
+        w2.step()
+    s2.add_request(make_request("b", tokens=shared, max_tokens=2))
+    out = s2.schedule()
+    assert out.new_requests[0].num_computed_tokens == 8
+    assert out.num_scheduled_tokens["b"] == 4
+
+
+def test_prefix_cache_lru_eviction():
+    s = make_scheduler(num_blocks=6, block_size=4, budget=64)
+    w = FakeWorker(s)
+    first = list(range(2000, 2008))
+    s.add_request(make_request("a", tokens=first + [1], max_tokens=1))
+    while s.has_unfinished_requests():
+        w.step()
+    assert s.kv_cache.pool.num_cached_blocks == 2
+    # a request needing all 6 blocks evicts the cached ones
+    s.add_request(make_request("b", tokens=list(range(3000, 3023)), max_tokens=1))
+    while s.has_unfinished_requests():
+        w.step()
+    assert s.kv_cache.pool.num_evictions >= 2
+    s.add_request(make_request("c", tokens=first + [1], max_tokens=1))
+    out = s.schedule()
+    assert out.new_requests[0].num_computed_tokens == 0  # evicted: no hit
+
+
+def test_shared_blocks_are_ref_counted():
+    s = make_scheduler(block_size=4, budget=64)
+    w = FakeWorker(s)
+    shared = list(range(1000, 1008))
+    s.add_request(make_request("a", tokens=shared + [1, 2], max_tokens=30))
+    w.step()
+    s.add_request(make_request("b", tokens=shared + [3], max_tokens=30))
+    w.step()
+    a_blocks, b_blocks = s.kv_cache.block_ids("a"), s.kv_cache.block_ids("b")
+    assert a_blocks[:2] == b_blocks[:2]
+    s.abort_requests(["a"])
+    # b still holds the shared blocks
+    assert all(s.kv_cache.pool.blocks[i].ref_cnt == 1 for i in b_blocks[:2])
+
+
+def test_stop_conditions():
+    s = make_scheduler()
+    w = FakeWorker(s, token=EOS)
+    s.add_request(make_request("eos", max_tokens=10))
+    s.add_request(make_request("min", max_tokens=10, min_tokens=3))
+    s.add_request(make_request("ign", max_tokens=4, ignore_eos=True))
+    done = {}
+    for _ in range(20):
+        _, outs = w.step()
+        for o in outs:
+            if o.finish_reason:
+                done[o.request_id] = (o.finish_reason, s_len(o))
+    assert done["eos"][0] == "stop"
+    assert done["min"][0] == "stop"
+    assert done["ign"][0] == "length"
+
+
+def s_len(o):
+    return len(o.new_token_ids)
+
+
+def test_stop_token_ids_and_counts():
+    s = make_scheduler()
+    w = FakeWorker(s, token=9)
+    req = make_request("st", max_tokens=10, stop_token_ids=[9], min_tokens=2)
+    s.add_request(req)
+    reasons = []
+    while s.has_unfinished_requests():
+        _, outs = w.step()
+        reasons += [(o.finish_reason, o.stop_reason) for o in outs if o.finish_reason]
+    assert reasons == [("stop", 9)]
+    assert req.num_output_tokens == 2
+    assert req.status == RequestStatus.FINISHED_STOPPED
