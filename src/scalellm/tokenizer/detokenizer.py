@@ -1,0 +1,184 @@
+"""Incremental detokenization of one request's generated tokens, with stop strings.
+
+Decoding token by token is not the same as decoding the whole sequence: a character can be
+split over several byte tokens, SentencePiece drops the space of a sequence's first token, and a
+stop string can span tokens. `IncrementalDetokenizer` decodes a small window of recent tokens
+(vLLM's / SGLang's prefix and read offsets) so each step costs O(window), not O(length):
+
+    window = ids[prefix:]                      anchor = ids[prefix:read]
+    new    = decode(window)[len(decode(anchor)):]
+
+and only moves the offsets when the window's text does not end in U+FFFD (an incomplete UTF-8
+character). The text produced this way ("stable" text) is searched for stop strings, only in
+generated text, never in the prompt. `take_delta()` hands out stable text except a trailing piece
+that could still grow into a stop string.
+
+Invariant: the concatenation of all `take_delta()` and `finish()` results equals
+`tokenizer.decode(generated_ids, skip_special_tokens)` -- cut before the first stop string to
+complete (or after it, with `include_stop_str_in_output`).
+
+What this module does NOT know: models, sampling, EOS handling, max_tokens, streaming
+protocols or logprobs. It does not stop generation itself; it reports the matched stop string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+_REPLACEMENT = "\ufffd"
+
+
+class _Decoder(Protocol):
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of generated token ids into safe-to-stream text."""
+
+    def __init__(
+        self,
+        tokenizer: _Decoder,
+        prompt_token_ids: Sequence[int] = (),
+        *,
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] | None = None,
+        include_stop_str_in_output: bool = False,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self.prompt_len = len(prompt_token_ids)  # the prompt is never decoded nor searched
+        self._skip_special = skip_special_tokens
+        self._stops: list[str] = list(dict.fromkeys(s for s in (stop or ()) if s))
+        self._include_stop = include_stop_str_in_output
+        self._keep = max((len(s) for s in self._stops), default=1) - 1  # context kept for stop search
+
+        self._ids: list[int] = []
+        self._prefix = 0  # window start (token index into generated ids)
+        self._read = 0  # end of the tokens whose text is stable
+        self._parts: list[str] = []  # all stable text, in pieces
+        self._stable_len = 0
+        self._recent = ""  # last `_keep` chars of stable text
+        self._unemitted = ""  # stable text not yet handed out (already cut at the stop)
+        self._emitted = 0
+        self._cut: int | None = None  # length of the output once a stop string matched
+        self._stop: str | None = None
+        self._finished = False
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Generated ids so far (a copy)."""
+        return list(self._ids)
+
+    @property
+    def matched_stop(self) -> str | None:
+        """The stop string that matched, or None."""
+        return self._stop
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def output_text(self) -> str:
+        """All stable generated text, cut at the stop string (after `finish()`: the whole output)."""
+        text = "".join(self._parts)
+        return text if self._cut is None else text[: self._cut]
+
+    def update(self, new_token_ids: Sequence[int]) -> str | None:
+        """Append generated tokens; returns the stop string if one has matched (now or before).
+
+        Tokens given after a stop matched are ignored.
+        """
+        if self._finished:
+            raise RuntimeError("IncrementalDetokenizer.update() after finish()")
+        if self._stop is not None:
+            return self._stop
+        self._ids.extend(int(t) for t in new_token_ids)
+        text = self._advance(force=False)
+        if text:
+            self._append(text)
+        return self._stop
+
+    def take_delta(self) -> str:
+        """Text that is safe to emit now; never half a character nor a possible stop-string start."""
+        if self._finished or self._stop is not None or self._include_stop:
+            hold = 0
+        else:
+            hold = min(self._holdback(), len(self._unemitted))
+        return self._take(len(self._unemitted) - hold)
+
+    def finish(self) -> str:
+        """The rest of the text, at the end of the request (flushes incomplete characters too)."""
+        if not self._finished and self._stop is None:
+            text = self._advance(force=True)
+            if text:
+                self._append(text)
+        self._finished = True
+        return self._take(len(self._unemitted))
+
+    # ---------------------------------------------------------------- decoding window
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip_special)
+
+    def _advance(self, *, force: bool) -> str:
+        """New stable text of the window; moves prefix/read offsets when the text is complete."""
+        if self._read >= len(self._ids):
+            return ""
+        anchor = self._decode(self._prefix, self._read) if self._read > self._prefix else ""
+        window = self._decode(self._prefix)
+        if not force and (len(window) <= len(anchor) or window.endswith(_REPLACEMENT)):
+            return ""  # nothing new yet, or an incomplete character at the end: wait
+        self._prefix, self._read = self._read, len(self._ids)
+        return window[len(anchor) :]
+
+    # ---------------------------------------------------------------- stop strings
+
+    def _append(self, text: str) -> None:
+        """Add stable text; find the first stop string to complete in it."""
+        base = self._stable_len - len(self._recent)  # absolute index of buffer[0]
+        buffer = self._recent + text
+        match = self._find_stop(buffer, len(self._recent))
+        self._parts.append(text)
+        self._stable_len += len(text)
+        self._recent = buffer[len(buffer) - self._keep :] if self._keep else ""
+        if match is None:
+            self._unemitted += text
+            return
+        start, stop = match
+        self._stop = stop
+        self._cut = base + start + (len(stop) if self._include_stop else 0)
+        full = "".join(self._parts)[: self._cut]
+        self._parts = [full]
+        self._unemitted = full[self._emitted :]
+
+    def _find_stop(self, buffer: str, old_len: int) -> tuple[int, str] | None:
+        """Earliest-ending stop match that ends past `old_len` (ties: earliest start)."""
+        best: tuple[int, int, str] | None = None
+        for s in self._stops:
+            i = buffer.find(s, max(0, old_len - len(s) + 1))
+            if i >= 0:
+                key = (i + len(s), i, s)
+                if best is None or key[:2] < best[:2]:
+                    best = key
+        return None if best is None else (best[1], best[2])
+
+    def _holdback(self) -> int:
+        """Length of the longest text suffix that is a proper prefix of a stop string."""
+        recent = self._recent
+        hold = 0
+        for s in self._stops:
+            for k in range(min(len(s) - 1, len(recent)), hold, -1):
+                if recent.endswith(s[:k]):
+                    hold = k
+                    break
+        return hold
+
+    def _take(self, n: int) -> str:
+        if n <= 0:
+            return ""
+        out, self._unemitted = self._unemitted[:n], self._unemitted[n:]
+        self._emitted += len(out)
+        return out

@@ -1,0 +1,57 @@
+"""Our models against transformers (the reference) on tiny random-weight checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk
+from scalellm.loader.model_source import resolve_model
+from scalellm.models.args import parse_model_args
+from scalellm.models.registry import get_model_class
+from scalellm.protocol.errors import UnsupportedModelError
+
+ARCHS = ["llama", "llama3_tied", "qwen2", "qwen3", "mistral"]
+
+
+def _our_model(path: str):
+    src = resolve_model(path)
+    args = parse_model_args(src.read_config())
+    model = get_model_class(args.architecture)(args, torch.float32)
+    model.load_weights(src.iter_weights())
+    return model, args
+
+
+def _prefill_logits(model, args, ids: list[int]) -> torch.Tensor:
+    t = len(ids)
+    block_size = 4
+    num_blocks = -(-t // block_size)
+    kv = [torch.zeros(2, num_blocks, block_size, args.num_kv_heads, args.head_dim) for _ in range(args.num_layers)]
+    md = AttentionMetadata(
+        slot_mapping=torch.arange(t), num_decode_tokens=0, decode_slots=None, decode_mask=None,
+        prefills=[PrefillChunk(q_start=0, q_len=t, ctx_len=t, ctx_slots=None)],
+    )
+    with torch.inference_mode():
+        hidden = model(torch.tensor(ids), torch.arange(t), ForwardBatch(md, kv))
+        return model.compute_logits(hidden)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers(tiny_models, arch):
+    import transformers
+
+    path = tiny_models[arch]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    ours, args = _our_model(path)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab_size, (37,), generator=g).tolist()
+    with torch.inference_mode():
+        expected = ref(torch.tensor([ids])).logits[0].float()
+    got = _prefill_logits(ours, args, ids)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(UnsupportedModelError, match="GPTNeoXForCausalLM.*supported"):
+        get_model_class("GPTNeoXForCausalLM")
