@@ -49,8 +49,20 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits over the full vocabulary (float32)."""
 
+    # Candidates re-scored in float32 when the weights are 16-bit (see compute_logits).
+    num_rescored: int = 32
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [B, V/tp]
+        logits = F.linear(hidden.to(self.weight.dtype), self.weight).float()  # [B, V/tp]
+        if self.weight.dtype != torch.float32 and logits.shape[0] > 0:
+            # NOTE: a bf16 GEMM rounds its outputs to 8 mantissa bits: ~0.1 at a logit of 25,
+            # enough to flip greedy picks (seen on SmolLM2: 25.33 vs 25.24 both became 25.375).
+            # Re-scoring the top candidates in float32 costs B*k*E MACs and makes the top of
+            # the distribution, where greedy and top-k/top-p act, exact.
+            k = min(self.num_rescored, logits.shape[1])
+            idx = logits.topk(k, dim=-1).indices  # [B, k]
+            exact = torch.einsum("be,bke->bk", hidden.float(), self.weight[idx].float())
+            logits.scatter_(1, idx, exact)
         if self.tp_size > 1:
             logits = tensor_parallel_all_gather(logits, dim=-1)
-        return logits[:, : self.vocab_size].float()  # [B, V]
+        return logits[:, : self.vocab_size]  # [B, V] float32

@@ -10,9 +10,12 @@ from scalellm.layers.linear import default_weight_loader
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype | None = None, output_float32: bool = False
+    ) -> None:
         super().__init__()
         self.eps = eps
+        self.output_float32 = output_float32  # the final norm feeds the LM head in float32
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = default_weight_loader  # type: ignore[attr-defined]
 
@@ -20,6 +23,8 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.output_float32:
+            return self.weight.float() * x32
         return self.weight * x32.to(dtype)
 
     def forward(

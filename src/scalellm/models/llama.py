@@ -91,7 +91,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, dtype)
         self.layers = nn.ModuleList(LlamaDecoderLayer(args, i, dtype) for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, output_float32=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, E]
@@ -123,7 +123,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return self.model(input_ids, positions, batch)  # [T, E]
+        return self.model(input_ids, positions, batch)  # [T, E] float32
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)  # [B, V] float32

@@ -9,7 +9,9 @@ stop string can span tokens. `IncrementalDetokenizer` decodes a small window of 
     new    = decode(window)[len(decode(anchor)):]
 
 and only moves the offsets when the window's text does not end in U+FFFD (an incomplete UTF-8
-character). The text produced this way ("stable" text) is searched for stop strings, only in
+character) nor in a byte-fallback token ("<0xAB>"): HF's ByteFallback decoder turns a whole
+run of byte tokens into U+FFFDs when the run is not valid UTF-8, so a valid emoji can still
+become "\ufffd\ufffd\ufffd\ufffd" if the next token is a stray byte. The text produced this way ("stable" text) is searched for stop strings, only in
 generated text, never in the prompt. `take_delta()` hands out stable text except a trailing piece
 that could still grow into a stop string.
 
@@ -30,6 +32,11 @@ _REPLACEMENT = "\ufffd"
 
 
 class _Decoder(Protocol):
+    """What the detokenizer needs; `scalellm.tokenizer.Tokenizer` provides it.
+
+    Optional attributes: `byte_fallback_ids` and `all_special_ids` (frozensets of ids).
+    """
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
@@ -50,6 +57,10 @@ class IncrementalDetokenizer:
         self._skip_special = skip_special_tokens
         self._stops: list[str] = list(dict.fromkeys(s for s in (stop or ()) if s))
         self._include_stop = include_stop_str_in_output
+        self._byte_ids: frozenset[int] = frozenset(getattr(tokenizer, "byte_fallback_ids", ()))
+        self._special_ids: frozenset[int] = (
+            frozenset(getattr(tokenizer, "all_special_ids", ())) if skip_special_tokens else frozenset()
+        )
         self._keep = max((len(s) for s in self._stops), default=1) - 1  # context kept for stop search
 
         self._ids: list[int] = []
@@ -129,10 +140,23 @@ class IncrementalDetokenizer:
             return ""
         anchor = self._decode(self._prefix, self._read) if self._read > self._prefix else ""
         window = self._decode(self._prefix)
-        if not force and (len(window) <= len(anchor) or window.endswith(_REPLACEMENT)):
-            return ""  # nothing new yet, or an incomplete character at the end: wait
+        if not force and (len(window) <= len(anchor) or window.endswith(_REPLACEMENT) or self._in_byte_run()):
+            return ""  # nothing new yet, or the end may still change: wait
         self._prefix, self._read = self._read, len(self._ids)
         return window[len(anchor) :]
+
+    def _in_byte_run(self) -> bool:
+        """Whether the last token that reaches the decoder is a byte-fallback token.
+
+        Only tokens past `_read` are looked at: the offsets never move while this is true, so
+        the last decoded token before `_read` is not a byte token.
+        """
+        if not self._byte_ids:
+            return False
+        for tid in reversed(self._ids[self._read :]):
+            if tid not in self._special_ids:
+                return tid in self._byte_ids
+        return False
 
     # ---------------------------------------------------------------- stop strings
 
@@ -143,7 +167,7 @@ class IncrementalDetokenizer:
         match = self._find_stop(buffer, len(self._recent))
         self._parts.append(text)
         self._stable_len += len(text)
-        self._recent = buffer[len(buffer) - self._keep :] if self._keep else ""
+        self._recent = buffer[max(0, len(buffer) - self._keep) :]
         if match is None:
             self._unemitted += text
             return

@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, processors
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from scalellm.protocol.errors import InvalidParameterError, ModelLoadError
@@ -61,12 +61,18 @@ class Tokenizer:
         self.source = source
         self.vocab_size: int = max(vocab_size or 0, _backend_vocab_size(backend))
         self.all_special_ids: frozenset[int] = _special_ids(backend, bos_token_id, self.eos_token_ids, pad_token_id)
+        # "<0xAB>" tokens of a byte-fallback decoder: a run of them decodes all-or-nothing.
+        self.byte_fallback_ids: frozenset[int] = _byte_fallback_ids(backend)
 
     # ---------------------------------------------------------------- constructors
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """Load `tokenizer.json` (+ `tokenizer_config.json`, `generation_config.json`, chat template)."""
+        """Load `tokenizer.json` (+ `tokenizer_config.json`, `generation_config.json`, chat template).
+
+        BOS/EOS are added as tokenizer.json's post-processor says; `add_bos_token` in
+        tokenizer_config.json does not override it (transformers 5 behaves the same).
+        """
         root = Path(path)
         if not root.is_dir():
             raise ModelLoadError(f"tokenizer directory not found: {root}")
@@ -80,7 +86,6 @@ class Tokenizer:
         config = _read_json(root / "tokenizer_config.json")
         names = _named_special_tokens(config)
         _ensure_added_special(backend, names.values())
-        _apply_bos_eos_flags(backend, config, names)
         bos_id = _id_of(backend, names.get("bos_token"))
         eos_ids = _hf_eos_ids(backend, names.get("eos_token"), _read_json(root / "generation_config.json"))
         return cls(
@@ -300,23 +305,6 @@ def _ensure_added_special(backend: HFTokenizer, texts: Iterable[str]) -> None:
         backend.add_special_tokens(missing)
 
 
-def _apply_bos_eos_flags(backend: HFTokenizer, config: Mapping[str, Any], names: Mapping[str, str]) -> None:
-    """transformers rebuilds the post-processor when tokenizer_config sets add_bos/eos_token explicitly."""
-    if "add_bos_token" not in config and "add_eos_token" not in config and backend.post_processor is not None:
-        return
-    bos, eos = names.get("bos_token"), names.get("eos_token")
-    add_bos = bool(config.get("add_bos_token", False)) and bos is not None and backend.token_to_id(bos) is not None
-    add_eos = bool(config.get("add_eos_token", False)) and eos is not None and backend.token_to_id(eos) is not None
-    single = (["[BOS]"] if add_bos else []) + ["$A"] + (["[EOS]"] if add_eos else [])
-    pair = single + (["[BOS]:1"] if add_bos else []) + ["$B:1"] + (["[EOS]:1"] if add_eos else [])
-    special = []
-    if add_bos:
-        special.append({"id": "[BOS]", "ids": [backend.token_to_id(bos)], "tokens": [bos]})
-    if add_eos:
-        special.append({"id": "[EOS]", "ids": [backend.token_to_id(eos)], "tokens": [eos]})
-    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
-
-
 def _id_of(backend: HFTokenizer, token: str | None) -> int | None:
     return backend.token_to_id(token) if token is not None else None
 
@@ -387,3 +375,11 @@ def _special_ids(
     ids.update(eos)
     ids.update(i for i in (bos, pad) if i is not None)
     return frozenset(ids)
+
+
+def _byte_fallback_ids(backend: HFTokenizer) -> frozenset[int]:
+    """Ids of "<0xAB>" tokens when the decoder uses ByteFallback, else empty."""
+    if "ByteFallback" not in repr(backend.decoder):
+        return frozenset()
+    vocab = backend.get_vocab(with_added_tokens=False)
+    return frozenset(i for t, i in vocab.items() if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
