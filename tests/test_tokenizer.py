@@ -334,7 +334,12 @@ HF_CONFIG = {
 @pytest.mark.parametrize(
     ("extra_config", "post_bos", "adds_bos"),
     # tokenizer.json's post-processor decides; transformers 5 ignores tokenizer_config's add_bos_token too.
-    [({}, True, True), ({}, False, False), ({"add_bos_token": False}, True, True), ({"add_bos_token": True}, False, False)],
+    [
+        ({}, True, True),
+        ({}, False, False),
+        ({"add_bos_token": False}, True, True),
+        ({"add_bos_token": True}, False, False),
+    ],
 )
 def test_hf_dir_matches_transformers(tmp_path: Path, extra_config: dict, post_bos: bool, adds_bos: bool) -> None:
     tf = _transformers()

@@ -11,8 +11,10 @@ stop string can span tokens. `IncrementalDetokenizer` decodes a small window of 
 and only moves the offsets when the window's text does not end in U+FFFD (an incomplete UTF-8
 character) nor in a byte-fallback token ("<0xAB>"): HF's ByteFallback decoder turns a whole
 run of byte tokens into U+FFFDs when the run is not valid UTF-8, so a valid emoji can still
-become "\ufffd\ufffd\ufffd\ufffd" if the next token is a stray byte. The text produced this way ("stable" text) is searched for stop strings, only in
-generated text, never in the prompt. `take_delta()` hands out stable text except a trailing piece
+become four U+FFFDs if the next token is a stray byte.
+
+The text produced this way ("stable" text) is searched for stop strings, only in generated
+text, never in the prompt. `take_delta()` hands out stable text except a trailing piece
 that could still grow into a stop string.
 
 Invariant: the concatenation of all `take_delta()` and `finish()` results equals
