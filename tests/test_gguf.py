@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize as ref_quantize
 
+from scalellm.formats.gguf_file import GGUFFile
 from scalellm.loader.gguf_loader import (
     is_gguf_file,
     iter_gguf_weights,
@@ -378,21 +379,21 @@ def smol_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def smol_reader(smol_path: str) -> gguf.GGUFReader:
+def smol_reader(smol_path: str) -> GGUFFile:
     return open_gguf(smol_path)  # the loader's cached reader: parsed once for the module
 
 
 @needs_smol
-def test_smollm_tensors_match_reference(smol_reader: gguf.GGUFReader) -> None:
+def test_smollm_tensors_match_reference(smol_reader: GGUFFile) -> None:
     by_type: dict[T, list] = {}
-    for t in smol_reader.tensors:
-        by_type.setdefault(T(t.tensor_type), []).append(t)
+    for t in smol_reader.tensors.values():
+        by_type.setdefault(T(t.ggml_type), []).append(t)
     assert {T.Q4_1, T.Q8_0, T.F32} <= set(by_type)
     for qtype, tensors in by_type.items():
         picks = [t for t in tensors if t.name == "token_embd.weight"] + tensors[:3] + tensors[-1:]
         for t in picks:
-            shape = tuple(reversed([int(d) for d in t.shape]))
-            assert torch.equal(dequantize(t.data, t.tensor_type, shape), _ref(t.data, qtype, shape)), t.name
+            data = smol_reader.tensor_data(t.name)
+            assert torch.equal(dequantize(data, t.ggml_type, t.shape), _ref(data, qtype, t.shape)), t.name
 
 
 @needs_smol

@@ -76,6 +76,18 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(a: argparse.Namespace) -> int:
+    from scalellm.loader.convert import convert_gguf_to_hf
+    from scalellm.loader.model_source import resolve_model
+
+    src = resolve_model(a.gguf)
+    if not src.is_gguf:
+        print(f"error: {src.path} is not a GGUF file", file=sys.stderr)
+        return 2
+    print(convert_gguf_to_hf(src.path, a.out_dir, a.dtype))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalellm", description="ScaleLLM: end-to-end LLM serving")
     parser.add_argument("--log-level", default="WARNING")
@@ -92,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampling-seed", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true")
     g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("convert-gguf", help="write a GGUF model as an HF directory (config, safetensors, tokenizer)")
+    c.add_argument("out_dir")
+    c.add_argument("--gguf", default=None, help="GGUF file (default: the embedded model)")
+    c.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    c.set_defaults(func=cmd_convert)
     return parser
 
 

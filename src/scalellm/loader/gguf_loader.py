@@ -27,10 +27,10 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
 
+from scalellm.formats.gguf_file import GGUFFile, TensorInfo, ValueType
 from scalellm.protocol.errors import ModelLoadError, UnsupportedModelError
 from scalellm.quant.gguf_dequant import dequantize
 
@@ -98,13 +98,13 @@ def is_gguf_file(path: str) -> bool:
         return False
 
 
-def open_gguf(path: str) -> gguf.GGUFReader:
-    """A parsed, memory-mapped `gguf.GGUFReader` for `path` (shared; treat as read-only).
+def open_gguf(path: str) -> GGUFFile:
+    """A parsed, memory-mapped `GGUFFile` for `path` (shared; treat as read-only, do not close).
 
-    Parsing is the slow part of reading a GGUF file: GGUFReader builds one numpy view per
-    vocab token and merge (~3 s for a 49k-token vocab on a small CPU), so the last two
-    readers are cached by (real path, size, mtime) and shared by the config reader, the
-    weight iterator and any tokenizer code that needs the `tokenizer.ggml.*` arrays.
+    Parsing walks the whole header, including the vocab and merges arrays (~50 ms for a
+    49k-token vocab), so the last two parses are cached by (real path, size, mtime) and
+    shared by the config reader, the weight iterator and any tokenizer code that needs the
+    `tokenizer.ggml.*` arrays (`open_gguf(path).metadata`).
     """
     if not is_gguf_file(path):
         raise ModelLoadError(f"{path}: not a GGUF file (missing or no 'GGUF' magic)")
@@ -113,40 +113,37 @@ def open_gguf(path: str) -> gguf.GGUFReader:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
-    del size, mtime_ns  # cache key only: a rewritten file gets a fresh reader
+def _cached_reader(path: str, size: int, mtime_ns: int) -> GGUFFile:
+    del size, mtime_ns  # cache key only: a rewritten file gets a fresh parse
     try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as exc:  # the reader raises ValueError/struct errors on bad files
+        return GGUFFile(path)
+    except ModelLoadError:  # already says what is wrong, with the path
+        raise
+    except Exception as exc:  # anything else the parser did not foresee
         raise ModelLoadError(f"{path}: cannot parse GGUF file: {exc}") from exc
 
 
-def _value(reader: gguf.GGUFReader, key: str) -> Any:
+def _value(reader: GGUFFile, key: str) -> Any:
     """A scalar or string metadata value, or None when absent. Arrays are not read."""
-    field = reader.fields.get(key)
-    if field is None or not field.data:
+    value = reader.metadata.get(key)
+    types = reader.metadata_types.get(key)
+    if value is None or types is None or types[0] == ValueType.ARRAY:
         return None
-    vtype = field.types[0]
-    if vtype == gguf.GGUFValueType.ARRAY:
-        return None
-    part = field.parts[field.data[0]]
-    if vtype == gguf.GGUFValueType.STRING:
-        return bytes(part).decode("utf-8")
-    if vtype == gguf.GGUFValueType.BOOL:
-        return bool(part[0])
-    if vtype in (gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.FLOAT64):
+    if types[0] == ValueType.FLOAT32:
         # float32 1e-5 reads back as 9.99999974e-06: use the shortest decimal that
         # round-trips through float32, which is what config.json said.
-        return float(str(part.dtype.type(part[0])))
-    return int(part[0])
+        return float(str(np.float32(value)))
+    return value  # str, bool, int or (float64) float already
 
 
-def _array_len(reader: gguf.GGUFReader, key: str) -> int | None:
-    field = reader.fields.get(key)
-    return len(field.data) if field is not None else None
+def _array_len(reader: GGUFFile, key: str) -> int | None:
+    value = reader.metadata.get(key)
+    if value is None:
+        return None
+    return len(value) if isinstance(value, (list, np.ndarray)) else 1
 
 
-def _architecture(reader: gguf.GGUFReader, path: str) -> str:
+def _architecture(reader: GGUFFile, path: str) -> str:
     arch = _value(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
@@ -156,35 +153,35 @@ def _architecture(reader: gguf.GGUFReader, path: str) -> str:
     return arch
 
 
-def _required(reader: gguf.GGUFReader, key: str, path: str) -> Any:
+def _required(reader: GGUFFile, key: str, path: str) -> Any:
     value = _value(reader, key)
     if value is None:
         raise ModelLoadError(f"{path}: GGUF metadata key {key!r} is missing")
     return value
 
 
-def _tensor(reader: gguf.GGUFReader, name: str) -> Any:
-    return next((t for t in reader.tensors if t.name == name), None)
+def _tensor(reader: GGUFFile, name: str) -> TensorInfo | None:
+    return reader.tensors.get(name)
 
 
 # ---------------------------------------------------------------------------- config
 
 
-def _head_counts(reader: gguf.GGUFReader, arch: str, path: str) -> tuple[int, int]:
+def _head_counts(reader: GGUFFile, arch: str, path: str) -> tuple[int, int]:
     n_head = _required(reader, f"{arch}.attention.head_count", path)
     n_kv = _value(reader, f"{arch}.attention.head_count_kv")
-    if n_kv is None and f"{arch}.attention.head_count_kv" in reader.fields:
+    if n_kv is None and f"{arch}.attention.head_count_kv" in reader.metadata:
         raise UnsupportedModelError(f"{path}: per-layer head_count_kv arrays are not supported")
     return n_head, n_head if n_kv is None else n_kv
 
 
-def _vocab_size(reader: gguf.GGUFReader, arch: str, path: str) -> int:
+def _vocab_size(reader: GGUFFile, arch: str, path: str) -> int:
     size = _value(reader, f"{arch}.vocab_size")
     if size is not None:
         return size
     embd = _tensor(reader, "token_embd.weight")
     if embd is not None:  # the embedding's row count is what the weights need
-        return int(embd.shape[1])
+        return int(embd.shape[0])  # torch shape (vocab, hidden)
     size = _array_len(reader, "tokenizer.ggml.tokens")
     if size is None:
         raise ModelLoadError(f"{path}: cannot tell the vocab size (no vocab_size, no tokens)")
@@ -227,7 +224,7 @@ def _llama3_rope_scaling(
 
 
 def _rope_scaling(
-    reader: gguf.GGUFReader, arch: str, theta: float, head_dim: int, path: str
+    reader: GGUFFile, arch: str, theta: float, head_dim: int, path: str
 ) -> dict[str, Any] | None:
     prefix = f"{arch}.rope.scaling."
     kind = _value(reader, prefix + "type")
@@ -253,7 +250,7 @@ def _rope_scaling(
     freqs = _tensor(reader, "rope_freqs.weight")
     if freqs is None:
         return None
-    factors = dequantize(freqs.data, freqs.tensor_type, tuple(reversed(freqs.shape.tolist())))
+    factors = dequantize(reader.tensor_data(freqs.name), freqs.ggml_type, freqs.shape, name=freqs.name)
     return _llama3_rope_scaling(
         factors.numpy().reshape(-1), theta, head_dim, orig or _LLAMA3_DEFAULT_ORIGINAL_CONTEXT
     )
@@ -276,7 +273,7 @@ def read_gguf_config(path: str) -> dict[str, Any]:
         or hidden // n_head
     )
     theta = _value(reader, f"{arch}.rope.freq_base") or 10000.0
-    tensor_names = {t.name for t in reader.tensors}
+    tensor_names = reader.tensors.keys()
     config: dict[str, Any] = {
         "architectures": [hf_arch],
         "model_type": model_type,
@@ -339,12 +336,13 @@ def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     reader = open_gguf(path)
     arch = _architecture(reader, path)
     n_head, n_kv = _head_counts(reader, arch, path)
-    for t in reader.tensors:
+    for t in reader.tensors.values():
         hf_name = _hf_name(t.name)
         if hf_name is None:
             continue
-        shape = tuple(reversed([int(d) for d in t.shape]))
-        weight = dequantize(t.data, t.tensor_type, shape, name=t.name)
+        # F32/F16 come as typed views, every other type as raw uint8 blocks: what
+        # dequantize takes (it only looks at the bytes); both are zero-copy mmap views.
+        weight = dequantize(reader.tensor_data(t.name), t.ggml_type, t.shape, name=t.name)
         if arch in _PERMUTED_ARCHS:
             if ".attn_q." in t.name:
                 weight = unpermute_rotary(weight, n_head)

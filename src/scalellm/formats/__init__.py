@@ -1,0 +1,1 @@
+"""File formats read by ScaleLLM (leaf modules: stdlib + numpy only)."""
