@@ -123,19 +123,17 @@ class GGUFVocab:
 
 def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The `tokenizer.*` and `general.architecture` metadata of a GGUF file, as Python values."""
-    from gguf import GGUFReader
+    from scalellm.formats.gguf_file import GGUFFile
 
     if not os.path.isfile(path):
         raise ModelLoadError(f"GGUF file not found: {os.fspath(path)}")
-    try:
-        reader = GGUFReader(os.fspath(path), "r")
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a load error
-        raise ModelLoadError(f"cannot read GGUF file {os.fspath(path)}: {exc}") from exc
-    meta: dict[str, Any] = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("tokenizer.") or key == "general.architecture":
-            meta[key] = fld.contents()
-    return meta
+    # NOTE: our own parser: gguf.GGUFReader spent ~3 s building views of a 49k-token vocab.
+    with GGUFFile(os.fspath(path)) as f:
+        return {
+            key: (value.tolist() if hasattr(value, "tolist") else value)
+            for key, value in f.metadata.items()
+            if key.startswith("tokenizer.") or key == "general.architecture"
+        }
 
 
 def build_gguf_vocab(meta: Mapping[str, Any]) -> GGUFVocab:
