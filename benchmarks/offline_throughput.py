@@ -58,7 +58,9 @@ def bench_transformers(args, prompts):
     from scalellm.loader.model_source import resolve_model
 
     src = resolve_model(args.model)
-    dtype = torch.bfloat16 if args.dtype in ("auto", "bfloat16") else torch.float32
+    from scalellm.worker.worker import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     path = src.path
     if src.is_gguf:
         # NOTE: transformers 5 keeps GGUF weights packed and dequantizes them on every forward;
@@ -96,7 +98,7 @@ def bench_transformers(args, prompts):
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto: what ScaleLLM picks for this machine")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -120,7 +122,10 @@ def main() -> int:
         return (f"{name:13s} batch {r['batch_s']:7.2f}s  out {tput:8.1f} tok/s  total {total:8.1f} tok/s  "
                 f"single: TTFT {r['single_ttft_s'] * 1e3:7.1f} ms  TPOT {r['single_tpot_s'] * 1e3:6.2f} ms  load {r['load_s']:.1f}s")
 
-    print(f"{args.num_prompts} prompts x {args.input_len} in / {args.output_len} out, dtype {args.dtype}, "
+    from scalellm.worker.worker import resolve_dtype
+
+    print(f"{args.num_prompts} prompts x {args.input_len} in / {args.output_len} out, "
+          f"dtype {args.dtype} -> {resolve_dtype(args.dtype, torch.device('cpu'))}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(row("scalellm", ours))
     summary = {"config": vars(args), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),

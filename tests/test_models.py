@@ -55,3 +55,40 @@ def test_logits_match_transformers(tiny_models, arch):
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(UnsupportedModelError, match="GPTNeoXForCausalLM.*supported"):
         get_model_class("GPTNeoXForCausalLM")
+
+
+def test_sharded_safetensors_index(tmp_path, tiny_models):
+    import shutil
+
+    import transformers
+
+    src = tiny_models["qwen2"]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
+    out = tmp_path / "sharded"
+    ref.save_pretrained(out, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{src}/{name}", out / name)
+    assert (out / "model.safetensors.index.json").exists()
+    ours, args = _our_model(str(out))
+    ids = list(range(5, 30))
+    with torch.inference_mode():
+        expected = ref(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(_prefill_logits(ours, args, ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_missing_and_unexpected_tensors_are_named(tiny_models):
+    from scalellm.protocol.errors import ModelLoadError
+
+    src = resolve_model(tiny_models["llama"])
+    args = parse_model_args(src.read_config())
+    weights = dict(src.iter_weights())
+    model = get_model_class(args.architecture)(args, torch.float32)
+    partial = {k: v for k, v in weights.items() if "layers.1.mlp.up_proj" not in k}
+    with pytest.raises(ModelLoadError, match="missing.*layers.1.mlp.gate_up_proj"):
+        model.load_weights(partial.items())
+    extra = dict(weights, **{"model.layers.0.self_attn.rope_bias": torch.zeros(3)})
+    with pytest.raises(ModelLoadError, match="rope_bias"):
+        model.load_weights(extra.items())
+    bad_shape = dict(weights, **{"model.norm.weight": torch.zeros(3)})
+    with pytest.raises(ModelLoadError, match="shape"):
+        model.load_weights(bad_shape.items())

@@ -85,8 +85,11 @@ class Attention(nn.Module):
         bd = md.num_decode_tokens
         if bd:
             qd = q[:bd].unsqueeze(2)  # [Bd, H, 1, D]
-            kd = k_flat[md.decode_slots].transpose(1, 2)  # [Bd, Lmax, Hkv, D] -> [Bd, Hkv, Lmax, D]
-            vd = v_flat[md.decode_slots].transpose(1, 2)
+            # NOTE: index_select over flat slots is ~5x faster than advanced indexing on CPU.
+            flat_slots = md.decode_slots.view(-1)
+            kd = k_flat.index_select(0, flat_slots).view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            vd = v_flat.index_select(0, flat_slots).view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            # [Bd, Lmax, Hkv, D] -> [Bd, Hkv, Lmax, D]
             out[:bd] = _sdpa(qd, kd, vd, md.decode_mask, False, self.scale).squeeze(2)
         for chunk in md.prefills:
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
@@ -96,8 +99,8 @@ class Attention(nn.Module):
                 vp = v[rows].transpose(0, 1).unsqueeze(0)
                 res = _sdpa(qp, kp, vp, None, True, self.scale)
             else:
-                kp = k_flat[chunk.ctx_slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-                vp = v_flat[chunk.ctx_slots].transpose(0, 1).unsqueeze(0)
+                kp = k_flat.index_select(0, chunk.ctx_slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+                vp = v_flat.index_select(0, chunk.ctx_slots).transpose(0, 1).unsqueeze(0)
                 # query i (absolute position ctx-q_len+i) sees keys 0..ctx-q_len+i
                 offset = chunk.ctx_len - chunk.q_len
                 qi = torch.arange(chunk.q_len, device=q.device).unsqueeze(1)
