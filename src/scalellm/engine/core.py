@@ -14,7 +14,7 @@ from typing import Protocol
 
 from scalellm.engine.request import Request
 from scalellm.engine.scheduler import Scheduler
-from scalellm.protocol.step import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
+from scalellm.protocol.step import CoreRequest, EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 
 
 class Executor(Protocol):
@@ -48,6 +48,18 @@ class EngineCore:
 
     def add_request(self, request: Request, seed_offset: int = 0) -> None:
         self.scheduler.add_request(request, seed_offset)
+
+    def add_core_request(self, req: CoreRequest) -> None:
+        request = Request(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            sampling_params=req.sampling_params,
+            eos_token_ids=frozenset(req.eos_token_ids),
+            max_output_tokens=req.max_output_tokens,
+            priority=req.priority,
+            arrival_time=req.arrival_time,
+        )
+        self.scheduler.add_request(request, req.seed_offset)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         self.scheduler.abort_requests(request_ids)

@@ -84,3 +84,17 @@ class EngineCoreOutput:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+
+
+@dataclass(slots=True)
+class CoreRequest:
+    """A request as the frontend hands it to the engine core (token ids, no text)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: list[int]
+    max_output_tokens: int
+    priority: int = 0
+    arrival_time: float = 0.0
+    seed_offset: int = 0
