@@ -88,6 +88,16 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from scalellm.engine.config import EngineConfig
+    from scalellm.server.serve import ServeConfig, run_server
+
+    engine_config = EngineConfig(model=a.model, **_engine_kwargs(a))
+    serve = ServeConfig(host=a.host, port=a.port, served_model_name=a.served_model_name, api_key=a.api_key,
+                        drain_timeout=a.drain_timeout, max_pending=a.max_pending, log_level=a.log_level)
+    return run_server(engine_config, serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalellm", description="ScaleLLM: end-to-end LLM serving")
     parser.add_argument("--log-level", default="WARNING")
@@ -104,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampling-seed", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true")
     g.set_defaults(func=cmd_generate)
+    s = sub.add_parser("serve", help="serve the OpenAI API (replica: engine process + HTTP frontend)")
+    _add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
+    s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
+    s.add_argument("--max-pending", type=int, default=4096, help="requests in flight before 503 + Retry-After")
+    s.set_defaults(func=cmd_serve)
     c = sub.add_parser("convert-gguf", help="write a GGUF model as an HF directory (config, safetensors, tokenizer)")
     c.add_argument("out_dir")
     c.add_argument("--gguf", default=None, help="GGUF file (default: the embedded model)")

@@ -1,0 +1,73 @@
+"""Messages between the server frontend and the engine-core process (msgpack via msgspec).
+
+Token ids only; one CoreOutputs message carries every request's tokens of one step.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from scalellm.protocol.step import CoreRequest, EngineCoreOutput
+
+
+class EngineLoad(msgspec.Struct):
+    """What a router needs, refreshed with every step."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks_used: int = 0
+    num_kv_blocks_total: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_steps: int = 0
+    num_tokens_in_flight: int = 0
+
+
+# frontend -> core
+class AddRequests(msgspec.Struct, tag="add"):
+    requests: list[CoreRequest]
+
+
+class AbortRequests(msgspec.Struct, tag="abort"):
+    request_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+ToCore = AddRequests | AbortRequests | Shutdown
+
+
+# core -> frontend
+class CoreReady(msgspec.Struct, tag="ready"):
+    load: EngineLoad
+
+
+class CoreOutputs(msgspec.Struct, tag="outputs"):
+    outputs: list[EngineCoreOutput]
+    load: EngineLoad
+
+
+class CoreFailed(msgspec.Struct, tag="failed"):
+    message: str
+
+
+FromCore = CoreReady | CoreOutputs | CoreFailed
+
+_encoder = msgspec.msgpack.Encoder()
+_to_core = msgspec.msgpack.Decoder(ToCore)
+_from_core = msgspec.msgpack.Decoder(FromCore)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_to_core(data: bytes) -> ToCore:
+    return _to_core.decode(data)
+
+
+def decode_from_core(data: bytes) -> FromCore:
+    return _from_core.decode(data)

@@ -1,0 +1,122 @@
+"""Starts the engine-core process and talks to it over ZMQ from asyncio.
+
+The frontend binds both sockets in a private temp directory (ipc://); the core
+connects. A watcher notices the core's death within a poll interval and fails
+everything in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+
+import zmq
+import zmq.asyncio
+
+from scalellm.engine.config import EngineConfig
+from scalellm.protocol import ipc
+from scalellm.protocol.step import CoreRequest
+from scalellm.server.core_process import run_engine_core_process
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine-core process died; in-flight requests cannot finish."""
+
+
+class CoreClient:
+    def __init__(self, config: EngineConfig, on_outputs: Callable[[ipc.CoreOutputs], None],
+                 on_death: Callable[[str], None], log_level: str = "WARNING") -> None:
+        self.config = config
+        self._on_outputs = on_outputs
+        self._on_death = on_death
+        self._log_level = log_level
+        self._dir = tempfile.mkdtemp(prefix="scalellm-")
+        self._ctx = zmq.asyncio.Context()
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._pull = self._ctx.socket(zmq.PULL)
+        self.input_addr = f"ipc://{os.path.join(self._dir, 'in')}"
+        self.output_addr = f"ipc://{os.path.join(self._dir, 'out')}"
+        self._push.bind(self.input_addr)
+        self._pull.bind(self.output_addr)
+        self.proc: mp.process.BaseProcess | None = None
+        self.load = ipc.EngineLoad()
+        self.dead_reason: str | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def is_alive(self) -> bool:
+        return self.dead_reason is None and self.proc is not None and self.proc.is_alive()
+
+    async def start(self, timeout: float = 600.0) -> None:
+        ctx = mp.get_context("spawn")
+        self.proc = ctx.Process(target=run_engine_core_process, name="scalellm-engine-core",
+                                args=(self.config, self.input_addr, self.output_addr, self._log_level), daemon=True)
+        self.proc.start()
+        loop = asyncio.get_running_loop()
+        death = loop.run_in_executor(None, self.proc.join)
+        ready = asyncio.ensure_future(self._pull.recv())
+        done, _ = await asyncio.wait({ready, death}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+            self.close()
+            raise EngineDeadError(f"engine core exited with code {self.proc.exitcode} before it was ready")
+        msg = ipc.decode_from_core(ready.result())
+        if isinstance(msg, ipc.CoreFailed):
+            self.close()
+            raise EngineDeadError(f"engine core failed to start: {msg.message}")
+        if isinstance(msg, ipc.CoreReady):
+            self.load = msg.load
+        self._tasks = [asyncio.create_task(self._output_loop()), asyncio.create_task(self._watch(death))]
+
+    async def _output_loop(self) -> None:
+        while True:
+            msg = ipc.decode_from_core(await self._pull.recv())
+            if isinstance(msg, ipc.CoreOutputs):
+                self.load = msg.load
+                self._on_outputs(msg)
+            elif isinstance(msg, ipc.CoreFailed):
+                self._died(f"engine core failed: {msg.message}")
+
+    async def _watch(self, death: asyncio.Future) -> None:
+        await death
+        self._died(f"engine core process exited with code {self.proc.exitcode if self.proc else None}")
+
+    def _died(self, reason: str) -> None:
+        if self.dead_reason is None:
+            self.dead_reason = reason
+            logger.error("%s", reason)
+            self._on_death(reason)
+
+    async def add(self, requests: list[CoreRequest]) -> None:
+        if self.dead_reason:
+            raise EngineDeadError(self.dead_reason)
+        await self._push.send(ipc.encode(ipc.AddRequests(requests)))
+
+    async def abort(self, request_ids: list[str]) -> None:
+        if request_ids and not self.dead_reason:
+            await self._push.send(ipc.encode(ipc.AbortRequests(request_ids)))
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.proc is not None and self.proc.is_alive():
+            await self._push.send(ipc.encode(ipc.Shutdown()))
+            await asyncio.get_running_loop().run_in_executor(None, self.proc.join, timeout)
+            if self.proc.is_alive():
+                self.proc.terminate()
+        self.close()
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.kill()
+        self._push.close(linger=0)
+        self._pull.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,91 @@
+"""The engine-core process: owns the model, the KV cache and the scheduler, and runs
+the busy loop (drain inputs -> step -> send outputs) where request I/O cannot stall it.
+
+Death is loud: an unhandled error is logged, reported to the frontend and the process
+exits non-zero; if the frontend dies, the core notices its parent is gone and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import zmq
+
+from scalellm.engine.config import EngineConfig
+from scalellm.protocol import ipc
+
+logger = logging.getLogger("scalellm.core")
+
+IDLE_POLL_MS = 100
+
+
+def _load(core) -> ipc.EngineLoad:  # type: ignore[no-untyped-def]
+    s = core.stats()
+    sched = core.scheduler
+    in_flight = sum(r.num_tokens for r in sched.running)
+    return ipc.EngineLoad(s.num_running, s.num_waiting, s.num_kv_blocks_used, s.num_kv_blocks_total,
+                          s.num_preemptions, s.prefix_cache_queries, s.prefix_cache_hits, s.num_steps, in_flight)
+
+
+def run_engine_core_process(config: EngineConfig, input_addr: str, output_addr: str, log_level: str = "WARNING") -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
+    parent = os.getppid()
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.connect(input_addr)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(output_addr)
+    try:
+        from scalellm.engine.builder import build_engine_parts
+
+        core = build_engine_parts(config).core
+        push.send(ipc.encode(ipc.CoreReady(_load(core))))
+        _busy_loop(core, pull, push, parent)
+    except Exception as e:  # noqa: BLE001 - report anything, then die loudly
+        logger.exception("engine core failed")
+        try:
+            push.send(ipc.encode(ipc.CoreFailed(f"{type(e).__name__}: {e}")), flags=zmq.NOBLOCK)
+            time.sleep(0.1)
+        finally:
+            sys.exit(1)
+    finally:
+        push.close(linger=500)
+        pull.close(linger=0)
+        ctx.term()
+
+
+def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  # type: ignore[no-untyped-def]
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+    while True:
+        busy = core.has_unfinished_requests()
+        if not busy:
+            if not poller.poll(IDLE_POLL_MS):
+                if os.getppid() != parent:
+                    logger.error("frontend process is gone; exiting")
+                    return
+                continue
+        changed = False
+        while True:
+            try:
+                data = pull.recv(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            msg = ipc.decode_to_core(data)
+            if isinstance(msg, ipc.AddRequests):
+                for req in msg.requests:
+                    core.add_core_request(req)
+            elif isinstance(msg, ipc.AbortRequests):
+                core.abort_requests(msg.request_ids)
+                changed = True
+            elif isinstance(msg, ipc.Shutdown):
+                return
+        if core.has_unfinished_requests():
+            outputs = core.step()
+            push.send(ipc.encode(ipc.CoreOutputs(outputs, _load(core))))
+        elif changed:
+            core.step()  # lets the worker drop aborted requests' state
+            push.send(ipc.encode(ipc.CoreOutputs([], _load(core))))
