@@ -20,10 +20,12 @@ FORBIDDEN = {
     "distributed": {"engine", "worker", "models", "layers", "loader", "entrypoints", "tokenizer"},
     "loader": {"engine", "worker", "entrypoints"},
     "worker": {"engine", "entrypoints"},
-    "engine": {"entrypoints"},
+    "engine": {"entrypoints", "server", "api"},
+    "api": {"engine", "worker", "models", "layers", "loader", "quant", "distributed", "tokenizer", "server", "entrypoints"},
+    "server": {"entrypoints", "worker", "models", "layers"},
 }
 # engine bookkeeping modules never touch tensors
-NO_TORCH = ["engine/request.py", "engine/block_pool.py", "engine/kv_cache_manager.py", "engine/scheduler.py",
+NO_TORCH = ["api", "engine/request.py", "engine/block_pool.py", "engine/kv_cache_manager.py", "engine/scheduler.py",
             "engine/core.py", "engine/config.py", "protocol", "tokenizer", "formats"]
 
 

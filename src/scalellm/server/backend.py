@@ -77,6 +77,10 @@ class EngineBackend:
         t = self._token_text.get(token_id)
         if t is None:
             t = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            if "\ufffd" in t or not t:
+                # NOTE: a lone byte of a multi-byte character decodes to U+FFFD; name it by its
+                # vocabulary entry instead, so logprob keys stay distinct per token.
+                t = self.tokenizer.convert_ids_to_tokens([token_id])[0] or f"<id:{token_id}>"
             self._token_text[token_id] = t
         return t
 

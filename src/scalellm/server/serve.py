@@ -6,8 +6,12 @@ not-ready, fails in-flight requests and exits non-zero."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import uvicorn
@@ -32,6 +36,24 @@ class ServeConfig:
     log_level: str = "WARNING"
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after a graceful shutdown (exit -15); a drained server
+    exits 0 instead, as process supervisors expect."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
 def run_server(engine_config: EngineConfig, serve: ServeConfig) -> int:
     t0 = time.monotonic()
     info = resolve_model_info(engine_config)
@@ -39,7 +61,7 @@ def run_server(engine_config: EngineConfig, serve: ServeConfig) -> int:
     backend = EngineBackend(engine, serve.served_model_name or info.model_name)
     app = OpenAIApp(backend, api_key=serve.api_key)
     exit_code = 0
-    server: uvicorn.Server | None = None
+    server: DrainingServer | None = None
 
     async def start() -> None:
         await engine.start()
@@ -65,7 +87,7 @@ def run_server(engine_config: EngineConfig, serve: ServeConfig) -> int:
     config = uvicorn.Config(app, host=serve.host, port=serve.port, loop="uvloop", http="httptools", lifespan="on",
                             log_level=serve.log_level.lower(), access_log=False,
                             timeout_graceful_shutdown=int(serve.drain_timeout))
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     server.run()
     if not server.started:
         return 1

@@ -1,0 +1,279 @@
+"""The replica server in a real subprocess, driven with the official `openai` client,
+httpx and raw sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: str, *extra: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "scalellm.entrypoints.cli", "serve", "--model", model, "--port", str(self.port),
+             "--dtype", "float32", "--block-size", "4", "--max-model-len", "256", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not become ready")
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics").text
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == name:
+                    return s.value
+        raise KeyError(name)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    s = Server(tiny_models["llama"], "--served-model-name", "tiny")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_health_ready(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/ready").json() == {"ready": True}
+
+
+def test_completion_stream_equals_non_stream(client):
+    kw = dict(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0.9, seed=7,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw)
+    parts = [c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(parts) == full.choices[0].text
+    assert full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 12
+
+
+def test_chat_stream_equals_non_stream_and_usage(server, client):
+    msgs = [{"role": "user", "content": "The quick brown fox"}]
+    kw = dict(model="tiny", messages=msgs, max_tokens=10, temperature=0.7, seed=3)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    tok = httpx.post(f"{server.url}/tokenize", json={"messages": msgs}).json()
+    assert usage.prompt_tokens == tok["count"] == full.usage.prompt_tokens
+    assert usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_n_and_seed(client):
+    kw = dict(model="tiny", prompt="def f(x):", max_tokens=8, temperature=1.0, extra_body={"ignore_eos": True})
+    two = client.completions.create(n=2, seed=11, **kw)
+    assert sorted(c.index for c in two.choices) == [0, 1]
+    again = client.completions.create(n=2, seed=11, **kw)
+    assert [c.text for c in two.choices] == [c.text for c in again.choices]
+    a = client.completions.create(seed=5, **kw).choices[0].text
+    b = client.completions.create(seed=5, **kw).choices[0].text
+    assert a == b
+
+
+def test_stop_strings(client):
+    base = client.completions.create(model="tiny", prompt="The lazy dog", max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = base[4:7]
+    out = client.completions.create(model="tiny", prompt="The lazy dog", max_tokens=16, temperature=0, stop=[stop])
+    assert out.choices[0].text == base[: base.index(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_and_echo(client):
+    out = client.completions.create(model="tiny", prompt="Once upon", max_tokens=4, temperature=0, logprobs=2,
+                                    echo=True, extra_body={"ignore_eos": True})
+    c = out.choices[0]
+    assert c.text.startswith("Once upon")
+    assert len(c.logprobs.tokens) == 4 and all(len(t) == 2 for t in c.logprobs.top_logprobs)
+    for lp, top in zip(c.logprobs.token_logprobs, c.logprobs.top_logprobs):
+        assert lp <= max(top.values()) + 1e-6
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 3 and e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in content)
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "tiny", "prompt": "x", "max_tokens": "a"}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "best_of": 2}, 400, "best_of"),
+    ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 1000}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 99}, 400, "logprobs"),
+    ({"model": "tiny", "prompt": ""}, 400, "prompt"),
+    ({"model": "tiny"}, 400, "prompt"),
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+])
+def test_errors_use_openai_format(server, body, status, param):
+    r = httpx.post(f"{server.url}/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
+    assert err["message"]
+
+
+def test_context_length_error_gives_both_numbers(server):
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1000})
+    err = r.json()["error"]
+    assert "1000" in err["message"] and "256" in err["message"] and err["code"] == "context_length_exceeded"
+
+
+def test_malformed_json_and_chat_errors(server, client):
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                       tools=[{"type": "function", "function": {"name": "f"}}])
+    assert e.value.body["param"] == "tools"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+
+
+def test_bad_request_does_not_hurt_others(server, client):
+    results = {}
+
+    def good():
+        results["good"] = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=20,
+                                                    temperature=0, extra_body={"ignore_eos": True})
+
+    t = threading.Thread(target=good)
+    t.start()
+    for _ in range(10):
+        httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "top_k": -7})
+    t.join()
+    assert results["good"].usage.completion_tokens == 20
+
+
+def test_disconnect_aborts_and_frees_blocks(server):
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        got = 0
+        for line in lines:
+            if line.startswith("data: "):
+                got += 1
+            if got >= 3:
+                break
+        assert server.metric("scalellm_kv_cache_blocks_used") > 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and server.metric("scalellm_kv_cache_blocks_used") > 0:
+        time.sleep(0.05)
+    assert server.metric("scalellm_kv_cache_blocks_used") == 0
+    assert server.metric("scalellm_num_requests_running") == 0
+
+
+def test_metrics_parse(server, client):
+    client.completions.create(model="tiny", prompt="hello", max_tokens=3)
+    text = httpx.get(f"{server.url}/metrics").text
+    names = {f.name for f in text_string_to_metric_families(text)}
+    for n in ["scalellm_requests", "scalellm_time_to_first_token_seconds", "scalellm_time_per_output_token_seconds",
+              "scalellm_e2e_request_latency_seconds", "scalellm_request_queue_time_seconds",
+              "scalellm_prompt_tokens", "scalellm_generation_tokens", "scalellm_num_requests_waiting",
+              "scalellm_kv_cache_usage_ratio", "scalellm_num_preemptions_total", "scalellm_prefix_cache_hits_total"]:
+        assert n in names, n
+    assert server.metric("scalellm_generation_tokens_total") >= 3
+
+
+def test_tokenize_detokenize(server):
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "The quick brown fox"}).json()["tokens"]
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"] == "The quick brown fox"
+
+
+def test_api_key_sigterm_drain_and_queue_full(tiny_models):
+    s = Server(tiny_models["llama"], "--api-key", "sekret", "--max-pending", "1")
+    try:
+        assert httpx.post(f"{s.url}/v1/completions", json={"model": "x"}).status_code == 401
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="sekret", max_retries=0)
+        name = c.models.list().data[0].id
+        results: dict = {}
+        started = threading.Event()
+
+        def long():
+            body = {"model": name, "prompt": "Once upon a time", "max_tokens": 240, "temperature": 0,
+                    "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            lines = []
+            with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60,
+                              headers={"authorization": "Bearer sekret"}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line)
+                        started.set()
+            results["long"] = lines
+
+        t = threading.Thread(target=long)
+        t.start()
+        assert started.wait(30)
+        r = httpx.post(f"{s.url}/v1/completions", json={"model": name, "prompt": "x"},
+                       headers={"authorization": "Bearer sekret"})
+        assert r.status_code == 503 and "retry-after" in r.headers
+        assert r.json()["error"]["code"] == "queue_full"
+        s.proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert results["long"][-1] == "data: [DONE]"
+        assert '"completion_tokens":240' in results["long"][-2]
+        assert s.proc.wait(30) == 0
+    finally:
+        s.stop()
+
+
+def test_engine_death_is_loud(tiny_models):
+    import psutil
+
+    s = Server(tiny_models["llama"])
+    try:
+        core = [p for p in psutil.Process(s.proc.pid).children(recursive=True) if "python" in p.name().lower()]
+        assert core
+        for p in core:
+            os.kill(p.pid, signal.SIGKILL)
+        assert s.proc.wait(30) != 0
+    finally:
+        s.stop()
