@@ -48,6 +48,8 @@ def from_exception(e: BaseException) -> APIError:
     name = type(e).__name__
     if name == "QueueFullError":
         return APIError(503, str(e), "service_unavailable", None, "queue_full", {"retry-after": "1"})
+    if name == "RequestAbortedError":
+        return APIError(499, str(e), "invalid_request_error", None, "request_aborted")
     if name == "EngineDeadError":
         return unavailable(f"the engine is not running: {e}", 5)
     return APIError(500, f"internal error: {name}: {e}", "internal_error")

@@ -93,8 +93,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from scalellm.server.serve import ServeConfig, run_server
 
     engine_config = EngineConfig(model=a.model, **_engine_kwargs(a))
-    serve = ServeConfig(host=a.host, port=a.port, served_model_name=a.served_model_name, api_key=a.api_key,
-                        drain_timeout=a.drain_timeout, max_pending=a.max_pending, log_level=a.log_level)
+    port = None if getattr(a, "no_http", False) else a.port
+    serve = ServeConfig(host=a.host, port=port, grpc_port=a.grpc_port, served_model_name=a.served_model_name,
+                        api_key=a.api_key, drain_timeout=a.drain_timeout, max_pending=a.max_pending,
+                        log_level=a.log_level)
     return run_server(engine_config, serve)
 
 
@@ -114,15 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampling-seed", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true")
     g.set_defaults(func=cmd_generate)
-    s = sub.add_parser("serve", help="serve the OpenAI API (replica: engine process + HTTP frontend)")
-    _add_engine_args(s)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--served-model-name", default=None)
-    s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
-    s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
-    s.add_argument("--max-pending", type=int, default=4096, help="requests in flight before 503 + Retry-After")
-    s.set_defaults(func=cmd_serve)
+    for name, help_text, grpc_default in (
+        ("serve", "serve the OpenAI API (engine process + HTTP frontend, optional gRPC)", None),
+        ("replica", "one replica for use behind the gateway (gRPC, optional HTTP)", 50051),
+    ):
+        s = sub.add_parser(name, help=help_text)
+        _add_engine_args(s)
+        s.add_argument("--host", default="127.0.0.1")
+        s.add_argument("--port", type=int, default=8000, help="HTTP port of the OpenAI API")
+        s.add_argument("--grpc-port", type=int, default=grpc_default, help="gRPC port (Replica service)")
+        if name == "replica":
+            s.add_argument("--no-http", action="store_true", help="serve gRPC only")
+        s.add_argument("--served-model-name", default=None)
+        s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
+        s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")
+        s.add_argument("--max-pending", type=int, default=4096, help="requests in flight before 503 + Retry-After")
+        s.set_defaults(func=cmd_serve)
     c = sub.add_parser("convert-gguf", help="write a GGUF model as an HF directory (config, safetensors, tokenizer)")
     c.add_argument("out_dir")
     c.add_argument("--gguf", default=None, help="GGUF file (default: the embedded model)")

@@ -29,6 +29,10 @@ class QueueFullError(ScaleLLMError):
     """Too many requests waiting; the caller should retry later."""
 
 
+class RequestAbortedError(ScaleLLMError):
+    """The request was aborted by an explicit Abort call."""
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig, info: ModelInfo, max_pending: int = 4096,
                  log_level: str = "WARNING") -> None:
@@ -104,7 +108,7 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         queue = self._queues.pop(request_id, None)
         if queue is not None:
-            queue.put_nowait(asyncio.CancelledError(f"request {request_id} was aborted"))
+            queue.put_nowait(RequestAbortedError(f"request {request_id} was aborted"))
         await self._abort(request_id)
 
     def _on_outputs(self, msg: ipc.CoreOutputs) -> None:

@@ -28,7 +28,8 @@ logger = logging.getLogger("scalellm.serve")
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int | None = 8000  # None: no HTTP (a gRPC-only replica)
+    grpc_port: int | None = None  # None: no gRPC
     served_model_name: str | None = None
     api_key: str | None = None
     drain_timeout: float = 30.0
@@ -55,40 +56,74 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_server(engine_config: EngineConfig, serve: ServeConfig) -> int:
+    """Run one replica until SIGTERM/SIGINT (drain) or engine death (exit 1)."""
+    if serve.port is None and serve.grpc_port is None:
+        raise ValueError("a replica needs an HTTP port, a gRPC port, or both")
     t0 = time.monotonic()
     info = resolve_model_info(engine_config)
     engine = AsyncEngine(engine_config, info, serve.max_pending, serve.log_level)
     backend = EngineBackend(engine, serve.served_model_name or info.model_name)
     app = OpenAIApp(backend, api_key=serve.api_key)
-    exit_code = 0
-    server: DrainingServer | None = None
+    state: dict = {"exit_code": 0, "grpc": None, "stop": None}
 
     async def start() -> None:
         await engine.start()
+        if serve.grpc_port is not None:
+            from scalellm.server.grpc_service import ReplicaService, start_grpc_server
+
+            state["grpc"] = await start_grpc_server(ReplicaService(backend, info.max_model_len), serve.host,
+                                                    serve.grpc_port)
         asyncio.get_running_loop().create_task(watch_engine())
-        logger.warning("ready: serving %s on http://%s:%d in %.1fs", backend.model_names[0], serve.host, serve.port,
+        where = [f"http://{serve.host}:{serve.port}"] if serve.port is not None else []
+        where += [f"grpc://{serve.host}:{serve.grpc_port}"] if serve.grpc_port is not None else []
+        logger.warning("ready: serving %s on %s in %.1fs", backend.model_names[0], ", ".join(where),
                        time.monotonic() - t0)
 
     async def watch_engine() -> None:
-        nonlocal exit_code
         while engine.is_ready:
             await asyncio.sleep(0.1)
-        if server is not None and not server.should_exit:
+        if not app.draining:
             logger.error("engine core died (%s); shutting down", engine.client.dead_reason)
-            exit_code = 1
-            server.should_exit = True
+            state["exit_code"] = 1
+            state["stop"]()
 
     async def stop() -> None:
         app.draining = True
+        if state["grpc"] is not None:
+            await state["grpc"].stop(serve.drain_timeout)
         await engine.shutdown()
 
+    if serve.port is None:
+        return _run_grpc_only(start, stop, state)
     app.on_startup.append(start)
     app.on_shutdown.append(stop)
     config = uvicorn.Config(app, host=serve.host, port=serve.port, loop="uvloop", http="httptools", lifespan="on",
                             log_level=serve.log_level.lower(), access_log=False,
                             timeout_graceful_shutdown=int(serve.drain_timeout))
     server = DrainingServer(config)
+
+    def request_stop() -> None:
+        server.should_exit = True
+
+    state["stop"] = request_stop
     server.run()
     if not server.started:
         return 1
-    return exit_code
+    return state["exit_code"]
+
+
+def _run_grpc_only(start, stop, state: dict) -> int:  # type: ignore[no-untyped-def]
+    import uvloop
+
+    async def main() -> None:
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        state["stop"] = done.set
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, done.set)
+        await start()
+        await done.wait()
+        await stop()
+
+    uvloop.run(main())
+    return state["exit_code"]
