@@ -64,6 +64,8 @@ def test_generate_stream_matches_http(replica):
     assert last.choices[-1].finish_reason == "length"
     assert responses[0].prompt_text == "Once upon a time"
     assert last.timings.e2e > 0 and last.timings.ttft > 0
+    ts = last.timestamps
+    assert 0 < ts.received <= ts.queued <= ts.first_scheduled <= ts.first_token <= ts.finished <= time.time()
     http = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 10,
                                                      "temperature": 0.8, "seed": 3, "ignore_eos": True}).json()
     assert http["choices"][0]["text"] == text

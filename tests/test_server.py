@@ -270,10 +270,31 @@ def test_engine_death_is_loud(tiny_models):
 
     s = Server(tiny_models["llama"])
     try:
+        lines: list[str] = []
+        started = threading.Event()
+
+        def stream():
+            body = {"model": "x", "prompt": "Once upon a time", "max_tokens": 240, "stream": True, "ignore_eos": True}
+            body["model"] = httpx.get(f"{s.url}/v1/models").json()["data"][0]["id"]
+            with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=30) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line)
+                        started.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert started.wait(30)
         core = [p for p in psutil.Process(s.proc.pid).children(recursive=True) if "python" in p.name().lower()]
         assert core
+        t0 = time.monotonic()
         for p in core:
             os.kill(p.pid, signal.SIGKILL)
+        t.join(30)
+        # the in-flight stream ends with an OpenAI-style error event, then [DONE]
+        assert any('"error"' in line and "engine" in line for line in lines), lines[-3:]
+        assert lines[-1] == "data: [DONE]"
         assert s.proc.wait(30) != 0
+        assert time.monotonic() - t0 < 10
     finally:
         s.stop()

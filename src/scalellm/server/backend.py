@@ -102,18 +102,23 @@ class EngineBackend:
 
 
 def _timings(out: RequestOutput) -> dict[str, float]:
+    """Durations (seconds since arrival) and unix timestamps (`*_unix`) of a finished request."""
     m = out.metrics
     if m is None:
         return {}
+    to_unix = time.time() - time.monotonic()  # CLOCK_MONOTONIC is shared by the core process
     t: dict[str, float] = {}
     end = m.finished_time or time.monotonic()
     t["e2e"] = end - m.arrival_time
+    t["queued_unix"] = m.arrival_time + to_unix
+    t["finished_unix"] = end + to_unix
     if m.first_scheduled_time is not None:
         t["queue"] = m.first_scheduled_time - m.arrival_time
+        t["first_scheduled_unix"] = m.first_scheduled_time + to_unix
     if m.first_token_time is not None:
         t["ttft"] = m.first_token_time - m.arrival_time
+        t["first_token_unix"] = m.first_token_time + to_unix
         n = max(len(c.token_ids) for c in out.outputs)
         if n > 1:
             t["tpot"] = (end - m.first_token_time) / (n - 1)
     return t
-

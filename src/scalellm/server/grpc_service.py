@@ -46,7 +46,7 @@ def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def chunk_to_proto(chunk: GenerateChunk, include_prompt: bool) -> pb.GenerateResponse:
+def chunk_to_proto(chunk: GenerateChunk, include_prompt: bool, received_unix: float = 0.0) -> pb.GenerateResponse:
     choices = []
     for c in chunk.choices:
         choice = pb.Choice(index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason or "")
@@ -66,6 +66,10 @@ def chunk_to_proto(chunk: GenerateChunk, include_prompt: bool) -> pb.GenerateRes
                                                   tpot=t.get("tpot", 0.0), e2e=t.get("e2e", 0.0)))
     if include_prompt and chunk.prompt_text is not None:
         resp.prompt_text = chunk.prompt_text
+    if chunk.finished:
+        resp.timestamps.CopyFrom(pb.Timestamps(
+            received=received_unix, queued=t.get("queued_unix", 0.0), first_scheduled=t.get("first_scheduled_unix", 0.0),
+            first_token=t.get("first_token_unix", 0.0), finished=t.get("finished_unix", 0.0)))
     return resp
 
 
@@ -76,6 +80,7 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         self.max_model_len = max_model_len
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        received = time.time()
         if request.model and request.model not in self.backend.model_names:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} not found")
         which = request.WhichOneof("input")
@@ -107,7 +112,7 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         try:
             async with asyncio.timeout(timeout):
                 async for chunk in stream:
-                    yield chunk_to_proto(chunk, request.include_prompt_text)
+                    yield chunk_to_proto(chunk, request.include_prompt_text, received)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request deadline passed; aborted")
         except RequestAbortedError as e:

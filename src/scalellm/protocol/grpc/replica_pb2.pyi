@@ -140,21 +140,37 @@ class Timings(_message.Message):
     e2e: float
     def __init__(self, queue: _Optional[float] = ..., ttft: _Optional[float] = ..., tpot: _Optional[float] = ..., e2e: _Optional[float] = ...) -> None: ...
 
+class Timestamps(_message.Message):
+    __slots__ = ("received", "queued", "first_scheduled", "first_token", "finished")
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SCHEDULED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    received: float
+    queued: float
+    first_scheduled: float
+    first_token: float
+    finished: float
+    def __init__(self, received: _Optional[float] = ..., queued: _Optional[float] = ..., first_scheduled: _Optional[float] = ..., first_token: _Optional[float] = ..., finished: _Optional[float] = ...) -> None: ...
+
 class GenerateResponse(_message.Message):
-    __slots__ = ("choices", "prompt_tokens", "completion_tokens", "finished", "timings", "prompt_text")
+    __slots__ = ("choices", "prompt_tokens", "completion_tokens", "finished", "timings", "prompt_text", "timestamps")
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
     choices: _containers.RepeatedCompositeFieldContainer[Choice]
     prompt_tokens: int
     completion_tokens: int
     finished: bool
     timings: Timings
     prompt_text: str
-    def __init__(self, choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finished: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prompt_text: _Optional[str] = ...) -> None: ...
+    timestamps: Timestamps
+    def __init__(self, choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finished: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prompt_text: _Optional[str] = ..., timestamps: _Optional[_Union[Timestamps, _Mapping]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
