@@ -22,10 +22,12 @@ FORBIDDEN = {
     "worker": {"engine", "entrypoints"},
     "engine": {"entrypoints", "server", "api"},
     "api": {"engine", "worker", "models", "layers", "loader", "quant", "distributed", "tokenizer", "server", "entrypoints"},
-    "server": {"entrypoints", "worker", "models", "layers"},
+    "server": {"entrypoints", "worker", "models", "layers", "gateway"},
+    "gateway": {"engine", "worker", "models", "layers", "loader", "quant", "distributed", "tokenizer", "server",
+                "entrypoints"},
 }
 # engine bookkeeping modules never touch tensors
-NO_TORCH = ["api", "engine/request.py", "engine/block_pool.py", "engine/kv_cache_manager.py", "engine/scheduler.py",
+NO_TORCH = ["api", "gateway", "engine/request.py", "engine/block_pool.py", "engine/kv_cache_manager.py", "engine/scheduler.py",
             "engine/core.py", "engine/config.py", "protocol", "tokenizer", "formats"]
 
 

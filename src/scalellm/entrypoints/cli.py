@@ -100,6 +100,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return run_server(engine_config, serve)
 
 
+def cmd_gateway(a: argparse.Namespace) -> int:
+    from scalellm.gateway.serve import GatewayConfig, run_gateway
+
+    return run_gateway(GatewayConfig(replicas=a.replica, host=a.host, port=a.port, policy=a.policy,
+                                     api_key=a.api_key, max_retries=a.max_retries, drain_timeout=a.drain_timeout,
+                                     log_level=a.log_level))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalellm", description="ScaleLLM: end-to-end LLM serving")
     parser.add_argument("--log-level", default="WARNING")
@@ -132,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")
         s.add_argument("--max-pending", type=int, default=4096, help="requests in flight before 503 + Retry-After")
         s.set_defaults(func=cmd_serve)
+    gw = sub.add_parser("gateway", help="OpenAI front routing over replicas' gRPC services (no torch)")
+    gw.add_argument("--replica", action="append", default=[], help="HOST:PORT of a replica's gRPC service (repeat)")
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8000)
+    gw.add_argument("--policy", default="least_load",
+                    choices=["round_robin", "least_load", "power_of_two", "prefix_affinity"])
+    gw.add_argument("--api-key", default=None)
+    gw.add_argument("--max-retries", type=int, default=2, help="retries on another replica before the first token")
+    gw.add_argument("--drain-timeout", type=float, default=30.0)
+    gw.set_defaults(func=cmd_gateway)
     c = sub.add_parser("convert-gguf", help="write a GGUF model as an HF directory (config, safetensors, tokenizer)")
     c.add_argument("out_dir")
     c.add_argument("--gguf", default=None, help="GGUF file (default: the embedded model)")

@@ -136,7 +136,8 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         return pb.LoadResponse(num_running=ld.num_running, num_waiting=ld.num_waiting,
                                kv_blocks_used=ld.num_kv_blocks_used, kv_blocks_total=ld.num_kv_blocks_total,
                                tokens_in_flight=ld.num_tokens_in_flight, prefix_cache_hit_rate=rate,
-                               frontend_requests=self.engine.num_requests, num_preemptions=ld.num_preemptions)
+                               frontend_requests=self.engine.num_requests, num_preemptions=ld.num_preemptions,
+                               num_steps=ld.num_steps, prefix_cache_queries=ld.prefix_cache_queries)
 
     async def Load(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadResponse:
         return self._load()

@@ -6,17 +6,15 @@ not-ready, fails in-flight requests and exits non-zero."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import uvicorn
 
 from scalellm.api.app import OpenAIApp
+from scalellm.api.uvicorn_server import DrainingServer
 from scalellm.engine.builder import resolve_model_info
 from scalellm.engine.config import EngineConfig
 from scalellm.server.async_engine import AsyncEngine
@@ -35,24 +33,6 @@ class ServeConfig:
     drain_timeout: float = 30.0
     max_pending: int = 4096
     log_level: str = "WARNING"
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn re-raises SIGTERM after a graceful shutdown (exit -15); a drained server
-    exits 0 instead, as process supervisors expect."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        sigs = (signal.SIGINT, signal.SIGTERM)
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
 
 
 def run_server(engine_config: EngineConfig, serve: ServeConfig) -> int:

@@ -203,7 +203,7 @@ class LoadRequest(_message.Message):
     def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
 
 class LoadResponse(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "tokens_in_flight", "prefix_cache_hit_rate", "frontend_requests", "num_preemptions")
+    __slots__ = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "tokens_in_flight", "prefix_cache_hit_rate", "frontend_requests", "num_preemptions", "num_steps", "prefix_cache_queries")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,8 @@ class LoadResponse(_message.Message):
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     FRONTEND_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     kv_blocks_used: int
@@ -220,7 +222,9 @@ class LoadResponse(_message.Message):
     prefix_cache_hit_rate: float
     frontend_requests: int
     num_preemptions: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., frontend_requests: _Optional[int] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
+    num_steps: int
+    prefix_cache_queries: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., frontend_requests: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ...) -> None: ...
 
 class ModelsRequest(_message.Message):
     __slots__ = ()

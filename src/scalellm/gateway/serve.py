@@ -1,0 +1,66 @@
+"""`scalellm gateway`: the OpenAI HTTP front (shared scalellm.api app) over gRPC
+channels to replicas, with a routing policy. Drains on SIGTERM like the replica."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from scalellm.api.app import OpenAIApp
+from scalellm.api.uvicorn_server import DrainingServer
+from scalellm.gateway.backend import GatewayBackend
+from scalellm.gateway.replica_client import ReplicaClient
+from scalellm.gateway.routing import make_policy
+
+logger = logging.getLogger("scalellm.gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    replicas: list[str] = field(default_factory=list)  # host:port of each replica's gRPC service
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy: str = "least_load"
+    api_key: str | None = None
+    max_retries: int = 2
+    drain_timeout: float = 30.0
+    log_level: str = "WARNING"
+
+
+def build_app(config: GatewayConfig) -> tuple[OpenAIApp, GatewayBackend]:
+    if not config.replicas:
+        raise ValueError("the gateway needs at least one --replica HOST:PORT")
+    clients = [ReplicaClient(addr) for addr in config.replicas]
+    backend = GatewayBackend(clients, make_policy(config.policy), config.max_retries)
+    app = OpenAIApp(backend, api_key=config.api_key)
+
+    async def start() -> None:
+        for c in clients:
+            await c.start()
+        for _ in range(600):  # wait (up to 60 s) for the first replica to report in
+            if backend.is_ready():
+                break
+            await asyncio.sleep(0.1)
+        logger.warning("gateway on http://%s:%d routing %s over %d replicas (%d healthy)", config.host, config.port,
+                       config.policy, len(clients), sum(c.healthy for c in clients))
+
+    async def stop() -> None:
+        app.draining = True
+        for c in clients:
+            await c.close()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+    return app, backend
+
+
+def run_gateway(config: GatewayConfig) -> int:
+    app, _ = build_app(config)
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, loop="uvloop", http="httptools",
+                                           lifespan="on", log_level=config.log_level.lower(), access_log=False,
+                                           timeout_graceful_shutdown=int(config.drain_timeout)))
+    server.run()
+    return 0 if server.started else 1

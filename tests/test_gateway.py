@@ -1,0 +1,118 @@
+"""The gateway in front of two real replicas (subprocesses), over gRPC."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from scalellm.protocol.grpc import replica_pb2 as pb
+from scalellm.protocol.grpc import replica_pb2_grpc as pb_grpc
+from test_server import _free_port
+
+
+def _start_replica(model: str) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scalellm.entrypoints.cli", "replica", "--model", model, "--no-http",
+         "--grpc-port", str(port), "--dtype", "float32", "--block-size", "4", "--max-model-len", "256",
+         "--served-model-name", "tiny"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return proc, port
+
+
+def _wait_grpc(port: int, proc: subprocess.Popen) -> None:
+    stub = pb_grpc.ReplicaStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read())
+        try:
+            if stub.Health(pb.HealthRequest(), timeout=1).ready:
+                return
+        except grpc.RpcError:
+            time.sleep(0.2)
+    raise RuntimeError("replica not ready")
+
+
+def _load(port: int) -> pb.LoadResponse:
+    return pb_grpc.ReplicaStub(grpc.insecure_channel(f"127.0.0.1:{port}")).Load(pb.LoadRequest(), timeout=5)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_models):
+    replicas = [_start_replica(tiny_models["llama"]) for _ in range(2)]
+    for proc, port in replicas:
+        _wait_grpc(port, proc)
+    gw_port = _free_port()
+    cmd = [sys.executable, "-m", "scalellm.entrypoints.cli", "gateway", "--port", str(gw_port),
+           "--policy", "round_robin"]
+    for _, port in replicas:
+        cmd += ["--replica", f"127.0.0.1:{port}"]
+    gw = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{gw_port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    yield {"url": url, "gateway": gw, "replicas": replicas}
+    for proc in [gw] + [p for p, _ in replicas]:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in [gw] + [p for p, _ in replicas]:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_gateway_never_imports_torch():
+    code = ("import sys; import scalellm.gateway.serve, scalellm.entrypoints.cli; "
+            "bad=[m for m in sys.modules if m.split('.')[0]=='torch' or m.startswith(('scalellm.engine','scalellm.server'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_round_robin_spreads_and_matches_direct(cluster):
+    client = openai.OpenAI(base_url=f"{cluster['url']}/v1", api_key="x", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    before = [_load(port).prefix_cache_queries for _, port in cluster["replicas"]]
+    outs = [client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True}) for _ in range(4)]
+    after = [_load(port).prefix_cache_queries for _, port in cluster["replicas"]]
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+    assert len({o.choices[0].text for o in outs}) == 1
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_errors_pass_through(cluster):
+    r = httpx.post(f"{cluster['url']}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(f"{cluster['url']}/v1/completions", json={"model": "tiny", "prompt": "x", "top_p": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_p"
+    r = httpx.post(f"{cluster['url']}/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404
+
+
+def test_replica_death_loses_no_request(cluster):
+    client = openai.OpenAI(base_url=f"{cluster['url']}/v1", api_key="x", max_retries=0)
+    victim, _ = cluster["replicas"][0]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(10)
+    outs = [client.completions.create(model="tiny", prompt=f"Once upon a time {i}", max_tokens=4, temperature=0)
+            for i in range(6)]
+    assert all(o.usage.completion_tokens >= 1 for o in outs)
+    assert httpx.get(f"{cluster['url']}/ready").status_code == 200
