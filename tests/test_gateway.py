@@ -116,3 +116,53 @@ def test_replica_death_loses_no_request(cluster):
             for i in range(6)]
     assert all(o.usage.completion_tokens >= 1 for o in outs)
     assert httpx.get(f"{cluster['url']}/ready").status_code == 200
+
+
+def test_serve_with_replicas_supervises_and_drains(tiny_models):
+    import psutil
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scalellm.entrypoints.cli", "serve", "--replicas", "2", "--model", tiny_models["llama"],
+         "--port", str(port), "--dtype", "float32", "--block-size", "4", "--max-model-len", "256",
+         "--served-model-name", "tiny"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> float:
+        for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+            for s in fam.samples:
+                if s.name == "scalellm_gateway_replicas_healthy":
+                    return s.value
+        return -1
+
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200 and healthy() == 2:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        assert healthy() == 2
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200
+        replicas = [p for p in psutil.Process(proc.pid).children() if "replica" in " ".join(p.cmdline())]
+        assert len(replicas) == 2
+        os.kill(replicas[0].pid, signal.SIGKILL)
+        time.sleep(1.5)
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200  # served by the survivor
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and healthy() != 2:
+            time.sleep(0.3)
+        assert healthy() == 2  # the supervisor restarted it
+        children = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        time.sleep(0.5)
+        assert not [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

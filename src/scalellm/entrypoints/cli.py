@@ -88,7 +88,28 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def _replica_args(a: argparse.Namespace) -> list[str]:
+    """Engine flags to pass on to `scalellm replica` processes."""
+    out = ["--dtype", a.dtype, "--device", a.device, "--max-num-batched-tokens", str(a.max_num_batched_tokens),
+           "--max-num-seqs", str(a.max_num_seqs), "--block-size", str(a.block_size),
+           "--kv-cache-memory", str(a.kv_cache_memory), "--seed", str(a.seed), "--drain-timeout", str(a.drain_timeout)]
+    for flag, value in (("--model", a.model), ("--max-model-len", a.max_model_len),
+                        ("--served-model-name", a.served_model_name)):
+        if value is not None:
+            out += [flag, str(value)]
+    if a.no_prefix_caching:
+        out.append("--no-prefix-caching")
+    return out
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
+    if getattr(a, "replicas", 1) > 1:
+        from scalellm.gateway.launcher import ReplicaGroup
+        from scalellm.gateway.serve import GatewayConfig, run_gateway
+
+        group = ReplicaGroup(a.replicas, _replica_args(a))
+        return run_gateway(GatewayConfig(host=a.host, port=a.port, policy=a.policy, api_key=a.api_key,
+                                         drain_timeout=a.drain_timeout, log_level=a.log_level), group)
     from scalellm.engine.config import EngineConfig
     from scalellm.server.serve import ServeConfig, run_server
 
@@ -135,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--grpc-port", type=int, default=grpc_default, help="gRPC port (Replica service)")
         if name == "replica":
             s.add_argument("--no-http", action="store_true", help="serve gRPC only")
+        else:
+            s.add_argument("--replicas", type=int, default=1,
+                           help="N > 1: a gateway in front of N local replica processes")
+            s.add_argument("--policy", default="least_load",
+                           choices=["round_robin", "least_load", "power_of_two", "prefix_affinity"])
         s.add_argument("--served-model-name", default=None)
         s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
         s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")

@@ -12,6 +12,7 @@ import uvicorn
 from scalellm.api.app import OpenAIApp
 from scalellm.api.uvicorn_server import DrainingServer
 from scalellm.gateway.backend import GatewayBackend
+from scalellm.gateway.launcher import ReplicaGroup
 from scalellm.gateway.replica_client import ReplicaClient
 from scalellm.gateway.routing import make_policy
 
@@ -30,7 +31,7 @@ class GatewayConfig:
     log_level: str = "WARNING"
 
 
-def build_app(config: GatewayConfig) -> tuple[OpenAIApp, GatewayBackend]:
+def build_app(config: GatewayConfig, group: ReplicaGroup | None = None) -> tuple[OpenAIApp, GatewayBackend]:
     if not config.replicas:
         raise ValueError("the gateway needs at least one --replica HOST:PORT")
     clients = [ReplicaClient(addr) for addr in config.replicas]
@@ -38,9 +39,11 @@ def build_app(config: GatewayConfig) -> tuple[OpenAIApp, GatewayBackend]:
     app = OpenAIApp(backend, api_key=config.api_key)
 
     async def start() -> None:
+        if group is not None:
+            group.start_supervising()
         for c in clients:
             await c.start()
-        for _ in range(600):  # wait (up to 60 s) for the first replica to report in
+        for _ in range(600 if group is None else 3000):  # wait for the first replica to report in
             if backend.is_ready():
                 break
             await asyncio.sleep(0.1)
@@ -51,14 +54,29 @@ def build_app(config: GatewayConfig) -> tuple[OpenAIApp, GatewayBackend]:
         app.draining = True
         for c in clients:
             await c.close()
+        if group is not None:
+            await asyncio.get_running_loop().run_in_executor(None, group.stop, config.drain_timeout)
 
     app.on_startup.append(start)
     app.on_shutdown.append(stop)
     return app, backend
 
 
-def run_gateway(config: GatewayConfig) -> int:
-    app, _ = build_app(config)
+def run_gateway(config: GatewayConfig, group: ReplicaGroup | None = None) -> int:
+    """Serve until SIGTERM. With `group`, its local replicas start first and stop last."""
+    if group is not None:
+        group.start()
+        config = GatewayConfig(**{**{f: getattr(config, f) for f in config.__dataclass_fields__},
+                                  "replicas": group.addresses})
+    try:
+        return _serve(config, group)
+    finally:
+        if group is not None:
+            group.stop(config.drain_timeout)
+
+
+def _serve(config: GatewayConfig, group: ReplicaGroup | None) -> int:
+    app, _ = build_app(config, group)
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, loop="uvloop", http="httptools",
                                            lifespan="on", log_level=config.log_level.lower(), access_log=False,
                                            timeout_graceful_shutdown=int(config.drain_timeout)))
