@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -166,3 +167,57 @@ def test_serve_with_replicas_supervises_and_drains(tiny_models):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_stream_resumes_on_another_replica(tiny_models):
+    """SIGKILL the replica serving a greedy stream: the client still gets one uninterrupted
+    stream whose text equals an uninterrupted run."""
+    import psutil
+
+    replicas = [_start_replica(tiny_models["llama"]) for _ in range(2)]
+    for proc, port in replicas:
+        _wait_grpc(port, proc)
+    gw_port = _free_port()
+    cmd = [sys.executable, "-m", "scalellm.entrypoints.cli", "gateway", "--port", str(gw_port), "--policy", "least_load"]
+    for _, port in replicas:
+        cmd += ["--replica", f"127.0.0.1:{port}"]
+    gw = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{gw_port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        ref_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        reference = httpx.post(f"{url}/v1/completions", json=ref_body, timeout=60).json()
+        texts, usage = [], None
+        killed = False
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                if chunk["choices"]:
+                    texts.append(chunk["choices"][0]["text"])
+                if len(texts) == 5 and not killed:
+                    busy = [p for p, port in replicas if _load(port).num_running > 0]
+                    assert len(busy) == 1
+                    psutil.Process(busy[0].pid).kill()
+                    killed = True
+        assert killed
+        assert "".join(texts) == reference["choices"][0]["text"]
+        assert usage["completion_tokens"] == 200 and usage["prompt_tokens"] == reference["usage"]["prompt_tokens"]
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "scalellm_gateway_resumed_streams_total 1.0" in metrics
+    finally:
+        for proc in [gw] + [p for p, _ in replicas]:
+            if proc.poll() is None:
+                proc.kill()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
@@ -48,6 +49,7 @@ class GatewayBackend:
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.num_retries = 0
+        self.num_resumed = 0
 
     @property
     def model_names(self) -> list[str]:
@@ -66,6 +68,7 @@ class GatewayBackend:
             "gateway_replicas_total": len(self.replicas),
             "gateway_requests_in_flight": sum(r.in_flight for r in self.replicas),
             "gateway_retries_total": self.num_retries,
+            "gateway_resumed_streams_total": self.num_resumed,
             "num_requests_running": sum(r.load.num_running for r in healthy),
             "num_requests_waiting": sum(r.load.num_waiting for r in healthy),
             "kv_cache_blocks_used": sum(r.load.kv_blocks_used for r in healthy),
@@ -75,8 +78,8 @@ class GatewayBackend:
     def _candidates(self, call: GenerateCall, tried: set[str]) -> list[ReplicaClient]:
         return [r for r in self.replicas if r.healthy and r.address not in tried and call.model in r.models]
 
-    async def generate(self, call: GenerateCall) -> AsyncIterator[GenerateChunk]:
-        tried: set[str] = set()
+    async def _open(self, call: GenerateCall, tried: set[str]) -> tuple[GenerateChunk, AsyncIterator[GenerateChunk], ReplicaClient]:
+        """Start the call on a replica, retrying on others until one yields its first chunk."""
         last_error: Exception | None = None
         for attempt in range(self.max_retries + 1):
             candidates = self._candidates(call, tried)
@@ -86,7 +89,7 @@ class GatewayBackend:
             tried.add(replica.address)
             stream = replica.generate(call)
             try:
-                first = await stream.__anext__()
+                return await stream.__anext__(), stream, replica
             except grpc.aio.AioRpcError as e:
                 await stream.aclose()
                 err = _to_error(e)
@@ -98,19 +101,65 @@ class GatewayBackend:
                 self.num_retries += 1
                 logger.warning("replica %s failed before the first token (%s); retrying", replica.address, e.code())
                 await asyncio.sleep(self.retry_backoff * (2**attempt))
-                continue
-            return self._rest(first, stream)
         raise NoReplicaError(f"no replica could take the request ({last_error or 'none healthy'})")
 
-    async def _rest(self, first: GenerateChunk, stream: AsyncIterator[GenerateChunk]) -> AsyncIterator[GenerateChunk]:
+    async def generate(self, call: GenerateCall) -> AsyncIterator[GenerateChunk]:
+        tried: set[str] = set()
+        first, stream, replica = await self._open(call, tried)
+        return self._rest(call, first, stream, replica, tried)
+
+    async def _rest(self, call: GenerateCall, first: GenerateChunk, stream: AsyncIterator[GenerateChunk],
+                    replica: ReplicaClient, tried: set[str]) -> AsyncIterator[GenerateChunk]:
+        """Relay chunks; if the replica is lost mid-stream (n == 1), resume on another replica
+        from prompt + tokens produced so far, so the client sees one uninterrupted stream."""
+        prompt_ids = first.prompt_token_ids
+        num_prompt = first.num_prompt_tokens
+        produced: list[int] = []
+        chunk: GenerateChunk | None = first
         try:
-            yield first
-            async for chunk in stream:
+            while True:
+                try:
+                    if chunk is None:
+                        chunk = await stream.__anext__()
+                except StopAsyncIteration:
+                    return
+                except grpc.aio.AioRpcError as e:
+                    resumable = (e.code() in _RETRYABLE or e.code() == grpc.StatusCode.CANCELLED) and \
+                        call.params.n == 1 and prompt_ids is not None
+                    if not resumable:
+                        raise _to_error(e) from None
+                    replica.healthy = e.code() != grpc.StatusCode.UNAVAILABLE and replica.healthy
+                    await stream.aclose()
+                    cont = self._continuation(call, prompt_ids, produced)
+                    if cont is None:
+                        return
+                    self.num_resumed += 1
+                    logger.warning("replica %s lost mid-stream after %d tokens (%s); resuming",
+                                   replica.address, len(produced), e.code())
+                    chunk, stream, replica = await self._open(cont, tried)
+                    continue
+                for c in chunk.choices:
+                    produced.extend(c.token_ids)
+                if produced and chunk.num_prompt_tokens != num_prompt:  # a resumed stream: report as one
+                    chunk.num_completion_tokens = len(produced)
+                    chunk.num_prompt_tokens = num_prompt
+                    chunk.prompt_text = None
                 yield chunk
-        except grpc.aio.AioRpcError as e:
-            raise _to_error(e) from None
+                if chunk.finished:
+                    return
+                chunk = None
         finally:
             await stream.aclose()
+
+    def _continuation(self, call: GenerateCall, prompt_ids: list[int], produced: list[int]) -> GenerateCall | None:
+        p = call.params
+        if p.max_tokens is not None and len(produced) >= p.max_tokens:
+            return None
+        params = replace(p, max_tokens=None if p.max_tokens is None else p.max_tokens - len(produced),
+                         min_tokens=max(p.min_tokens - len(produced), 0))
+        # NOTE: exact for greedy; a seeded request restarts its generator (not yet exact).
+        return GenerateCall(f"{call.request_id}-resume{self.num_resumed}", call.model, params,
+                            prompt=list(prompt_ids) + produced, priority=call.priority)
 
     async def tokenize(self, prompt: str | None, messages: list[dict] | None, add_special_tokens: bool) -> list[int]:
         healthy = [r for r in self.replicas if r.healthy]

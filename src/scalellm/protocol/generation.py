@@ -48,3 +48,4 @@ class GenerateChunk:
     num_completion_tokens: int  # cumulative over all choices
     finished: bool
     timings: dict[str, float] = field(default_factory=dict)  # seconds: queue, prefill, decode, e2e
+    prompt_token_ids: list[int] | None = None  # on the first chunk (lets the gateway resume a stream)

@@ -69,7 +69,8 @@ class EngineBackend:
                     sent_prompt = True
                 yield GenerateChunk(choices, prompt_text, len(out.prompt_token_ids),
                                     sum(len(c.token_ids) for c in out.outputs), out.finished,
-                                    _timings(out) if out.finished else {})
+                                    _timings(out) if out.finished else {},
+                                    list(out.prompt_token_ids) if prompt_text is not None else None)
         finally:
             await outputs.aclose()
 

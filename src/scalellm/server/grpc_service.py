@@ -46,7 +46,8 @@ def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def chunk_to_proto(chunk: GenerateChunk, include_prompt: bool, received_unix: float = 0.0) -> pb.GenerateResponse:
+def chunk_to_proto(chunk: GenerateChunk, include_prompt: bool, received_unix: float = 0.0,
+                   include_prompt_ids: bool = False) -> pb.GenerateResponse:
     choices = []
     for c in chunk.choices:
         choice = pb.Choice(index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason or "")
@@ -66,6 +67,8 @@ def chunk_to_proto(chunk: GenerateChunk, include_prompt: bool, received_unix: fl
                                                   tpot=t.get("tpot", 0.0), e2e=t.get("e2e", 0.0)))
     if include_prompt and chunk.prompt_text is not None:
         resp.prompt_text = chunk.prompt_text
+    if include_prompt_ids and chunk.prompt_token_ids is not None:
+        resp.prompt_token_ids.extend(chunk.prompt_token_ids)
     if chunk.finished:
         resp.timestamps.CopyFrom(pb.Timestamps(
             received=received_unix, queued=t.get("queued_unix", 0.0), first_scheduled=t.get("first_scheduled_unix", 0.0),
@@ -112,7 +115,7 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         try:
             async with asyncio.timeout(timeout):
                 async for chunk in stream:
-                    yield chunk_to_proto(chunk, request.include_prompt_text, received)
+                    yield chunk_to_proto(chunk, request.include_prompt_text, received, request.include_prompt_token_ids)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request deadline passed; aborted")
         except RequestAbortedError as e:

@@ -65,7 +65,7 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "prompt_token_ids", "messages", "params", "priority", "deadline_unix", "add_generation_prompt", "include_prompt_text")
+    __slots__ = ("request_id", "model", "prompt", "prompt_token_ids", "messages", "params", "priority", "deadline_unix", "add_generation_prompt", "include_prompt_text", "include_prompt_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class GenerateRequest(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -86,7 +87,8 @@ class GenerateRequest(_message.Message):
     deadline_unix: float
     add_generation_prompt: bool
     include_prompt_text: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., add_generation_prompt: _Optional[bool] = ..., include_prompt_text: _Optional[bool] = ...) -> None: ...
+    include_prompt_token_ids: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., add_generation_prompt: _Optional[bool] = ..., include_prompt_text: _Optional[bool] = ..., include_prompt_token_ids: _Optional[bool] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "token", "logprob")
@@ -155,7 +157,7 @@ class Timestamps(_message.Message):
     def __init__(self, received: _Optional[float] = ..., queued: _Optional[float] = ..., first_scheduled: _Optional[float] = ..., first_token: _Optional[float] = ..., finished: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("choices", "prompt_tokens", "completion_tokens", "finished", "timings", "prompt_text", "timestamps")
+    __slots__ = ("choices", "prompt_tokens", "completion_tokens", "finished", "timings", "prompt_text", "timestamps", "prompt_token_ids")
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +165,7 @@ class GenerateResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     choices: _containers.RepeatedCompositeFieldContainer[Choice]
     prompt_tokens: int
     completion_tokens: int
@@ -170,7 +173,8 @@ class GenerateResponse(_message.Message):
     timings: Timings
     prompt_text: str
     timestamps: Timestamps
-    def __init__(self, choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finished: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prompt_text: _Optional[str] = ..., timestamps: _Optional[_Union[Timestamps, _Mapping]] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finished: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prompt_text: _Optional[str] = ..., timestamps: _Optional[_Union[Timestamps, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
