@@ -9,6 +9,7 @@ the backend's iterator, which aborts the request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -269,37 +270,43 @@ class OpenAIApp:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         totals: dict[int, tuple[int, int]] = {}
         first: set = set()
-        disconnected = asyncio.ensure_future(_wait_disconnect(receive))
-        try:
-            while True:
-                nxt = asyncio.ensure_future(items.__anext__())
-                done, _ = await asyncio.wait({nxt, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-                if disconnected in done:
-                    nxt.cancel()
-                    return 499
-                try:
-                    item = nxt.result()
-                except StopAsyncIteration:
-                    break
-                except Exception as e:  # noqa: BLE001 - mid-stream failure: an error event, then [DONE]
-                    err = from_exception(e)
-                    await _sse(send, {"error": {"message": err.message, "type": err.type, "param": err.param,
-                                                "code": err.code}})
-                    break
-                base, chunk = item
-                if chunk.finished:
-                    totals[base] = (chunk.num_prompt_tokens, chunk.num_completion_tokens)
-                    self.metrics.observe_chunk_timings(chunk)
-                for body in render(item, first):
-                    if include_usage:
-                        body["usage"] = None
-                    await _sse(send, body)
+
+        async def pump() -> None:
+            try:
+                async for item in items:
+                    base, chunk = item
+                    if chunk.finished:
+                        totals[base] = (chunk.num_prompt_tokens, chunk.num_completion_tokens)
+                        self.metrics.observe_chunk_timings(chunk)
+                    for body in render(item, first):
+                        if include_usage:
+                            body["usage"] = None
+                        await _sse(send, body)
+            except Exception as e:  # noqa: BLE001 - mid-stream failure: an error event, then [DONE]
+                err = from_exception(e)
+                await _sse(send, {"error": {"message": err.message, "type": err.type, "param": err.param,
+                                            "code": err.code}})
+                return
             if include_usage:
                 p = sum(v[0] for v in totals.values())
                 c = sum(v[1] for v in totals.values())
                 self.metrics.tokens(p, c)
                 await _sse(send, {"id": rid, "object": obj, "created": R.created(), "model": req.model,
                                   "choices": [], "usage": R.usage(p, c)})
+
+        # NOTE: one watcher task per request (not a task per chunk) races the stream
+        # against the client's disconnect; a disconnect cancels the pump, whose
+        # generators' finally blocks abort the request upstream.
+        pump_task = asyncio.ensure_future(pump())
+        disconnected = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({pump_task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+            if not pump_task.done():
+                pump_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump_task
+                return 499
+            pump_task.result()
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
             return 200
         finally:
