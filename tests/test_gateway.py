@@ -46,15 +46,10 @@ def _load(port: int) -> pb.LoadResponse:
     return pb_grpc.ReplicaStub(grpc.insecure_channel(f"127.0.0.1:{port}")).Load(pb.LoadRequest(), timeout=5)
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_models):
-    replicas = [_start_replica(tiny_models["llama"]) for _ in range(2)]
-    for proc, port in replicas:
-        _wait_grpc(port, proc)
+def _start_gateway(replica_ports: list[int], policy: str) -> tuple[subprocess.Popen, str]:
     gw_port = _free_port()
-    cmd = [sys.executable, "-m", "scalellm.entrypoints.cli", "gateway", "--port", str(gw_port),
-           "--policy", "round_robin"]
-    for _, port in replicas:
+    cmd = [sys.executable, "-m", "scalellm.entrypoints.cli", "gateway", "--port", str(gw_port), "--policy", policy]
+    for port in replica_ports:
         cmd += ["--replica", f"127.0.0.1:{port}"]
     gw = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{gw_port}"
@@ -65,6 +60,15 @@ def cluster(tiny_models):
                 break
         except httpx.HTTPError:
             time.sleep(0.2)
+    return gw, url
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_models):
+    replicas = [_start_replica(tiny_models["llama"]) for _ in range(2)]
+    for proc, port in replicas:
+        _wait_grpc(port, proc)
+    gw, url = _start_gateway([port for _, port in replicas], "round_robin")
     yield {"url": url, "gateway": gw, "replicas": replicas}
     for proc in [gw] + [p for p, _ in replicas]:
         if proc.poll() is None:
@@ -177,20 +181,8 @@ def test_stream_resumes_on_another_replica(tiny_models):
     replicas = [_start_replica(tiny_models["llama"]) for _ in range(2)]
     for proc, port in replicas:
         _wait_grpc(port, proc)
-    gw_port = _free_port()
-    cmd = [sys.executable, "-m", "scalellm.entrypoints.cli", "gateway", "--port", str(gw_port), "--policy", "least_load"]
-    for _, port in replicas:
-        cmd += ["--replica", f"127.0.0.1:{port}"]
-    gw = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{gw_port}"
+    gw, url = _start_gateway([port for _, port in replicas], "least_load")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         ref_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
