@@ -213,3 +213,14 @@ def test_stream_resumes_on_another_replica(tiny_models):
         for proc in [gw] + [p for p, _ in replicas]:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_deadline_reaches_the_replica(cluster):
+    live = [port for proc, port in cluster["replicas"] if proc.poll() is None]
+    r = httpx.post(f"{cluster['url']}/v1/completions", timeout=30, headers={"x-deadline-ms": "40"},
+                   json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 240, "ignore_eos": True})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_load(p).kv_blocks_used for p in live):
+        time.sleep(0.05)
+    assert all(_load(p).kv_blocks_used == 0 for p in live)

@@ -298,3 +298,22 @@ def test_engine_death_is_loud(tiny_models):
         assert time.monotonic() - t0 < 10
     finally:
         s.stop()
+
+
+def test_deadline_body_and_header_abort_the_request(server):
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 240, "ignore_eos": True, "deadline_ms": 30}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["code"] == "deadline_exceeded"
+    body.pop("deadline_ms")
+    lines = []
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=30,
+                      headers={"x-deadline-ms": "30", "x-priority": "-1"}) as resp:
+        lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert any("deadline_exceeded" in line for line in lines) and lines[-1] == "data: [DONE]"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and server.metric("scalellm_kv_cache_blocks_used") > 0:
+        time.sleep(0.05)
+    assert server.metric("scalellm_kv_cache_blocks_used") == 0
+    bad = httpx.post(f"{server.url}/v1/completions", json=body, headers={"x-deadline-ms": "soon"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-deadline-ms"

@@ -173,19 +173,20 @@ class OpenAIApp:
         self._check_model(req.model)
         params = req.sampling_params()
         prompts = req.prompts()
+        priority, deadline = _controls(scope, req)
         rid = f"cmpl-{uuid.uuid4().hex}"
         calls = [GenerateCall(f"{rid}-{i}" if len(prompts) > 1 else rid, req.model, params, prompt=p,
-                              priority=req.priority) for i, p in enumerate(prompts)]
+                              priority=priority, deadline_unix=deadline) for i, p in enumerate(prompts)]
         streams = [await self.backend.generate(c) for c in calls]  # input errors surface here, before any byte
         if req.stream:
-            return await self._stream(send, receive, _merge(streams, params.n),
+            return await self._stream(send, receive, _until(deadline, _merge(streams, params.n)),
                                       lambda chunk, first: self._completion_chunks(rid, req, chunk, first),
                                       rid, req, "text_completion")
         acc = R.Accumulator(len(prompts) * params.n)
         prompt_tokens = completion_tokens = 0
         echo_text: dict[int, str] = {}
         t0 = time.monotonic()
-        async for base, chunk in _merge(streams, params.n):
+        async for base, chunk in _until(deadline, _merge(streams, params.n)):
             acc.add(chunk, base)
             if chunk.finished:
                 prompt_tokens += chunk.num_prompt_tokens
@@ -225,18 +226,20 @@ class OpenAIApp:
         assert isinstance(req, ChatCompletionRequest)
         self._check_model(req.model)
         params = req.sampling_params()
+        priority, deadline = _controls(scope, req)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         call = GenerateCall(rid, req.model, params, messages=[m.to_dict() for m in req.messages],
-                            add_generation_prompt=req.add_generation_prompt, priority=req.priority)
+                            add_generation_prompt=req.add_generation_prompt, priority=priority,
+                            deadline_unix=deadline)
         stream = await self.backend.generate(call)
         if req.stream:
-            return await self._stream(send, receive, _merge([stream], params.n),
+            return await self._stream(send, receive, _until(deadline, _merge([stream], params.n)),
                                       lambda item, first: self._chat_chunks(rid, req, item, first),
                                       rid, req, "chat.completion.chunk")
         acc = R.Accumulator(params.n)
         t0 = time.monotonic()
         last = None
-        async for base, chunk in _merge([stream], params.n):
+        async for base, chunk in _until(deadline, _merge([stream], params.n)):
             acc.add(chunk, base)
             last = chunk
         assert last is not None
@@ -312,6 +315,49 @@ class OpenAIApp:
         finally:
             disconnected.cancel()
             await items.aclose()
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _controls(scope: Scope, req: Any) -> tuple[int, float]:
+    """(priority, deadline_unix) from the body, overridden by x-priority / x-deadline-ms headers."""
+    priority = req.priority
+    deadline_ms = req.deadline_ms
+    h = _header(scope, b"x-priority")
+    if h is not None:
+        try:
+            priority = int(h)
+        except ValueError:
+            raise bad_request(f"x-priority header must be an integer, got {h!r}", "x-priority") from None
+    h = _header(scope, b"x-deadline-ms")
+    if h is not None:
+        try:
+            deadline_ms = int(h)
+        except ValueError:
+            raise bad_request(f"x-deadline-ms header must be an integer, got {h!r}", "x-deadline-ms") from None
+    if deadline_ms is not None and deadline_ms <= 0:
+        raise bad_request(f"deadline_ms must be > 0, got {deadline_ms}", "deadline_ms")
+    return priority, (time.time() + deadline_ms / 1000 if deadline_ms else 0.0)
+
+
+async def _until(deadline_unix: float, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """Relay items; past the deadline raise TimeoutError (closing `items` aborts upstream)."""
+    try:
+        if not deadline_unix:
+            async for item in items:
+                yield item
+            return
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout_at(loop.time() + max(deadline_unix - time.time(), 0.0)):
+            async for item in items:
+                yield item
+    finally:
+        await items.aclose()
 
 
 async def _merge(streams: list[AsyncIterator[GenerateChunk]], n: int) -> AsyncIterator[tuple[int, GenerateChunk]]:

@@ -45,6 +45,9 @@ def from_exception(e: BaseException) -> APIError:
         return bad_request(e.message if e.message else str(e), e.param, "context_length_exceeded")
     if isinstance(e, InvalidParameterError):
         return bad_request(str(e), e.param)
+    if isinstance(e, TimeoutError):
+        return APIError(504, f"request deadline exceeded; the request was aborted ({e})".replace(" ()", ""),
+                        "timeout_error", None, "deadline_exceeded")
     name = type(e).__name__
     if name == "QueueFullError":
         return APIError(503, str(e), "service_unavailable", None, "queue_full", {"retry-after": "1"})

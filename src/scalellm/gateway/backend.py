@@ -159,7 +159,8 @@ class GatewayBackend:
                          min_tokens=max(p.min_tokens - len(produced), 0))
         # NOTE: exact for greedy; a seeded request restarts its generator (not yet exact).
         return GenerateCall(f"{call.request_id}-resume{self.num_resumed}", call.model, params,
-                            prompt=list(prompt_ids) + produced, priority=call.priority)
+                            prompt=list(prompt_ids) + produced, priority=call.priority,
+                            deadline_unix=call.deadline_unix)
 
     async def tokenize(self, prompt: str | None, messages: list[dict] | None, add_special_tokens: bool) -> list[int]:
         healthy = [r for r in self.replicas if r.healthy]

@@ -63,9 +63,9 @@ class ReplicaClient:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
-    async def generate(self, call: GenerateCall, deadline_unix: float = 0.0) -> AsyncIterator[GenerateChunk]:
+    async def generate(self, call: GenerateCall) -> AsyncIterator[GenerateChunk]:
         self.in_flight += 1
-        stream = self.stub.Generate(call_to_proto(call, deadline_unix))
+        stream = self.stub.Generate(call_to_proto(call, call.deadline_unix))
         try:
             async for resp in stream:
                 yield chunk_from_proto(resp)

@@ -20,6 +20,7 @@ class GenerateCall:
     messages: list[dict[str, str]] | None = None  # chat (the backend applies the template)
     add_generation_prompt: bool = True
     priority: int = 0
+    deadline_unix: float = 0.0  # 0: none; past it the request is aborted end to end
 
 
 @dataclass(slots=True)
