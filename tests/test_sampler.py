@@ -15,7 +15,7 @@ V = 8
 def row(prompt=(1,), output=(), seed=None, **kw) -> SamplingRow:
     p = SamplingParams(**kw)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    return SamplingRow(p, list(prompt), list(output), frozenset({0}), gen)
+    return SamplingRow(p, list(prompt) + list(output), len(prompt), frozenset({0}), gen)
 
 
 def logits_of(*rows_values) -> torch.Tensor:

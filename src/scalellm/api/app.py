@@ -86,8 +86,8 @@ class OpenAIApp:
             status = await handler(scope, receive, send)
         except Exception as e:  # noqa: BLE001 - every error becomes an OpenAI error body
             err = from_exception(e)
-            if err.status >= 500:
-                logger.exception("error on %s", path) if err.status == 500 else None
+            if err.status == 500:
+                logger.exception("error on %s", path)
             await _send_json(send, err.status, err.body(), err.headers)
             status = err.status
         self.metrics.request_done(endpoint, status)
@@ -201,9 +201,7 @@ class OpenAIApp:
             choices.append(R.completion_choice(i, prefix + acc.text[i], acc.finish[i], lp, acc.stop_reason[i]))
         body = {"id": rid, "object": "text_completion", "created": R.created(), "model": req.model,
                 "choices": choices, "usage": R.usage(prompt_tokens, completion_tokens)}
-        self.metrics.tokens(prompt_tokens, completion_tokens)
-        await _send_json(send, 200, msgspec.json.encode(body), {"server-timing": f"total;dur={(time.monotonic() - t0) * 1e3:.1f}"})
-        return 200
+        return await self._send_result(send, body, prompt_tokens, completion_tokens, t0)
 
     def _completion_chunks(self, rid: str, req: CompletionRequest, item: tuple[int, GenerateChunk], first: set) -> list[dict]:
         base, chunk = item
@@ -249,8 +247,13 @@ class OpenAIApp:
                     "finish_reason": acc.finish[i], "stop_reason": acc.stop_reason[i]} for i in range(params.n)]
         body = {"id": rid, "object": "chat.completion", "created": R.created(), "model": req.model,
                 "choices": choices, "usage": R.usage(last.num_prompt_tokens, last.num_completion_tokens)}
-        self.metrics.tokens(last.num_prompt_tokens, last.num_completion_tokens)
-        await _send_json(send, 200, msgspec.json.encode(body), {"server-timing": f"total;dur={(time.monotonic() - t0) * 1e3:.1f}"})
+        return await self._send_result(send, body, last.num_prompt_tokens, last.num_completion_tokens, t0)
+
+    async def _send_result(self, send: Send, body: dict, prompt_tokens: int, completion_tokens: int,
+                           t0: float) -> int:
+        self.metrics.tokens(prompt_tokens, completion_tokens)
+        timing = {"server-timing": f"total;dur={(time.monotonic() - t0) * 1e3:.1f}"}
+        await _send_json(send, 200, msgspec.json.encode(body), timing)
         return 200
 
     def _chat_chunks(self, rid: str, req: ChatCompletionRequest, item: tuple[int, GenerateChunk], first: set) -> list[dict]:

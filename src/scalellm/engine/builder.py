@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from scalellm.engine.config import EngineConfig, SchedulerConfig
 from scalellm.engine.core import EngineCore
@@ -26,6 +27,8 @@ class ModelInfo:
     vocab_size: int
     eos_token_ids: frozenset[int]
     tokenizer: Tokenizer
+    source: Any  # loader.ModelSource (typed loosely: this module imports no loader at import time)
+    args: Any  # models.ModelArgs
 
 
 @dataclass(slots=True)
@@ -54,17 +57,14 @@ def resolve_model_info(config: EngineConfig) -> ModelInfo:
         logger.warning("capping max_model_len to the sliding window %d", args.sliding_window)
         max_model_len = args.sliding_window
     eos = frozenset(tokenizer.eos_token_ids) | frozenset(args.eos_token_ids)
-    return ModelInfo(source.name, source.path, max_model_len, args.vocab_size, eos, tokenizer)
+    return ModelInfo(source.name, source.path, max_model_len, args.vocab_size, eos, tokenizer, source, args)
 
 
 def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> EngineParts:
-    from scalellm.loader.model_source import resolve_model
-    from scalellm.models.args import parse_model_args
     from scalellm.worker.worker import build_model_runner, num_kv_blocks, resolve_device, resolve_dtype
 
     info = info or resolve_model_info(config)
-    source = resolve_model(config.model)
-    args = parse_model_args(source.read_config())
+    source, args = info.source, info.args
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     num_blocks = num_kv_blocks(args, dtype, config.block_size, config.kv_cache_memory, info.max_model_len)

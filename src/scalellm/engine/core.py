@@ -7,7 +7,6 @@ belong to the frontend. This is the loop that later runs in its own process.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -44,7 +43,6 @@ class EngineCore:
         self.executor = executor
         self.num_steps = 0
         self.num_tokens_scheduled = 0
-        self.step_time = 0.0
 
     def add_request(self, request: Request, seed_offset: int = 0) -> None:
         self.scheduler.add_request(request, seed_offset)
@@ -68,7 +66,6 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
-        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if sched.finished_request_ids:
@@ -78,7 +75,6 @@ class EngineCore:
         outputs = self.scheduler.update_from_output(sched, result)
         self.num_steps += 1
         self.num_tokens_scheduled += sched.total_num_scheduled_tokens
-        self.step_time += time.perf_counter() - t0
         return outputs
 
     def stats(self) -> EngineStats:

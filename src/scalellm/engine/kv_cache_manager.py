@@ -49,8 +49,12 @@ class KVCacheManager:
         self.stats = PrefixCacheStats()
 
     # -- queries ---------------------------------------------------------------
-    def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._req_blocks.get(request_id, ())]
+    def block_ids(self, request_id: str, start: int = 0) -> list[int]:
+        """Block table of a request, from block `start` on (the new blocks of a step)."""
+        return [b.block_id for b in self._req_blocks.get(request_id, ())[start:]]
+
+    def num_blocks(self, request_id: str) -> int:
+        return len(self._req_blocks.get(request_id, ()))
 
     @property
     def usage(self) -> float:

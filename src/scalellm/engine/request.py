@@ -61,16 +61,12 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
-    # Per-output-token logprobs when asked for: list of (sampled_logprob, top ids, top logprobs).
-    logprobs: list[tuple[float, list[int], list[float]]] | None = None
     # Hashes of this request's full blocks, in order (filled by the KV-cache manager).
     block_hashes: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
-        if self.sampling_params.logprobs is not None:
-            self.logprobs = []
 
     @property
     def num_tokens(self) -> int:

@@ -117,7 +117,7 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(remaining(request), budget)
-            old_num_blocks = len(self.kv_cache.block_ids(request.request_id))
+            old_num_blocks = self.kv_cache.num_blocks(request.request_id)
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self._pick_victim(exclude=num_scheduled) or request
                 self._preempt(victim)
@@ -128,13 +128,11 @@ class Scheduler:
                 continue
             num_scheduled[request.request_id] = num_new
             budget -= num_new
-            block_ids = self.kv_cache.block_ids(request.request_id)
             if request.request_id in self._seen_by_worker:
-                cached_reqs.append(
-                    CachedRequestData(request.request_id, block_ids[old_num_blocks:], request.num_computed_tokens)
-                )
+                new_blocks = self.kv_cache.block_ids(request.request_id, start=old_num_blocks)
+                cached_reqs.append(CachedRequestData(request.request_id, new_blocks, request.num_computed_tokens))
             else:
-                new_reqs.append(self._new_request_data(request, block_ids))
+                new_reqs.append(self._new_request_data(request, self.kv_cache.block_ids(request.request_id)))
 
         # Waiting requests only when nothing was preempted: they would take the blocks back.
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
@@ -217,9 +215,7 @@ class Scheduler:
             first = request.first_token_time is None
             if first:
                 request.first_token_time = now
-            lp = result.logprobs.get(request_id)
-            if lp is not None and request.logprobs is not None:
-                request.logprobs.append((lp.sampled_logprob, lp.top_token_ids, lp.top_logprobs))
+            lp = result.logprobs.get(request_id)  # passed through; the frontend keeps them
             status = self._check_stop(request, token_id)
             out = EngineCoreOutput(
                 request_id=request_id,

@@ -115,6 +115,7 @@ class GatewayBackend:
         prompt_ids = first.prompt_token_ids
         num_prompt = first.num_prompt_tokens
         produced: list[int] = []
+        resumed = False
         chunk: GenerateChunk | None = first
         try:
             while True:
@@ -137,10 +138,11 @@ class GatewayBackend:
                     logger.warning("replica %s lost mid-stream after %d tokens (%s); resuming",
                                    replica.address, len(produced), e.code())
                     chunk, stream, replica = await self._open(cont, tried)
+                    resumed = True
                     continue
                 for c in chunk.choices:
                     produced.extend(c.token_ids)
-                if produced and chunk.num_prompt_tokens != num_prompt:  # a resumed stream: report as one
+                if resumed:  # report the continuation as the same request
                     chunk.num_completion_tokens = len(produced)
                     chunk.num_prompt_tokens = num_prompt
                     chunk.prompt_text = None

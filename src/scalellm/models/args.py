@@ -30,11 +30,6 @@ class ModelArgs:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Elements of K and V per token over all layers (times dtype size = bytes)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
-
 
 def _require(cfg: dict, key: str) -> object:
     if key not in cfg or cfg[key] is None:

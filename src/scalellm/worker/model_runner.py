@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -42,7 +42,6 @@ class StepTimings:
     forward: float = 0.0
     sample: float = 0.0
     num_steps: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -136,8 +135,21 @@ class ModelRunner:
         ]
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
+        """Cache slots of positions [start, end): only the new tokens of a step (Python is fine)."""
         s = self.block_size
         return [block_ids[p // s] * s + p % s for p in range(start, end)]
+
+    def _context_slots(self, tables: list[list[int]], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots of each request's whole context, from its block table with tensor ops (no
+        per-token Python work: contexts grow every step). Returns slots [B, Lmax] padded
+        with slot 0 and a mask [B, Lmax] of the real positions."""
+        s = self.block_size
+        max_blocks = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])  # [B, nblocks]
+        slots = (table.unsqueeze(-1) * s + torch.arange(s)).view(len(tables), -1)  # [B, nblocks*S]
+        lmax = max(lengths)
+        mask = torch.arange(lmax).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # [B, Lmax]
+        return slots[:, :lmax].masked_fill(~mask, 0), mask
 
     def _prepare(
         self, sched: SchedulerOutput, order: list[str]
@@ -145,7 +157,8 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        decode_ctx: list[list[int]] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
         sample_ids: list[str] = []
         sample_rows: list[int] = []
@@ -160,23 +173,24 @@ class ModelRunner:
             positions.extend(range(start, end))
             slot_mapping.extend(self._slots(state.block_ids, start, end))
             if n == 1:
-                decode_ctx.append(self._slots(state.block_ids, 0, end))
+                decode_tables.append(state.block_ids)
+                decode_lens.append(end)
             else:
-                ctx = None if start == 0 else torch.tensor(self._slots(state.block_ids, 0, end), device=dev)
+                ctx = None
+                if start:
+                    ctx = self._context_slots([state.block_ids], [end])[0][0].to(dev)  # [ctx_len]
                 prefills.append(PrefillChunk(q_start=q_start, q_len=n, ctx_len=end, ctx_slots=ctx))
             if end == len(state.token_ids):
                 sample_ids.append(request_id)
                 sample_rows.append(len(input_ids) - 1)
         decode_slots = decode_mask = None
-        if decode_ctx:
-            lmax = max(len(c) for c in decode_ctx)
-            padded = [c + [0] * (lmax - len(c)) for c in decode_ctx]
-            lens = torch.tensor([len(c) for c in decode_ctx])
-            decode_slots = torch.tensor(padded, device=dev)  # [Bd, Lmax]
-            decode_mask = (torch.arange(lmax).unsqueeze(0) < lens.unsqueeze(1)).view(len(decode_ctx), 1, 1, lmax).to(dev)
+        if decode_tables:
+            slots, mask = self._context_slots(decode_tables, decode_lens)
+            decode_slots = slots.to(dev)  # [Bd, Lmax]
+            decode_mask = mask.view(len(decode_tables), 1, 1, -1).to(dev)  # [Bd, 1, 1, Lmax]
         md = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, device=dev),
-            num_decode_tokens=len(decode_ctx),
+            num_decode_tokens=len(decode_tables),
             decode_slots=decode_slots,
             decode_mask=decode_mask,
             prefills=prefills,
@@ -191,10 +205,4 @@ class ModelRunner:
         )
 
     def _sampling_row(self, state: RequestState) -> SamplingRow:
-        return SamplingRow(
-            params=state.params,
-            prompt_token_ids=state.token_ids[: state.num_prompt_tokens],
-            output_token_ids=state.token_ids[state.num_prompt_tokens :],
-            eos_token_ids=self.eos_token_ids,
-            generator=state.generator,
-        )
+        return SamplingRow(state.params, state.token_ids, state.num_prompt_tokens, self.eos_token_ids, state.generator)

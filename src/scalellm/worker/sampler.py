@@ -24,10 +24,23 @@ from scalellm.protocol.step import SampledLogprobs
 @dataclass(slots=True)
 class SamplingRow:
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]  # prompt + outputs (the worker's list, not copied)
+    num_prompt_tokens: int
     eos_token_ids: frozenset[int]
     generator: torch.Generator | None  # seeded requests only
+
+    # NOTE: slices are taken only by penalties, so plain rows cost no copy per step.
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -53,7 +66,7 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
 def _apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     for i, row in enumerate(rows):
         p = row.params
-        if len(row.output_token_ids) < p.min_tokens:
+        if row.num_output_tokens < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(row.eos_token_ids))
             if banned:
                 logits[i, torch.tensor(banned, dtype=torch.long)] = float("-inf")

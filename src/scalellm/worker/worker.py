@@ -57,9 +57,8 @@ def _auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
 
 
 def num_kv_blocks(args: ModelArgs, dtype: torch.dtype, block_size: int, kv_cache_memory: int,
-                  max_model_len: int, num_kv_heads_per_rank: int | None = None) -> int:
-    heads = num_kv_heads_per_rank or args.num_kv_heads
-    bytes_per_block = 2 * args.num_layers * heads * args.head_dim * block_size * torch.finfo(dtype).bits // 8
+                  max_model_len: int) -> int:
+    bytes_per_block = 2 * args.num_layers * args.num_kv_heads * args.head_dim * block_size * torch.finfo(dtype).bits // 8
     num_blocks = kv_cache_memory // bytes_per_block
     needed = -(-max_model_len // block_size)
     if num_blocks < needed:
