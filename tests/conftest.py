@@ -67,6 +67,14 @@ def build_tiny_model(path: str, arch: str, **overrides) -> str:
     elif arch == "mistral":
         cfg = transformers.MistralConfig(sliding_window=None, **common)
         model = transformers.MistralForCausalLM(cfg)
+    elif arch == "mixtral":
+        cfg = transformers.MixtralConfig(sliding_window=None, **{"num_local_experts": 4, "num_experts_per_tok": 2,
+                                                                 **common})
+        model = transformers.MixtralForCausalLM(cfg)
+    elif arch == "qwen3_moe":
+        moe = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 32}
+        cfg = transformers.Qwen3MoeConfig(**{**moe, **common})
+        model = transformers.Qwen3MoeForCausalLM(cfg)
     else:
         raise ValueError(arch)
     model.save_pretrained(path)
@@ -87,4 +95,18 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     out["qwen2"] = build_tiny_model(str(root / "qwen2"), "qwen2")
     out["qwen3"] = build_tiny_model(str(root / "qwen3"), "qwen3")
     out["mistral"] = build_tiny_model(str(root / "mistral"), "mistral")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_models(tmp_path_factory) -> dict[str, str]:
+    out = {}
+    root = tmp_path_factory.mktemp("tiny_moe")
+    out["mixtral"] = build_tiny_model(str(root / "mixtral"), "mixtral")
+    # layer 1 dense (mlp_only_layers), top-k weights not renormalised (the config default)
+    out["qwen3_moe"] = build_tiny_model(str(root / "qwen3_moe"), "qwen3_moe", num_hidden_layers=3,
+                                        mlp_only_layers=[1], norm_topk_prob=False)
+    # renormalised top-k, dense layers from decoder_sparse_step=2 (layers 0 and 2 dense)
+    out["qwen3_moe_norm"] = build_tiny_model(str(root / "qwen3_moe_norm"), "qwen3_moe", num_hidden_layers=3,
+                                             decoder_sparse_step=2, norm_topk_prob=True)
     return out

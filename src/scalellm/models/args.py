@@ -9,6 +9,17 @@ from scalellm.protocol.errors import ModelLoadError, UnsupportedModelError
 
 
 @dataclass(frozen=True, slots=True)
+class MoeArgs:
+    """Mixture-of-experts MLP settings (Mixtral, Qwen3-MoE)."""
+
+    num_experts: int  # E, routed experts per MoE layer
+    top_k: int  # K, experts each token is routed to
+    intermediate_size: int  # I of one expert's SwiGLU
+    renormalize: bool  # top-k weights rescaled to sum to 1 (Mixtral: always; Qwen3-MoE: norm_topk_prob)
+    dense_layer_ids: frozenset[int]  # layers that keep a dense MLP of ModelArgs.intermediate_size
+
+
+@dataclass(frozen=True, slots=True)
 class ModelArgs:
     architecture: str
     vocab_size: int
@@ -29,6 +40,7 @@ class ModelArgs:
     sliding_window: int | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    moe: MoeArgs | None = None  # None: every layer has a dense MLP
 
 
 def _require(cfg: dict, key: str) -> object:
@@ -45,6 +57,33 @@ def _eos_ids(value: object) -> tuple[int, ...]:
     return tuple(int(v) for v in value)  # type: ignore[union-attr]
 
 
+def _moe_args(arch: str, cfg: dict, num_layers: int) -> MoeArgs | None:
+    if arch == "MixtralForCausalLM":
+        return MoeArgs(
+            num_experts=int(_require(cfg, "num_local_experts")),  # type: ignore[arg-type]
+            top_k=int(_require(cfg, "num_experts_per_tok")),  # type: ignore[arg-type]
+            intermediate_size=int(_require(cfg, "intermediate_size")),  # type: ignore[arg-type]
+            renormalize=True,
+            dense_layer_ids=frozenset(),
+        )
+    if arch == "Qwen3MoeForCausalLM":
+        # NOTE: Hub configs say num_experts; transformers 5 writes num_local_experts.
+        num_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+        if not num_experts:
+            raise ModelLoadError("Qwen3-MoE config is missing 'num_experts'")
+        step = int(cfg.get("decoder_sparse_step") or 1)
+        mlp_only = set(cfg.get("mlp_only_layers") or ())
+        dense = frozenset(i for i in range(num_layers) if i in mlp_only or (i + 1) % step != 0)
+        return MoeArgs(
+            num_experts=int(num_experts),
+            top_k=int(_require(cfg, "num_experts_per_tok")),  # type: ignore[arg-type]
+            intermediate_size=int(_require(cfg, "moe_intermediate_size")),  # type: ignore[arg-type]
+            renormalize=bool(cfg.get("norm_topk_prob", False)),
+            dense_layer_ids=dense,
+        )
+    return None
+
+
 def parse_model_args(cfg: dict) -> ModelArgs:
     archs = cfg.get("architectures") or []
     if not archs:
@@ -54,11 +93,12 @@ def parse_model_args(cfg: dict) -> ModelArgs:
     num_heads = int(_require(cfg, "num_attention_heads"))  # type: ignore[arg-type]
     head_dim = cfg.get("head_dim") or hidden // num_heads
     is_qwen2 = arch == "Qwen2ForCausalLM"
-    is_qwen3 = arch == "Qwen3ForCausalLM"
+    is_qwen3 = arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
     attention_bias = bool(cfg.get("attention_bias", False))
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError("mlp_bias=True is not supported")
-    sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch.startswith("Mistral")) else None
+    uses_window = arch.startswith("Mistral") or arch == "MixtralForCausalLM"  # Qwen configs opt in
+    sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", uses_window) else None
     rope_scaling = cfg.get("rope_scaling")
     rope_theta = cfg.get("rope_theta")
     rope_params = cfg.get("rope_parameters")  # transformers >= 5 layout
@@ -66,12 +106,13 @@ def parse_model_args(cfg: dict) -> ModelArgs:
         rope_theta = rope_theta or rope_params.get("rope_theta")
         if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
             rope_scaling = rope_params
+    num_layers = int(_require(cfg, "num_hidden_layers"))  # type: ignore[arg-type]
     return ModelArgs(
         architecture=arch,
         vocab_size=int(_require(cfg, "vocab_size")),  # type: ignore[arg-type]
         hidden_size=hidden,
         intermediate_size=int(_require(cfg, "intermediate_size")),  # type: ignore[arg-type]
-        num_layers=int(_require(cfg, "num_hidden_layers")),  # type: ignore[arg-type]
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
         head_dim=int(head_dim),
@@ -86,4 +127,5 @@ def parse_model_args(cfg: dict) -> ModelArgs:
         sliding_window=int(sliding) if sliding else None,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        moe=_moe_args(arch, cfg, num_layers),
     )

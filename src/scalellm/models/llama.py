@@ -8,7 +8,7 @@ files, no processes. Sharding and checkpoint slicing belong to the layers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -66,10 +66,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int, dtype: torch.dtype) -> None:
+    def __init__(self, args: ModelArgs, layer_idx: int, dtype: torch.dtype, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(args, layer_idx, dtype)
-        self.mlp = LlamaMLP(args, dtype)
+        self.mlp = mlp if mlp is not None else LlamaMLP(args, dtype)  # MoE models pass their own
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
 
@@ -86,11 +86,17 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+MlpFactory = Callable[[ModelArgs, int, torch.dtype], nn.Module]  # (args, layer index, dtype) -> MLP
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, make_mlp: MlpFactory | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(args, i, dtype) for i in range(args.num_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(args, i, dtype, make_mlp(args, i, dtype) if make_mlp else None)
+            for i in range(args.num_layers)
+        )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype, output_float32=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -112,10 +118,12 @@ class LlamaForCausalLM(nn.Module):
         (".up_proj.", ".gate_up_proj.", 1),
     ]
 
+    make_mlp: MlpFactory | None = None  # None: the dense SwiGLU MLP in every layer
+
     def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
         super().__init__()
         self.args = args
-        self.model = LlamaModel(args, dtype)
+        self.model = LlamaModel(args, dtype, type(self).make_mlp)
         if args.tie_word_embeddings:
             self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, dtype)
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -137,26 +145,33 @@ class LlamaForCausalLM(nn.Module):
                 continue  # derived, not a parameter
             if name == "lm_head.weight" and self.args.tie_word_embeddings:
                 continue  # tied to the embedding
-            for ckpt_part, our_part, shard_id in self.stacked_params:
-                if ckpt_part in name:
-                    target = name.replace(ckpt_part, our_part)
-                    break
-            else:
-                target, shard_id = name, None
-            param = params.get(target)
-            if param is None:
-                raise ModelLoadError(f"unexpected tensor {name!r} in checkpoint (no parameter {target!r})")
-            param.weight_loader(param, tensor, shard_id)  # type: ignore[attr-defined]
-            loaded.add(target if shard_id is None else f"{target}#{shard_id}")
+            loaded.update(self.load_tensor(params, name, tensor))
         missing = []
         for name in params:
             if name == "lm_head.weight" and self.args.tie_word_embeddings:
                 continue
-            expected = [name]
-            if ".qkv_proj." in name:
-                expected = [f"{name}#{s}" for s in "qkv"]
-            elif ".gate_up_proj." in name:
-                expected = [f"{name}#{s}" for s in (0, 1)]
-            missing += [e for e in expected if e not in loaded]
+            missing += [e for e in self.expected_loads(name) if e not in loaded]
         if missing:
             raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+
+    def load_tensor(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> list[str]:
+        """Load one checkpoint tensor; returns the keys it covered (see expected_loads)."""
+        for ckpt_part, our_part, shard_id in self.stacked_params:
+            if ckpt_part in name:
+                target = name.replace(ckpt_part, our_part)
+                break
+        else:
+            target, shard_id = name, None
+        param = params.get(target)
+        if param is None:
+            raise ModelLoadError(f"unexpected tensor {name!r} in checkpoint (no parameter {target!r})")
+        param.weight_loader(param, tensor, shard_id)  # type: ignore[attr-defined]
+        return [target if shard_id is None else f"{target}#{shard_id}"]
+
+    def expected_loads(self, param_name: str) -> list[str]:
+        """The keys load_tensor must have returned for this parameter to be complete."""
+        if ".qkv_proj." in param_name:
+            return [f"{param_name}#{s}" for s in "qkv"]
+        if ".gate_up_proj." in param_name:
+            return [f"{param_name}#{s}" for s in (0, 1)]
+        return [param_name]

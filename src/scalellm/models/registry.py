@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from scalellm.models.llama import LlamaForCausalLM
+from scalellm.models.sparse_moe import MoeForCausalLM
 from scalellm.protocol.errors import UnsupportedModelError
 
 _REGISTRY: dict[str, type[nn.Module]] = {
@@ -12,6 +13,8 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,  # q/k/v bias, selected by ModelArgs.qkv_bias
     "Qwen3ForCausalLM": LlamaForCausalLM,  # q/k norm, selected by ModelArgs.qk_norm
+    "MixtralForCausalLM": MoeForCausalLM,  # mixture-of-experts MLP, ModelArgs.moe
+    "Qwen3MoeForCausalLM": MoeForCausalLM,  # + q/k norm, dense layers from ModelArgs.moe
 }
 
 
