@@ -1,9 +1,17 @@
 """A lean ASGI app for the OpenAI API: no framework, msgspec JSON, SSE streaming.
 
 Routes: POST /v1/completions, /v1/chat/completions, /tokenize, /detokenize;
-GET /v1/models, /health, /ready, /metrics. The app knows a Backend (replica engine
-or gateway), never the engine itself. A client that disconnects mid-stream stops
-the backend's iterator, which aborts the request.
+GET /v1/models, /health, /ready, /metrics (+ routes a server adds, e.g. the gateway's
+admin API). The app knows a Backend (replica engine or gateway), never the engine
+itself. A client that disconnects mid-stream stops the backend's iterator, which
+aborts the request.
+
+Every generation request passes the Guard (keys, rate limits, request limits, input
+filters, concurrency/admission; output filters on the way back) and is tracked: its
+own TTFT/ITL/TPOT/e2e as the client sees them, and a latency breakdown built from the
+timestamps each hop adds (gateway routed, replica received/queued/first scheduled/
+first token/finished), returned in a Server-Timing header (non-streamed) and in the
+usage block (`usage.timings`, milliseconds) and exported as metrics.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +29,9 @@ import msgspec
 
 from scalellm.api import responses as R
 from scalellm.api.errors import APIError, bad_request, from_exception, model_not_found, unavailable
+from scalellm.api.guard import Guard
 from scalellm.api.metrics import APIMetrics
+from scalellm.api.safety import ContentFilter, FilterHit, StreamFilter
 from scalellm.protocol.generation import GenerateCall, GenerateChunk
 from scalellm.protocol.openai import (
     ChatCompletionRequest,
@@ -35,7 +46,8 @@ logger = logging.getLogger(__name__)
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
-MAX_BODY = 32 << 20
+Handler = Callable[[Scope, Receive, Send], Awaitable[int]]
+_TRACE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class Backend(Protocol):
@@ -49,10 +61,11 @@ class Backend(Protocol):
 
 
 class OpenAIApp:
-    def __init__(self, backend: Backend, api_key: str | None = None, metrics: APIMetrics | None = None) -> None:
+    def __init__(self, backend: Backend, api_key: str | None = None, metrics: APIMetrics | None = None,
+                 guard: Guard | None = None) -> None:
         self.backend = backend
-        self.api_key = api_key
-        self.metrics = metrics or APIMetrics(backend.engine_gauges)
+        self.guard = guard or Guard.with_key(api_key)
+        self.metrics = metrics or APIMetrics(lambda: {**backend.engine_gauges(), **self.guard.gauges()})
         self.draining = False
         self.on_startup: list[Callable[[], Awaitable[None]]] = []
         self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
@@ -67,6 +80,10 @@ class OpenAIApp:
             ("GET", "/metrics"): self._metrics,
         }
 
+    def add_route(self, method: str, path: str, handler: Handler) -> None:
+        """A server's own route (it does its own auth); returns the HTTP status it sent."""
+        self._routes[(method, path)] = handler
+
     # -- ASGI -----------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -76,20 +93,28 @@ class OpenAIApp:
         path = scope["path"]
         handler = self._routes.get((scope["method"], path))
         endpoint = path if handler else "other"
+        trace = _header(scope, b"x-request-id")
+        if trace is None or not _TRACE_ID.fullmatch(trace):
+            trace = uuid.uuid4().hex
+        scope["scalellm.trace"] = trace
+        scope["scalellm.arrival"] = (time.monotonic(), time.time())
         try:
             if handler is None:
                 if any(p == path for _, p in self._routes):
                     raise APIError(405, f"method {scope['method']} not allowed on {path}", "invalid_request_error")
                 raise APIError(404, f"no route {path}", "invalid_request_error")
             if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
-                self._check_auth(scope)
+                scope["scalellm.key"] = self.guard.authenticate(_header(scope, b"authorization"), trace)
             status = await handler(scope, receive, send)
         except Exception as e:  # noqa: BLE001 - every error becomes an OpenAI error body
             err = from_exception(e)
             if err.status == 500:
-                logger.exception("error on %s", path)
-            await _send_json(send, err.status, err.body(), err.headers)
+                logger.exception("error on %s (request_id=%s)", path, trace)
+            elif err.status >= 400:
+                logger.info("request_id=%s %s -> %d %s", trace, path, err.status, err.code or err.type)
+            await _send_json(send, err.status, err.body(), {**err.headers, "x-request-id": trace})
             status = err.status
+            self.metrics.error(err.code or err.type)
         self.metrics.request_done(endpoint, status)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -113,15 +138,6 @@ class OpenAIApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _check_auth(self, scope: Scope) -> None:
-        if self.api_key is None:
-            return
-        for k, v in scope["headers"]:
-            if k == b"authorization" and v.decode("latin-1") == f"Bearer {self.api_key}":
-                return
-        raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", "invalid_request_error",
-                       None, "invalid_api_key")
-
     # -- simple routes ----------------------------------------------------------------
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> int:
         await _send_json(send, 200, b'{"status":"ok"}')
@@ -144,7 +160,7 @@ class OpenAIApp:
         return 200
 
     async def _tokenize(self, scope: Scope, receive: Receive, send: Send) -> int:
-        req = decode_request(await _read_body(receive), TokenizeRequest)
+        req = decode_request(await self._body(scope, receive), TokenizeRequest)
         assert isinstance(req, TokenizeRequest)
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt or messages", "prompt")
@@ -154,11 +170,14 @@ class OpenAIApp:
         return 200
 
     async def _detokenize(self, scope: Scope, receive: Receive, send: Send) -> int:
-        req = decode_request(await _read_body(receive), DetokenizeRequest)
+        req = decode_request(await self._body(scope, receive), DetokenizeRequest)
         assert isinstance(req, DetokenizeRequest)
         text = await self.backend.detokenize(req.tokens)
         await _send_json(send, 200, msgspec.json.encode({"prompt": text}))
         return 200
+
+    async def _body(self, scope: Scope, receive: Receive) -> bytes:
+        return await read_body(scope, receive, self.guard.safety.limits.max_body_bytes)
 
     def _check_model(self, model: str) -> None:
         if model not in self.backend.model_names:
@@ -168,40 +187,44 @@ class OpenAIApp:
 
     # -- generation --------------------------------------------------------------------
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> int:
-        req = decode_request(await _read_body(receive), CompletionRequest)
+        req = decode_request(await self._body(scope, receive), CompletionRequest)
         assert isinstance(req, CompletionRequest)
         self._check_model(req.model)
         params = req.sampling_params()
-        prompts = req.prompts()
+        key, trace = scope["scalellm.key"], scope["scalellm.trace"]
+        prompts, _ = self.guard.check_request(key, trace, req.prompts(), None, params.max_tokens, params.n,
+                                              params.logprobs is not None)
+        assert prompts is not None
         priority, deadline = _controls(scope, req)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        calls = [GenerateCall(f"{rid}-{i}" if len(prompts) > 1 else rid, req.model, params, prompt=p,
-                              priority=priority, deadline_unix=deadline) for i, p in enumerate(prompts)]
-        streams = [await self.backend.generate(c) for c in calls]  # input errors surface here, before any byte
-        if req.stream:
-            return await self._stream(send, receive, _until(deadline, _merge(streams, params.n)),
-                                      lambda chunk, first: self._completion_chunks(rid, req, chunk, first),
-                                      rid, req, "text_completion")
-        acc = R.Accumulator(len(prompts) * params.n)
-        prompt_tokens = completion_tokens = 0
-        echo_text: dict[int, str] = {}
-        t0 = time.monotonic()
-        async for base, chunk in _until(deadline, _merge(streams, params.n)):
-            acc.add(chunk, base)
-            if chunk.finished:
-                prompt_tokens += chunk.num_prompt_tokens
-                completion_tokens += chunk.num_completion_tokens
-                self.metrics.observe_chunk_timings(chunk)
-            if chunk.prompt_text is not None:
-                echo_text[base] = chunk.prompt_text
-        choices = []
-        for i in range(len(acc.text)):
-            prefix = echo_text.get(i - i % params.n, "") if req.echo else ""
-            lp = R.completion_logprobs(acc.logprobs[i], len(prefix)) if params.logprobs is not None else None
-            choices.append(R.completion_choice(i, prefix + acc.text[i], acc.finish[i], lp, acc.stop_reason[i]))
-        body = {"id": rid, "object": "text_completion", "created": R.created(), "model": req.model,
-                "choices": choices, "usage": R.usage(prompt_tokens, completion_tokens)}
-        return await self._send_result(send, body, prompt_tokens, completion_tokens, t0)
+        track = _Tracker(self.metrics, scope["scalellm.arrival"], len(prompts) * params.n, self.guard.output_filter)
+        async with self.guard.admit(key, trace, priority):
+            calls = [GenerateCall(f"{rid}-{i}" if len(prompts) > 1 else rid, req.model, params, prompt=p,
+                                  priority=priority, deadline_unix=deadline, trace_id=trace,
+                                  arrival_unix=track.arrival_unix) for i, p in enumerate(prompts)]
+            streams = [await self.backend.generate(c) for c in calls]  # input errors surface here, before any byte
+            items = track.relay(_until(deadline, _merge(streams, params.n)))
+            if req.stream:
+                status = await self._stream(send, receive, items,
+                                            lambda chunk, first: self._completion_chunks(rid, req, chunk, first),
+                                            rid, req, "text_completion", track, trace)
+            else:
+                acc = R.Accumulator(len(prompts) * params.n)
+                echo_text: dict[int, str] = {}
+                async for base, chunk in items:
+                    acc.add(chunk, base)
+                    if chunk.prompt_text is not None:
+                        echo_text[base] = chunk.prompt_text
+                choices = []
+                for i in range(len(acc.text)):
+                    prefix = echo_text.get(i - i % params.n, "") if req.echo else ""
+                    lp = R.completion_logprobs(acc.logprobs[i], len(prefix)) if params.logprobs is not None else None
+                    choices.append(R.completion_choice(i, prefix + acc.text[i], acc.finish[i], lp, acc.stop_reason[i]))
+                body = {"id": rid, "object": "text_completion", "created": R.created(), "model": req.model,
+                        "choices": choices, "usage": None}
+                status = await self._send_result(send, body, track, trace)
+        self._finish(key, track)
+        return status
 
     def _completion_chunks(self, rid: str, req: CompletionRequest, item: tuple[int, GenerateChunk], first: set) -> list[dict]:
         base, chunk = item
@@ -220,41 +243,49 @@ class OpenAIApp:
         return out
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> int:
-        req = decode_request(await _read_body(receive), ChatCompletionRequest)
+        req = decode_request(await self._body(scope, receive), ChatCompletionRequest)
         assert isinstance(req, ChatCompletionRequest)
         self._check_model(req.model)
         params = req.sampling_params()
+        key, trace = scope["scalellm.key"], scope["scalellm.trace"]
+        _, messages = self.guard.check_request(key, trace, None, [m.to_dict() for m in req.messages],
+                                               params.max_tokens, params.n, params.logprobs is not None)
         priority, deadline = _controls(scope, req)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        call = GenerateCall(rid, req.model, params, messages=[m.to_dict() for m in req.messages],
-                            add_generation_prompt=req.add_generation_prompt, priority=priority,
-                            deadline_unix=deadline)
-        stream = await self.backend.generate(call)
-        if req.stream:
-            return await self._stream(send, receive, _until(deadline, _merge([stream], params.n)),
-                                      lambda item, first: self._chat_chunks(rid, req, item, first),
-                                      rid, req, "chat.completion.chunk")
-        acc = R.Accumulator(params.n)
-        t0 = time.monotonic()
-        last = None
-        async for base, chunk in _until(deadline, _merge([stream], params.n)):
-            acc.add(chunk, base)
-            last = chunk
-        assert last is not None
-        self.metrics.observe_chunk_timings(last)
-        choices = [{"index": i, "message": {"role": "assistant", "content": acc.text[i]},
-                    "logprobs": R.chat_logprobs(acc.logprobs[i]) if req.logprobs else None,
-                    "finish_reason": acc.finish[i], "stop_reason": acc.stop_reason[i]} for i in range(params.n)]
-        body = {"id": rid, "object": "chat.completion", "created": R.created(), "model": req.model,
-                "choices": choices, "usage": R.usage(last.num_prompt_tokens, last.num_completion_tokens)}
-        return await self._send_result(send, body, last.num_prompt_tokens, last.num_completion_tokens, t0)
+        track = _Tracker(self.metrics, scope["scalellm.arrival"], params.n, self.guard.output_filter)
+        async with self.guard.admit(key, trace, priority):
+            call = GenerateCall(rid, req.model, params, messages=messages,
+                                add_generation_prompt=req.add_generation_prompt, priority=priority,
+                                deadline_unix=deadline, trace_id=trace, arrival_unix=track.arrival_unix)
+            stream = await self.backend.generate(call)
+            items = track.relay(_until(deadline, _merge([stream], params.n)))
+            if req.stream:
+                status = await self._stream(send, receive, items,
+                                            lambda item, first: self._chat_chunks(rid, req, item, first),
+                                            rid, req, "chat.completion.chunk", track, trace)
+            else:
+                acc = R.Accumulator(params.n)
+                async for base, chunk in items:
+                    acc.add(chunk, base)
+                choices = [{"index": i, "message": {"role": "assistant", "content": acc.text[i]},
+                            "logprobs": R.chat_logprobs(acc.logprobs[i]) if req.logprobs else None,
+                            "finish_reason": acc.finish[i], "stop_reason": acc.stop_reason[i]} for i in range(params.n)]
+                body = {"id": rid, "object": "chat.completion", "created": R.created(), "model": req.model,
+                        "choices": choices, "usage": None}
+                status = await self._send_result(send, body, track, trace)
+        self._finish(key, track)
+        return status
 
-    async def _send_result(self, send: Send, body: dict, prompt_tokens: int, completion_tokens: int,
-                           t0: float) -> int:
-        self.metrics.tokens(prompt_tokens, completion_tokens)
-        timing = {"server-timing": f"total;dur={(time.monotonic() - t0) * 1e3:.1f}"}
-        await _send_json(send, 200, msgspec.json.encode(body), timing)
+    async def _send_result(self, send: Send, body: dict, track: _Tracker, trace: str) -> int:
+        breakdown = track.finish()
+        body["usage"] = {**R.usage(track.prompt_tokens, track.completion_tokens), "timings": breakdown}
+        headers = {"server-timing": _server_timing(breakdown), "x-request-id": trace}
+        await _send_json(send, 200, msgspec.json.encode(body), headers)
         return 200
+
+    def _finish(self, key: Any, track: _Tracker) -> None:
+        self.metrics.tokens(track.prompt_tokens, track.completion_tokens)
+        self.guard.charge(key, track.prompt_tokens + track.completion_tokens)
 
     def _chat_chunks(self, rid: str, req: ChatCompletionRequest, item: tuple[int, GenerateChunk], first: set) -> list[dict]:
         _, chunk = item
@@ -270,35 +301,33 @@ class OpenAIApp:
         return out
 
     async def _stream(self, send: Send, receive: Receive, items: AsyncIterator[tuple[int, GenerateChunk]],
-                      render: Callable, rid: str, req: Any, obj: str) -> int:
+                      render: Callable, rid: str, req: Any, obj: str, track: _Tracker, trace: str) -> int:
         await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-request-id", rid.encode())]})
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+            (b"x-request-id", trace.encode())]})
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        totals: dict[int, tuple[int, int]] = {}
         first: set = set()
+        track.streaming = True
 
         async def pump() -> None:
             try:
                 async for item in items:
-                    base, chunk = item
-                    if chunk.finished:
-                        totals[base] = (chunk.num_prompt_tokens, chunk.num_completion_tokens)
-                        self.metrics.observe_chunk_timings(chunk)
                     for body in render(item, first):
                         if include_usage:
                             body["usage"] = None
                         await _sse(send, body)
             except Exception as e:  # noqa: BLE001 - mid-stream failure: an error event, then [DONE]
                 err = from_exception(e)
+                self.metrics.error(err.code or err.type)
+                logger.info("request_id=%s failed mid-stream: %s", trace, err.message)
                 await _sse(send, {"error": {"message": err.message, "type": err.type, "param": err.param,
                                             "code": err.code}})
                 return
+            breakdown = track.finish()
             if include_usage:
-                p = sum(v[0] for v in totals.values())
-                c = sum(v[1] for v in totals.values())
-                self.metrics.tokens(p, c)
                 await _sse(send, {"id": rid, "object": obj, "created": R.created(), "model": req.model,
-                                  "choices": [], "usage": R.usage(p, c)})
+                                  "choices": [], "usage": {**R.usage(track.prompt_tokens, track.completion_tokens),
+                                                           "timings": breakdown}})
 
         # NOTE: one watcher task per request (not a task per chunk) races the stream
         # against the client's disconnect; a disconnect cancels the pump, whose
@@ -318,6 +347,119 @@ class OpenAIApp:
         finally:
             disconnected.cancel()
             await items.aclose()
+
+
+# Stamps of a request's life, in path order; a segment is named by the stamp that ends it.
+# A hop that is absent (no gateway in front, say) merges into the next segment.
+_STAGES = (("routed_unix", "gateway"), ("received_unix", "network"), ("queued_unix", "tokenize"),
+           ("first_scheduled_unix", "queue"), ("first_token_unix", "prefill"), ("finished_unix", "decode"))
+
+
+class _Tracker:
+    """One request as the client sees it: TTFT, ITL, TPOT, e2e and token counts, output
+    filtering per choice, and the latency breakdown from the hops' timestamps."""
+
+    def __init__(self, metrics: APIMetrics, arrival: tuple[float, float], num_choices: int,
+                 output_filter: ContentFilter) -> None:
+        self.metrics = metrics
+        self.t0, self.arrival_unix = arrival
+        self.num_choices = num_choices
+        self.streaming = False
+        self.first: float | None = None
+        self.last = 0.0
+        self.counts: dict[int, tuple[int, int]] = {}  # choice base -> (prompt, completion) tokens
+        self.timings: dict[str, float] = {}
+        self._filter = output_filter if output_filter else None
+        self._filters: dict[int, StreamFilter] = {}
+        self._filtered: set[int] = set()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(p for p, _ in self.counts.values())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c for _, c in self.counts.values())
+
+    async def relay(self, items: AsyncIterator[tuple[int, GenerateChunk]]) -> AsyncIterator[tuple[int, GenerateChunk]]:
+        try:
+            async for base, chunk in items:
+                now = time.monotonic()
+                if any(c.token_ids for c in chunk.choices):
+                    if self.first is None:
+                        self.first = now
+                        self.metrics.ttft.observe(now - self.t0)
+                    elif self.streaming:
+                        self.metrics.itl.observe(now - self.last)
+                    self.last = now
+                self.counts[base] = (chunk.num_prompt_tokens, chunk.num_completion_tokens)
+                if chunk.finished:
+                    self.timings = chunk.timings
+                    if "queue" in chunk.timings:
+                        self.metrics.queue.observe(chunk.timings["queue"])
+                if self._filter is not None and self._apply_filter(base, chunk):
+                    yield base, chunk
+                    return  # every choice was cut by the filter: closing `items` aborts upstream
+                yield base, chunk
+        finally:
+            await items.aclose()
+
+    def _apply_filter(self, base: int, chunk: GenerateChunk) -> bool:
+        """Filter the chunk's text in place; True when no choice is left running."""
+        kept = []
+        for c in chunk.choices:
+            i = base + c.index
+            if i in self._filtered:
+                continue
+            sf = self._filters.get(i)
+            if sf is None:
+                sf = self._filters[i] = self._filter.stream()  # type: ignore[union-attr]
+            try:
+                text = sf.feed(c.text)
+                if c.finish_reason:
+                    text += sf.finish()
+            except FilterHit as hit:
+                text, c.finish_reason, c.stop_reason = hit.safe_text, "content_filter", None
+                self._filtered.add(i)
+                self.metrics.error("content_filter_output")
+            c.text = text
+            kept.append(c)
+        chunk.choices = kept
+        return len(self._filtered) == self.num_choices
+
+    def finish(self) -> dict[str, float]:
+        """Observe the request's metrics; returns its latency breakdown in milliseconds."""
+        now = time.monotonic()
+        e2e = now - self.t0
+        self.metrics.e2e.observe(e2e)
+        n = self.completion_tokens
+        if self.first is not None and n > 1:
+            self.metrics.tpot.observe((self.last - self.first) / (n - 1))
+        out: dict[str, float] = {}
+        prev = self.arrival_unix
+        for key, name in _STAGES:
+            t = self.timings.get(key)
+            if t:
+                out[name] = round(max(t - prev, 0.0) * 1e3, 3)
+                prev = t
+        end_unix = self.arrival_unix + e2e
+        out["return"] = round(max(end_unix - prev, 0.0) * 1e3, 3)
+        out["total"] = round(e2e * 1e3, 3)
+        if self.first is not None:
+            out["ttft"] = round((self.first - self.t0) * 1e3, 3)
+        for name, ms in out.items():
+            if name not in ("total", "ttft"):
+                self.metrics.stage.labels(name).observe(ms / 1e3)
+        received, finished = self.timings.get("received_unix"), self.timings.get("finished_unix")
+        if received and finished and "routed_unix" in self.timings:  # behind a gateway
+            overhead = max(e2e - (finished - received), 0.0)
+            out["overhead"] = round(overhead * 1e3, 3)
+            self.metrics.overhead.observe(overhead)
+        return out
+
+
+def _server_timing(breakdown: dict[str, float]) -> str:
+    return ", ".join(f"{name};dur={ms:g}" for name, ms in breakdown.items())
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -408,7 +550,11 @@ async def _wait_disconnect(receive: Receive) -> None:
             return
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
+    length = _header(scope, b"content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise APIError(413, f"request body over this server's limit of {max_bytes} bytes", "invalid_request_error",
+                       None, "body_too_large")
     chunks = []
     size = 0
     while True:
@@ -417,8 +563,9 @@ async def _read_body(receive: Receive) -> bytes:
             raise APIError(499, "client disconnected", "invalid_request_error")
         body = msg.get("body", b"")
         size += len(body)
-        if size > MAX_BODY:
-            raise APIError(413, f"request body over {MAX_BODY} bytes", "invalid_request_error")
+        if size > max_bytes:
+            raise APIError(413, f"request body over this server's limit of {max_bytes} bytes",
+                           "invalid_request_error", None, "body_too_large")
         chunks.append(body)
         if not msg.get("more_body"):
             return b"".join(chunks)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from scalellm.protocol.errors import InvalidParameterError
 from scalellm.protocol.outputs import CompletionOutput, FinishReason, RequestMetrics, RequestOutput
 from scalellm.protocol.sampling_params import SamplingParams
 from scalellm.protocol.step import CoreRequest, EngineCoreOutput
@@ -73,6 +74,8 @@ class OutputProcessor:
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     max_output_tokens: int, priority: int = 0, arrival_time: float | None = None) -> CoreRequest:
         """Register a request; returns the core request of child 0 (start it now)."""
+        if params.resume_tokens > len(prompt_token_ids):
+            raise InvalidParameterError("resume_tokens", f"must be <= the prompt length ({len(prompt_token_ids)})")
         children = []
         for i in range(params.n):
             core_id = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -80,6 +83,8 @@ class OutputProcessor:
                 self.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,
             )
+            if params.resume_tokens:
+                detok.resume(prompt_token_ids[len(prompt_token_ids) - params.resume_tokens:], params.resume_chars)
             children.append(_Child(i, core_id, detok, logprobs=[] if params.logprobs is not None else None))
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         parent = _Parent(request_id, prompt, prompt_token_ids, params, priority, max_output_tokens, children,

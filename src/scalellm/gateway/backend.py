@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN,
               grpc.StatusCode.INTERNAL}
+# NOTE: RESOURCE_EXHAUSTED is the replica's queue being full: retried elsewhere, but it
+# is backpressure, not a fault, so it does not count against the replica's breaker.
+_REPLICA_FAULTS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 
 
 class NoReplicaError(ScaleLLMError):
@@ -50,6 +54,7 @@ class GatewayBackend:
         self.retry_backoff = retry_backoff
         self.num_retries = 0
         self.num_resumed = 0
+        self._closing: set[asyncio.Task] = set()
 
     @property
     def model_names(self) -> list[str]:
@@ -64,6 +69,10 @@ class GatewayBackend:
     def engine_gauges(self) -> dict[str, float]:
         healthy = [r for r in self.replicas if r.healthy]
         return {
+            **{f'gateway_replica_in_flight{{replica="{r.address}"}}': r.in_flight for r in self.replicas},
+            **{f'gateway_replica_breaker_state{{replica="{r.address}"}}': int(r.breaker.state) for r in self.replicas},
+            **{f'gateway_replica_requests_total{{replica="{r.address}"}}': r.num_requests for r in self.replicas},
+            **{f'gateway_replica_failures_total{{replica="{r.address}"}}': r.num_failures for r in self.replicas},
             "gateway_replicas_healthy": len(healthy),
             "gateway_replicas_total": len(self.replicas),
             "gateway_requests_in_flight": sum(r.in_flight for r in self.replicas),
@@ -87,20 +96,26 @@ class GatewayBackend:
                 break
             replica = self.policy.choose(candidates, call)
             tried.add(replica.address)
+            routed = time.time()
             stream = replica.generate(call)
             try:
-                return await stream.__anext__(), stream, replica
+                first = await stream.__anext__()
             except grpc.aio.AioRpcError as e:
                 await stream.aclose()
                 err = _to_error(e)
                 if e.code() not in _RETRYABLE:
                     raise err from None
-                if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    replica.healthy = False
+                if e.code() in _REPLICA_FAULTS:
+                    replica.record_failure(gone=e.code() == grpc.StatusCode.UNAVAILABLE)
                 last_error = err
                 self.num_retries += 1
                 logger.warning("replica %s failed before the first token (%s); retrying", replica.address, e.code())
                 await asyncio.sleep(self.retry_backoff * (2**attempt))
+            else:
+                replica.record_success()
+                if first.finished:
+                    first.timings["routed_unix"] = routed
+                return first, _stamped(stream, routed), replica
         raise NoReplicaError(f"no replica could take the request ({last_error or 'none healthy'})")
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[GenerateChunk]:
@@ -115,6 +130,7 @@ class GatewayBackend:
         prompt_ids = first.prompt_token_ids
         num_prompt = first.num_prompt_tokens
         produced: list[int] = []
+        produced_chars = 0
         resumed = False
         chunk: GenerateChunk | None = first
         try:
@@ -129,9 +145,10 @@ class GatewayBackend:
                         call.params.n == 1 and prompt_ids is not None
                     if not resumable:
                         raise _to_error(e) from None
-                    replica.healthy = e.code() != grpc.StatusCode.UNAVAILABLE and replica.healthy
+                    if e.code() != grpc.StatusCode.CANCELLED:
+                        replica.record_failure(gone=e.code() == grpc.StatusCode.UNAVAILABLE)
                     await stream.aclose()
-                    cont = self._continuation(call, prompt_ids, produced)
+                    cont = self._continuation(call, prompt_ids, produced, produced_chars)
                     if cont is None:
                         return
                     self.num_resumed += 1
@@ -142,6 +159,7 @@ class GatewayBackend:
                     continue
                 for c in chunk.choices:
                     produced.extend(c.token_ids)
+                    produced_chars += len(c.text)
                 if resumed:  # report the continuation as the same request
                     chunk.num_completion_tokens = len(produced)
                     chunk.num_prompt_tokens = num_prompt
@@ -153,16 +171,21 @@ class GatewayBackend:
         finally:
             await stream.aclose()
 
-    def _continuation(self, call: GenerateCall, prompt_ids: list[int], produced: list[int]) -> GenerateCall | None:
+    def _continuation(self, call: GenerateCall, prompt_ids: list[int], produced: list[int],
+                      produced_chars: int) -> GenerateCall | None:
+        """The rest of a stream as a new call: prompt + produced tokens, marked as a resume
+        so the replica continues exactly (seeded draws skipped, penalties and stop strings
+        see the earlier output, text picks up at the character the client has)."""
         p = call.params
         if p.max_tokens is not None and len(produced) >= p.max_tokens:
             return None
         params = replace(p, max_tokens=None if p.max_tokens is None else p.max_tokens - len(produced),
-                         min_tokens=max(p.min_tokens - len(produced), 0))
-        # NOTE: exact for greedy; a seeded request restarts its generator (not yet exact).
+                         min_tokens=max(p.min_tokens - len(produced), 0),
+                         resume_tokens=len(produced), resume_chars=produced_chars)
         return GenerateCall(f"{call.request_id}-resume{self.num_resumed}", call.model, params,
                             prompt=list(prompt_ids) + produced, priority=call.priority,
-                            deadline_unix=call.deadline_unix)
+                            deadline_unix=call.deadline_unix, trace_id=call.trace_id,
+                            arrival_unix=call.arrival_unix)
 
     async def tokenize(self, prompt: str | None, messages: list[dict] | None, add_special_tokens: bool) -> list[int]:
         healthy = [r for r in self.replicas if r.healthy]
@@ -172,3 +195,14 @@ class GatewayBackend:
 
     async def detokenize(self, tokens: list[int]) -> str:
         raise InvalidParameterError("tokens", "detokenize is served by replicas, not the gateway")
+
+
+async def _stamped(stream: AsyncIterator[GenerateChunk], routed: float) -> AsyncIterator[GenerateChunk]:
+    """Relay a replica's chunks, adding the gateway's routing time to the last one."""
+    try:
+        async for chunk in stream:
+            if chunk.finished:
+                chunk.timings["routed_unix"] = routed
+            yield chunk
+    finally:
+        await stream.aclose()

@@ -29,7 +29,8 @@ def call_to_proto(call: GenerateCall, deadline_unix: float = 0.0) -> pb.Generate
     req = pb.GenerateRequest(request_id=call.request_id, model=call.model, params=sampling_to_proto(call.params),
                              priority=call.priority, add_generation_prompt=call.add_generation_prompt,
                              include_prompt_text=True, include_prompt_token_ids=call.params.n == 1,
-                             deadline_unix=deadline_unix)
+                             deadline_unix=deadline_unix, trace_id=call.trace_id,
+                             resume_tokens=call.params.resume_tokens, resume_chars=call.params.resume_chars)
     if call.messages is not None:
         req.messages.CopyFrom(pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"])
                                                         for m in call.messages]))
@@ -52,6 +53,10 @@ def chunk_from_proto(resp: pb.GenerateResponse) -> GenerateChunk:
     if resp.finished:
         t = resp.timings
         timings = {k: v for k, v in (("queue", t.queue), ("ttft", t.ttft), ("tpot", t.tpot), ("e2e", t.e2e)) if v}
+        s = resp.timestamps
+        timings.update((k, v) for k, v in (
+            ("received_unix", s.received), ("queued_unix", s.queued), ("first_scheduled_unix", s.first_scheduled),
+            ("first_token_unix", s.first_token), ("finished_unix", s.finished)) if v)
     return GenerateChunk(choices, resp.prompt_text if resp.HasField("prompt_text") else None, resp.prompt_tokens,
                          resp.completion_tokens, resp.finished, timings,
                          list(resp.prompt_token_ids) if resp.prompt_token_ids else None)

@@ -1,5 +1,10 @@
 """One replica as the gateway sees it: a persistent HTTP/2 channel, its latest Load
-report (streamed), the gateway's own count of requests in flight, and health."""
+report (streamed), the gateway's own count of requests in flight, a circuit breaker
+fed by passive errors and active health probes, and its pool.
+
+`healthy` (may take new requests) = the Load stream is up, the breaker is closed and
+the replica is not being removed.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from scalellm.gateway.convert import call_to_proto, chunk_from_proto
+from scalellm.gateway.health import BreakerState, CircuitBreaker
 from scalellm.protocol.generation import GenerateCall, GenerateChunk
 from scalellm.protocol.grpc import replica_pb2 as pb
 from scalellm.protocol.grpc import replica_pb2_grpc as pb_grpc
@@ -18,33 +24,57 @@ logger = logging.getLogger(__name__)
 
 
 class ReplicaClient:
-    def __init__(self, address: str, load_interval_ms: int = 100) -> None:
+    def __init__(self, address: str, pool: str = "default", load_interval_ms: int = 100,
+                 probe_interval: float = 1.0, probe_timeout: float = 5.0,
+                 breaker: CircuitBreaker | None = None) -> None:
         self.address = address
+        self.pool = pool
         self.load_interval_ms = load_interval_ms
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.breaker = breaker or CircuitBreaker()
         # NOTE: grpc.aio channels bind to the running event loop: made in start(), not here.
         self.channel: grpc.aio.Channel | None = None
         self.stub: pb_grpc.ReplicaStub | None = None
         self.load = pb.LoadResponse()
         self.in_flight = 0  # requests this gateway has open on the replica
-        self.healthy = False
+        self.connected = False  # the Load stream is up
+        self.removing = False  # being removed: finish what runs, take nothing new
         self.models: list[str] = []
         self.max_model_len = 0
-        self._task: asyncio.Task | None = None
+        self.num_requests = 0
+        self.num_failures = 0
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def healthy(self) -> bool:
+        return self.connected and not self.removing and self.breaker.allows_requests()
 
     async def start(self) -> None:
         self.channel = grpc.aio.insecure_channel(self.address,
                                                  options=[("grpc.max_receive_message_length", 64 << 20)])
         self.stub = pb_grpc.ReplicaStub(self.channel)
-        self._task = asyncio.create_task(self._watch_load())
+        self._tasks = [asyncio.create_task(self._watch_load()), asyncio.create_task(self._probe())]
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for t in self._tasks:
+            t.cancel()
         if self.channel is not None:
             await self.channel.close()
 
+    def record_success(self) -> None:
+        self.breaker.success()
+
+    def record_failure(self, gone: bool = False) -> None:
+        """A failure on the replica's side; `gone`: it is unreachable (open the breaker now)."""
+        self.num_failures += 1
+        before = self.breaker.state
+        self.breaker.trip() if gone else self.breaker.failure()
+        if before != BreakerState.OPEN and self.breaker.state == BreakerState.OPEN:
+            logger.warning("replica %s: circuit breaker open", self.address)
+
     async def _watch_load(self) -> None:
-        """Stream Load reports; on failure mark unhealthy and retry with backoff."""
+        """Stream Load reports; on failure mark disconnected and retry with backoff."""
         backoff = 0.1
         while True:
             try:
@@ -52,19 +82,40 @@ class ReplicaClient:
                 self.models, self.max_model_len = list(models.models), models.max_model_len
                 async for load in self.stub.StreamLoad(pb.LoadRequest(interval_ms=self.load_interval_ms)):
                     self.load = load
-                    self.healthy = True
+                    self.connected = True
                     backoff = 0.1
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
-                if self.healthy:
+                if self.connected:
                     logger.warning("replica %s unreachable: %s", self.address, e.code())
-                self.healthy = False
+                self.connected = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
+    async def _probe(self) -> None:
+        """Active health probes: a failed or not-ready probe counts as a failure; a good one
+        closes a half-open breaker. Probes faster while the breaker is not closed."""
+        while True:
+            state = self.breaker.state
+            await asyncio.sleep(self.probe_interval if state == BreakerState.CLOSED else self.probe_interval / 4)
+            try:
+                ok = (await self.stub.Health(pb.HealthRequest(), timeout=self.probe_timeout)).ready
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError:
+                ok = False
+            before = self.breaker.state
+            if ok:
+                self.breaker.success()
+                if before == BreakerState.HALF_OPEN:
+                    logger.warning("replica %s: probe succeeded, circuit breaker closed", self.address)
+            else:
+                self.record_failure()
+
     async def generate(self, call: GenerateCall) -> AsyncIterator[GenerateChunk]:
         self.in_flight += 1
+        self.num_requests += 1
         stream = self.stub.Generate(call_to_proto(call, call.deadline_unix))
         try:
             async for resp in stream:
@@ -81,3 +132,10 @@ class ReplicaClient:
         else:
             req.prompt = prompt or ""
         return list((await self.stub.Tokenize(req, timeout=10)).tokens)
+
+    def describe(self) -> dict:
+        return {"address": self.address, "pool": self.pool, "healthy": self.healthy, "connected": self.connected,
+                "breaker": self.breaker.state.name.lower(), "removing": self.removing, "in_flight": self.in_flight,
+                "models": self.models, "num_requests": self.num_requests, "num_failures": self.num_failures,
+                "load": {"running": self.load.num_running, "waiting": self.load.num_waiting,
+                         "kv_blocks_used": self.load.kv_blocks_used, "kv_blocks_total": self.load.kv_blocks_total}}

@@ -10,7 +10,13 @@
   when the chosen replica's load exceeds the least loaded one's by more than
   `imbalance` requests, it falls back to least_load.
 
-Policies see only ReplicaClient-like objects (address, in_flight, load, healthy).
+- adaptive: replicas are grouped in pools; while the gateway has fewer than
+  `threshold` requests in flight, calls go to the low-latency pool (e.g. one replica
+  with high tensor parallelism), above it to the high-throughput pool (e.g. many
+  small replicas); within a pool an inner policy (least_load) picks. A pool with no
+  healthy replica left falls back to the other.
+
+Policies see only ReplicaClient-like objects (address, pool, in_flight, load, healthy).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from scalellm.protocol.generation import GenerateCall
 
 class ReplicaView(Protocol):
     address: str
+    pool: str
     in_flight: int
     healthy: bool
 
@@ -117,11 +124,35 @@ class PrefixAffinity:
         return chosen
 
 
+class AdaptivePools:
+    name = "adaptive"
+
+    def __init__(self, latency_pool: str = "latency", throughput_pool: str = "throughput", threshold: int = 16,
+                 inner: Policy | None = None) -> None:
+        if threshold < 1:
+            raise ValueError("adaptive threshold must be >= 1")
+        self.latency_pool = latency_pool
+        self.throughput_pool = throughput_pool
+        self.threshold = threshold
+        self.inner = inner or LeastLoad()
+
+    def pool_for(self, in_flight: int) -> str:
+        return self.latency_pool if in_flight < self.threshold else self.throughput_pool
+
+    def choose(self, replicas: list[ReplicaView], call: GenerateCall) -> ReplicaView:
+        want = self.pool_for(sum(r.in_flight for r in replicas))
+        pool = [r for r in replicas if r.pool == want]
+        return self.inner.choose(pool or replicas, call)
+
+
 POLICIES = {"round_robin": RoundRobin, "least_load": LeastLoad, "power_of_two": PowerOfTwo,
-            "prefix_affinity": PrefixAffinity}
+            "prefix_affinity": PrefixAffinity, "adaptive": AdaptivePools}
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, **options: object) -> Policy:
     if name not in POLICIES:
         raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(POLICIES)}")
-    return POLICIES[name]()
+    try:
+        return POLICIES[name](**options)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise ValueError(f"bad options for routing policy {name!r}: {e}") from None

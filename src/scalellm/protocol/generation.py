@@ -21,6 +21,8 @@ class GenerateCall:
     add_generation_prompt: bool = True
     priority: int = 0
     deadline_unix: float = 0.0  # 0: none; past it the request is aborted end to end
+    trace_id: str = ""  # the client's x-request-id (or ours): logs on every hop; need not be unique
+    arrival_unix: float = 0.0  # when the first server on the path received it (latency breakdown)
 
 
 @dataclass(slots=True)
@@ -48,5 +50,8 @@ class GenerateChunk:
     num_prompt_tokens: int
     num_completion_tokens: int  # cumulative over all choices
     finished: bool
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: queue, prefill, decode, e2e
+    # On the last chunk. Durations in seconds (queue, ttft, tpot, e2e) and unix stamps of
+    # the request's life, each hop adding its own: routed_unix (gateway), received_unix,
+    # queued_unix, first_scheduled_unix, first_token_unix, finished_unix (replica).
+    timings: dict[str, float] = field(default_factory=dict)
     prompt_token_ids: list[int] | None = None  # on the first chunk (lets the gateway resume a stream)

@@ -47,6 +47,12 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per sampled position (0: only the sampled token)
     prompt_logprobs: None = None  # not supported yet; present so callers get a clear error
     skip_special_tokens: bool = True
+    # A resumed stream (set by the gateway, never by users): the last `resume_tokens`
+    # prompt tokens are this request's own earlier output, of which the client already
+    # has the first `resume_chars` characters. Sampling continues exactly (seeded draws
+    # skipped, penalties count them as output); text resumes at that character.
+    resume_tokens: int = 0
+    resume_chars: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -81,6 +87,9 @@ class SamplingParams:
             raise InvalidParameterError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.prompt_logprobs is not None:
             raise InvalidParameterError("prompt_logprobs", "is not supported yet")
+        if not isinstance(self.resume_tokens, int) or not isinstance(self.resume_chars, int) \
+                or self.resume_tokens < 0 or self.resume_chars < 0:
+            raise InvalidParameterError("resume_tokens", "resume_tokens and resume_chars must be >= 0")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidParameterError("stop", f"each stop string must be a non-empty string, got {s!r}")

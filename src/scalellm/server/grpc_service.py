@@ -24,7 +24,7 @@ from scalellm.server.backend import EngineBackend
 from scalellm.server.core_client import EngineDeadError
 
 
-def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
+def sampling_from_proto(p: pb.SamplingParams, resume_tokens: int = 0, resume_chars: int = 0) -> SamplingParams:
     return SamplingParams(
         n=p.n or 1,
         temperature=p.temperature if p.HasField("temperature") else 1.0,
@@ -43,6 +43,8 @@ def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
         include_stop_str_in_output=p.include_stop_str_in_output,
         logprobs=p.logprobs if p.HasField("logprobs") else None,
         skip_special_tokens=p.skip_special_tokens if p.HasField("skip_special_tokens") else True,
+        resume_tokens=resume_tokens,
+        resume_chars=resume_chars,
     )
 
 
@@ -93,9 +95,11 @@ class ReplicaService(pb_grpc.ReplicaServicer):
             params=SamplingParams(),
             priority=request.priority,
             add_generation_prompt=request.add_generation_prompt,
+            trace_id=request.trace_id,
+            arrival_unix=received,
         )
         try:
-            call.params = sampling_from_proto(request.params)
+            call.params = sampling_from_proto(request.params, request.resume_tokens, request.resume_chars)
             if which == "prompt":
                 call.prompt = request.prompt
             elif which == "prompt_token_ids":

@@ -114,6 +114,17 @@ class IncrementalDetokenizer:
             self._append(text)
         return self._stop
 
+    def resume(self, earlier_ids: Sequence[int], emitted_chars: int) -> None:
+        """Continue a stream begun elsewhere: `earlier_ids` were generated before and the
+        client has the first `emitted_chars` characters of their text. Afterwards this
+        object behaves as if it had produced them itself and handed out that much text,
+        so a character split across the boundary or a held-back stop-string prefix is
+        not lost."""
+        if self._ids:
+            raise RuntimeError("resume() must come before any update()")
+        self.update(earlier_ids)
+        self._take(min(emitted_chars, len(self._unemitted)))
+
     def take_delta(self) -> str:
         """Text that is safe to emit now; never half a character nor a possible stop-string start."""
         if self._finished or self._stop is not None or self._include_stop:

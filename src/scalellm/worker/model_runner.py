@@ -76,6 +76,11 @@ class ModelRunner:
         gen = old.generator if old is not None else None
         if gen is None and data.sampling_params.seed is not None:
             gen = torch.Generator(device="cpu").manual_seed(data.sampling_params.seed + data.seed_offset)
+            if data.sampling_params.resume_tokens and not data.sampling_params.is_greedy:
+                # NOTE: a resumed stream continues the same random sequence: each sampled
+                # token drew one vocab-sized exponential vector (sampler._draw); skip them.
+                for _ in range(data.sampling_params.resume_tokens):
+                    torch.empty(self.args.vocab_size).exponential_(generator=gen)
         self.states[data.request_id] = RequestState(
             request_id=data.request_id,
             token_ids=list(data.all_token_ids),

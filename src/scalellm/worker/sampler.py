@@ -30,13 +30,16 @@ class SamplingRow:
     generator: torch.Generator | None  # seeded requests only
 
     # NOTE: slices are taken only by penalties, so plain rows cost no copy per step.
+    # Penalties count a resumed stream's earlier output (params.resume_tokens, the end
+    # of the prompt) as output; min_tokens counts only this replica's (the gateway
+    # lowered it by what was produced before).
     @property
     def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
+        return self.token_ids[: self.num_prompt_tokens - self.params.resume_tokens]
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return self.token_ids[self.num_prompt_tokens - self.params.resume_tokens :]
 
     @property
     def num_output_tokens(self) -> int:

@@ -65,7 +65,7 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "prompt_token_ids", "messages", "params", "priority", "deadline_unix", "add_generation_prompt", "include_prompt_text", "include_prompt_token_ids")
+    __slots__ = ("request_id", "model", "prompt", "prompt_token_ids", "messages", "params", "priority", "deadline_unix", "add_generation_prompt", "include_prompt_text", "include_prompt_token_ids", "trace_id", "resume_tokens", "resume_chars")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,9 @@ class GenerateRequest(_message.Message):
     ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_CHARS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -88,7 +91,10 @@ class GenerateRequest(_message.Message):
     add_generation_prompt: bool
     include_prompt_text: bool
     include_prompt_token_ids: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., add_generation_prompt: _Optional[bool] = ..., include_prompt_text: _Optional[bool] = ..., include_prompt_token_ids: _Optional[bool] = ...) -> None: ...
+    trace_id: str
+    resume_tokens: int
+    resume_chars: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., add_generation_prompt: _Optional[bool] = ..., include_prompt_text: _Optional[bool] = ..., include_prompt_token_ids: _Optional[bool] = ..., trace_id: _Optional[str] = ..., resume_tokens: _Optional[int] = ..., resume_chars: _Optional[int] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "token", "logprob")
