@@ -251,3 +251,118 @@ def test_batched_greedy_equals_transformers(tiny_moe_models, name):
     num_tokens = sum(PROMPT_LENS) + len(prompts) * (NEW_TOKENS - 1)
     load = model.read_expert_load()
     assert load and all(sum(c) == num_tokens * model.args.moe.top_k for c in load.values())
+
+
+# ---------------------------------------------------------------------------- GGUF
+
+_GGUF_LAYER = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.gate": "ffn_gate_inp",
+}
+_GGUF_EXPERTS = {"w1": "ffn_gate", "gate_proj": "ffn_gate", "w3": "ffn_up", "up_proj": "ffn_up",
+                 "w2": "ffn_down", "down_proj": "ffn_down"}
+
+
+def _write_moe_gguf(hf_dir: str, out: str, arch: str, qtype, stacked: bool = True) -> str:
+    """What llama.cpp's converter writes for an HF MoE checkpoint: expert stacks [E, rows,
+    cols] as `ffn_*_exps` (stacked=False: the older per-expert `ffn_*.{e}`), the router as
+    `ffn_gate_inp`, Mixtral (arch llama) Q/K permuted."""
+    import re
+
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+    from safetensors.torch import load_file
+
+    cfg = json.loads(open(os.path.join(hf_dir, "config.json")).read())
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    num_experts = cfg.get("num_experts") or cfg["num_local_experts"]
+    tensors: dict[str, np.ndarray] = {}
+    stacks: dict[str, list[np.ndarray | None]] = {}
+    for name, w in load_file(os.path.join(hf_dir, "model.safetensors")).items():
+        if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            tensors[{"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]] = w.numpy()
+            continue
+        if m := re.match(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$", name):
+            stack = stacks.setdefault(f"blk.{m.group(1)}.{_GGUF_EXPERTS[m.group(3)]}_exps.weight", [None] * num_experts)
+            stack[int(m.group(2))] = w.numpy()
+            continue
+        _, _, layer, rest = name.split(".", 3)
+        module, kind = rest.rsplit(".", 1)
+        if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
+            n = heads if module == "self_attn.q_proj" else kv_heads
+            w = w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        tensors[f"blk.{layer}.{_GGUF_LAYER[module]}.{kind}"] = w.numpy()
+    for name, ws in stacks.items():
+        if stacked:
+            tensors[name] = np.stack(ws)  # type: ignore[arg-type]
+        else:
+            tensors |= {name.replace("_exps.", f".{e}."): w for e, w in enumerate(ws)}  # type: ignore[misc]
+    writer = gguf.GGUFWriter(out, arch)
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    writer.add_expert_count(num_experts)
+    writer.add_expert_used_count(cfg["num_experts_per_tok"])
+    if arch == "qwen3moe":
+        writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    writer.add_token_list([f"t{i}" for i in range(cfg["vocab_size"])])
+    writer.add_eos_token_id(0)
+    for name, w in tensors.items():
+        q = gguf.GGMLQuantizationType.F32 if w.ndim == 1 or "ffn_gate_inp" in name else qtype
+        writer.add_tensor(name, w if q == gguf.GGMLQuantizationType.F32 else quantize(w, q), raw_dtype=q)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+@pytest.mark.parametrize("name,arch", [("mixtral", "llama"), ("qwen3_moe_all", "qwen3moe")])
+def test_gguf_moe_logits_match_transformers(tmp_path, tiny_moe_models, name, arch):
+    """F32 GGUF files written the way llama.cpp lays out MoE models load to the same logits."""
+    from gguf import GGMLQuantizationType as Q
+
+    from conftest import build_tiny_model
+
+    if name == "qwen3_moe_all":  # llama.cpp's qwen3moe: every layer MoE, top-k renormalised
+        hf_dir = build_tiny_model(str(tmp_path / "hf"), "qwen3_moe", norm_topk_prob=True)
+    else:
+        hf_dir = tiny_moe_models[name]
+    path = _write_moe_gguf(hf_dir, str(tmp_path / "m.gguf"), arch, Q.F32)
+    ours, args = _our_model(path)
+    assert args.architecture == json.loads(open(os.path.join(hf_dir, "config.json")).read())["architectures"][0]
+    assert args.moe is not None and args.moe.renormalize and not args.moe.dense_layer_ids
+    ids = list(range(5, 36))
+    torch.testing.assert_close(_prefill_logits(ours, args, ids), _reference_logits(hf_dir, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_gguf_moe_quantized_experts_split_per_expert(tmp_path, tiny_moe_models, stacked):
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quantize
+    from safetensors.torch import load_file
+
+    from scalellm.loader.gguf_loader import iter_gguf_weights
+
+    hf_dir = tiny_moe_models["mixtral"]
+    path = _write_moe_gguf(hf_dir, str(tmp_path / "q.gguf"), "llama", Q.Q8_0, stacked)
+    ours = dict(iter_gguf_weights(path))
+    hf = load_file(os.path.join(hf_dir, "model.safetensors"))
+    assert set(ours) == set(hf)
+    w = hf["model.layers.1.block_sparse_moe.experts.3.w2.weight"].numpy()
+    want = np.asarray(dequantize(quantize(w, Q.Q8_0), Q.Q8_0), np.float32).reshape(w.shape)
+    assert torch.equal(ours["model.layers.1.block_sparse_moe.experts.3.w2.weight"], torch.from_numpy(want))
+    router = "model.layers.0.block_sparse_moe.gate.weight"
+    assert torch.equal(ours[router], hf[router])  # routers stay float32

@@ -2,8 +2,12 @@
 
 What this module knows:
   * the GGUF metadata keys llama.cpp's `convert_hf_to_gguf.py` writes for the decoder-only
-    architectures `llama`, `qwen2` and `qwen3`, and how they map back onto the fields of the
-    model's HF `config.json` (`read_gguf_config`);
+    architectures `llama`, `qwen2`, `qwen3` and `qwen3moe`, and how they map back onto the
+    fields of the model's HF `config.json` (`read_gguf_config`); a `llama` file with
+    `llama.expert_count` is Mixtral;
+  * mixture-of-experts tensors: the router `ffn_gate_inp` and the expert stacks
+    `ffn_{gate,up,down}_exps` [E, ...] (or the older per-expert `ffn_{gate,up,down}.{e}`),
+    returned as the per-expert HF names of Mixtral / Qwen3-MoE checkpoints;
   * the GGUF tensor names of those architectures and their HF parameter names
     (`iter_gguf_weights`), including undoing the converter's rotary row permutation of the
     Q/K projections, which it applies to `llama` only (its Qwen2/Qwen3 classes keep the
@@ -12,10 +16,10 @@ What this module knows:
     factors, not as metadata) and how to recover the HF `rope_scaling` dict from it.
 
 What it does not know: the tokenizer (GGUF's `tokenizer.ggml.*` arrays are read only for
-the vocab size and special ids), split GGUF files (`*-00001-of-0000N.gguf`), MoE or other
-architectures, the chat template, or anything about building the model; dequantization
-lives in `scalellm.quant.gguf_dequant`. Every weight is returned as float32; casting to the
-serving dtype is the caller's job.
+the vocab size and special ids), split GGUF files (`*-00001-of-0000N.gguf`), shared
+experts (Qwen2-MoE, DeepSeek) or other architectures, the chat template, or anything about
+building the model; dequantization lives in `scalellm.quant.gguf_dequant`. Every weight is
+returned as float32; casting to the serving dtype is the caller's job.
 """
 
 from __future__ import annotations
@@ -50,7 +54,10 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
+# A `llama` file with experts (llama.expert_count) is Mixtral.
+_MIXTRAL = ("mixtral", "MixtralForCausalLM")
 
 # Architectures whose Q/K rows llama.cpp's converter permutes (LlamaModel.permute).
 _PERMUTED_ARCHS = frozenset({"llama"})
@@ -76,6 +83,16 @@ _LAYER_TENSORS = {
     "ffn_down": "mlp.down_proj",
 }
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+# Mixture-of-experts tensors -> HF names under layer i, for (Mixtral, Qwen3-MoE); "{e}" is the
+# expert. Stacks [E, rows, cols] are split into one HF tensor per expert.
+_MOE_TENSORS = {
+    "ffn_gate_inp": ("block_sparse_moe.gate", "mlp.gate"),
+    "ffn_gate": ("block_sparse_moe.experts.{e}.w1", "mlp.experts.{e}.gate_proj"),
+    "ffn_up": ("block_sparse_moe.experts.{e}.w3", "mlp.experts.{e}.up_proj"),
+    "ffn_down": ("block_sparse_moe.experts.{e}.w2", "mlp.experts.{e}.down_proj"),
+}
+_MOE_RE = re.compile(r"^blk\.(\d+)\.(ffn_gate_inp|ffn_gate|ffn_up|ffn_down)(_exps|\.\d+)?\.weight$")
 
 # Tensors that hold no model parameter, skipped on purpose:
 #   rope_freqs.weight   Llama-3 rope scaling factors, folded into config["rope_scaling"]
@@ -295,7 +312,34 @@ def read_gguf_config(path: str) -> dict[str, Any]:
         "bos_token_id": _value(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _value(reader, "tokenizer.ggml.eos_token_id"),
     }
+    config |= _moe_config(reader, arch, config["num_hidden_layers"], path)
     return config
+
+
+def _moe_config(reader: GGUFFile, arch: str, num_layers: int, path: str) -> dict[str, Any]:
+    """Mixtral / Qwen3-MoE fields; {} for a dense model."""
+    num_experts = _value(reader, f"{arch}.expert_count") or 0
+    if not num_experts:
+        if arch == "qwen3moe":
+            raise ModelLoadError(f"{path}: GGUF metadata key 'qwen3moe.expert_count' is missing")
+        return {}
+    if arch not in ("llama", "qwen3moe"):
+        raise UnsupportedModelError(f"{path}: mixture-of-experts {arch!r} GGUF files are not supported")
+    top_k = _required(reader, f"{arch}.expert_used_count", path)
+    if arch == "llama":
+        return {"architectures": [_MIXTRAL[1]], "model_type": _MIXTRAL[0], "num_local_experts": num_experts,
+                "num_experts_per_tok": top_k}
+    dense = [i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in reader.tensors]
+    return {
+        "num_experts": num_experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": _required(reader, f"{arch}.expert_feed_forward_length", path),
+        # NOTE: llama.cpp renormalises Qwen3-MoE's top-k weights unconditionally (the released
+        # checkpoints say norm_topk_prob=true) and its converter does not record it; honour
+        # expert_weights_norm when a writer does.
+        "norm_topk_prob": _value(reader, f"{arch}.expert_weights_norm") is not False,
+        "mlp_only_layers": dense,  # layers without a router, if a writer kept any dense
+    }
 
 
 # ---------------------------------------------------------------------------- weights
@@ -326,17 +370,40 @@ def unpermute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(weight.shape).contiguous()
 
 
+def _moe_weights(
+    match: re.Match[str], weight: torch.Tensor, is_mixtral: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs of one MoE GGUF tensor: the router, or an expert stack split
+    per expert ([E, rows, cols] -> E x [rows, cols], views), or one old-style expert."""
+    layer, stem, suffix = match.groups()
+    name = f"model.layers.{layer}.{_MOE_TENSORS[stem][0 if is_mixtral else 1]}.weight"
+    if stem == "ffn_gate_inp":
+        yield name, weight
+    elif suffix == "_exps":
+        for e in range(weight.shape[0]):
+            yield name.format(e=e), weight[e]
+    else:
+        yield name.format(e=int(suffix[1:])), weight
+
+
 def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF parameter name, float32 tensor) for every parameter tensor, in file order.
 
     `lm_head.weight` appears only when the file has `output.weight` (untied head).
     Non-parameter tensors (rope_freqs) are skipped; any other unknown name raises
-    ModelLoadError. Tensors are decoded one at a time from the memory-mapped file.
+    ModelLoadError. Tensors are decoded one at a time from the memory-mapped file; an
+    expert stack becomes one HF tensor per expert.
     """
     reader = open_gguf(path)
     arch = _architecture(reader, path)
     n_head, n_kv = _head_counts(reader, arch, path)
+    has_experts = bool(_value(reader, f"{arch}.expert_count"))
     for t in reader.tensors.values():
+        moe = _MOE_RE.match(t.name) if has_experts else None
+        if moe is not None and (moe.group(2) == "ffn_gate_inp" or moe.group(3)):
+            weight = dequantize(reader.tensor_data(t.name), t.ggml_type, t.shape, name=t.name)
+            yield from _moe_weights(moe, weight, arch == "llama")
+            continue
         hf_name = _hf_name(t.name)
         if hf_name is None:
             continue
