@@ -88,6 +88,12 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from scalellm.bench.cli import run
+
+    return run(a)
+
+
 def _replica_args(a: argparse.Namespace) -> list[str]:
     """Engine flags to pass on to `scalellm replica` processes."""
     out = ["--dtype", a.dtype, "--device", a.device, "--max-num-batched-tokens", str(a.max_num_batched_tokens),
@@ -181,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gguf", default=None, help="GGUF file (default: the embedded model)")
     c.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     c.set_defaults(func=cmd_convert)
+    b = sub.add_parser("bench", help="measure latency and throughput of an OpenAI-compatible endpoint")
+    from scalellm.bench.cli import add_arguments as add_bench_arguments  # argparse only: cheap
+
+    add_bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
     return parser
 
 
