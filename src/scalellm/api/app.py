@@ -109,9 +109,10 @@ class OpenAIApp:
         except Exception as e:  # noqa: BLE001 - every error becomes an OpenAI error body
             err = from_exception(e)
             if err.status == 500:
-                logger.exception("error on %s (request_id=%s)", path, trace)
+                logger.exception("error on %s (request_id=%s)", path, trace, extra={"request_id": trace})
             elif err.status >= 400:
-                logger.info("request_id=%s %s -> %d %s", trace, path, err.status, err.code or err.type)
+                logger.info("request_id=%s %s -> %d %s", trace, path, err.status, err.code or err.type,
+                            extra={"request_id": trace, "status": err.status})
             await _send_json(send, err.status, err.body(), {**err.headers, "x-request-id": trace})
             status = err.status
             self.metrics.error(err.code or err.type)
@@ -319,7 +320,7 @@ class OpenAIApp:
             except Exception as e:  # noqa: BLE001 - mid-stream failure: an error event, then [DONE]
                 err = from_exception(e)
                 self.metrics.error(err.code or err.type)
-                logger.info("request_id=%s failed mid-stream: %s", trace, err.message)
+                logger.info("request_id=%s failed mid-stream: %s", trace, err.message, extra={"request_id": trace})
                 await _sse(send, {"error": {"message": err.message, "type": err.type, "param": err.param,
                                             "code": err.code}})
                 return

@@ -77,7 +77,8 @@ class Guard:
         if authorization is not None and authorization[:7].lower() == "bearer ":
             key = self.keys.lookup(authorization[7:].strip())
         if key is None:
-            logger.warning("rejected request_id=%s reason=invalid_api_key", request_id)
+            logger.warning("rejected request_id=%s reason=invalid_api_key", request_id,
+                           extra={"request_id": request_id, "reason": "invalid_api_key"})
             raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", "invalid_request_error",
                            None, "invalid_api_key")
         return key
@@ -93,7 +94,8 @@ class Guard:
         return st
 
     def _reject(self, request_id: str, key: ApiKey, reason: str) -> None:
-        logger.warning("rejected request_id=%s key_id=%s reason=%s", request_id, key.key_id, reason)
+        logger.warning("rejected request_id=%s key_id=%s reason=%s", request_id, key.key_id, reason,
+                       extra={"request_id": request_id, "key_id": key.key_id, "reason": reason})
 
     # -- before the backend ------------------------------------------------------------
     def check_request(self, key: ApiKey, request_id: str, prompts: list[Any] | None,

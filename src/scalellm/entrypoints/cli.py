@@ -108,14 +108,22 @@ def _replica_args(a: argparse.Namespace) -> list[str]:
     return out
 
 
+def _gateway_config(a: argparse.Namespace, replicas: list[str]):  # type: ignore[no-untyped-def]
+    from scalellm.gateway.config import load_config
+
+    return load_config(getattr(a, "config", None), replicas=replicas, host=a.host, port=a.port,
+                       policy=a.policy, api_key=a.api_key, api_key_file=a.api_key_file, admin_key=a.admin_key,
+                       max_retries=getattr(a, "max_retries", None), drain_timeout=a.drain_timeout,
+                       log_level=a.log_level)
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     if getattr(a, "replicas", 1) > 1:
         from scalellm.gateway.launcher import ReplicaGroup
-        from scalellm.gateway.serve import GatewayConfig, run_gateway
+        from scalellm.gateway.serve import run_gateway
 
         group = ReplicaGroup(a.replicas, _replica_args(a))
-        return run_gateway(GatewayConfig(host=a.host, port=a.port, policy=a.policy, api_key=a.api_key,
-                                         drain_timeout=a.drain_timeout, log_level=a.log_level), group)
+        return run_gateway(_gateway_config(a, []), group)
     from scalellm.engine.config import EngineConfig
     from scalellm.server.serve import ServeConfig, run_server
 
@@ -128,16 +136,26 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_gateway(a: argparse.Namespace) -> int:
-    from scalellm.gateway.serve import GatewayConfig, run_gateway
+    from scalellm.gateway.serve import run_gateway
 
-    return run_gateway(GatewayConfig(replicas=a.replica, host=a.host, port=a.port, policy=a.policy,
-                                     api_key=a.api_key, max_retries=a.max_retries, drain_timeout=a.drain_timeout,
-                                     log_level=a.log_level))
+    return run_gateway(_gateway_config(a, a.replica))
+
+
+_POLICIES = ["round_robin", "least_load", "power_of_two", "prefix_affinity", "adaptive"]
+
+
+def _add_gateway_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", default=None, choices=_POLICIES, help="routing policy (default: least_load)")
+    p.add_argument("--api-key-file", default=None, help="file of API keys, one `key_id:secret` per line "
+                   "(also SCALELLM_API_KEY_FILE / SCALELLM_API_KEYS)")
+    p.add_argument("--admin-key", default=None, help="key for the /admin API (also SCALELLM_ADMIN_KEY)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalellm", description="ScaleLLM: end-to-end LLM serving")
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one object per line (time, level, logger, message, request_id where known)")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="offline generation")
     _add_engine_args(g)
@@ -165,8 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--replicas", type=int, default=1,
                            help="N > 1: a gateway in front of N local replica processes")
-            s.add_argument("--policy", default="least_load",
-                           choices=["round_robin", "least_load", "power_of_two", "prefix_affinity"])
+            _add_gateway_args(s)
         s.add_argument("--served-model-name", default=None)
         s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
         s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")
@@ -174,13 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=cmd_serve)
     gw = sub.add_parser("gateway", help="OpenAI front routing over replicas' gRPC services (no torch)")
     gw.add_argument("--replica", action="append", default=[], help="HOST:PORT of a replica's gRPC service (repeat)")
-    gw.add_argument("--host", default="127.0.0.1")
-    gw.add_argument("--port", type=int, default=8000)
-    gw.add_argument("--policy", default="least_load",
-                    choices=["round_robin", "least_load", "power_of_two", "prefix_affinity"])
-    gw.add_argument("--api-key", default=None)
-    gw.add_argument("--max-retries", type=int, default=2, help="retries on another replica before the first token")
-    gw.add_argument("--drain-timeout", type=float, default=30.0)
+    gw.add_argument("--config", default=None, help="TOML file: replicas and pools, keys, limits, filters "
+                    "(see scalellm.gateway.config); flags win over it")
+    gw.add_argument("--host", default=None)
+    gw.add_argument("--port", type=int, default=None)
+    _add_gateway_args(gw)
+    gw.add_argument("--api-key", default=None, help="one API key (id `cli`)")
+    gw.add_argument("--max-retries", type=int, default=None, help="retries on another replica before the first token")
+    gw.add_argument("--drain-timeout", type=float, default=None)
     gw.set_defaults(func=cmd_gateway)
     c = sub.add_parser("convert-gguf", help="write a GGUF model as an HF directory (config, safetensors, tokenizer)")
     c.add_argument("out_dir")
@@ -198,7 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.log_format == "json":
+        from scalellm.api.logs import JSONFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JSONFormatter())
+        logging.basicConfig(level=a.log_level.upper(), handlers=[handler])
+    else:
+        logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return a.func(a)
     except ScaleLLMError as e:

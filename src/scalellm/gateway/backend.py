@@ -84,6 +84,26 @@ class GatewayBackend:
             "kv_cache_blocks_total": sum(r.load.kv_blocks_total for r in healthy),
         }
 
+    async def add_replica(self, address: str, pool: str = "default") -> ReplicaClient:
+        client = ReplicaClient(address, pool)
+        await client.start()
+        self.replicas = [*self.replicas, client]  # NOTE: a new list: iterations in flight keep theirs
+        return client
+
+    async def remove_replica(self, address: str, drain_timeout: float) -> bool:
+        """Take no new requests, let in-flight ones finish (up to the timeout), drop it.
+        Returns whether it drained fully (streams still running then are resumed elsewhere)."""
+        client = next(r for r in self.replicas if r.address == address)
+        client.removing = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + drain_timeout
+        while client.in_flight and loop.time() < end:
+            await asyncio.sleep(0.05)
+        drained = client.in_flight == 0
+        self.replicas = [r for r in self.replicas if r is not client]
+        await client.close()
+        return drained
+
     def _candidates(self, call: GenerateCall, tried: set[str]) -> list[ReplicaClient]:
         return [r for r in self.replicas if r.healthy and r.address not in tried and call.model in r.models]
 

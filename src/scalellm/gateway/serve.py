@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 import uvicorn
 
 from scalellm.api.app import OpenAIApp
+from scalellm.api.guard import Guard
 from scalellm.api.uvicorn_server import DrainingServer
+from scalellm.gateway.admin import AdminAPI
 from scalellm.gateway.backend import GatewayBackend
+from scalellm.gateway.config import GatewayConfig, ReplicaSpec
 from scalellm.gateway.launcher import ReplicaGroup
 from scalellm.gateway.replica_client import ReplicaClient
 from scalellm.gateway.routing import make_policy
@@ -19,24 +22,17 @@ from scalellm.gateway.routing import make_policy
 logger = logging.getLogger("scalellm.gateway")
 
 
-@dataclass(frozen=True, slots=True)
-class GatewayConfig:
-    replicas: list[str] = field(default_factory=list)  # host:port of each replica's gRPC service
-    host: str = "127.0.0.1"
-    port: int = 8000
-    policy: str = "least_load"
-    api_key: str | None = None
-    max_retries: int = 2
-    drain_timeout: float = 30.0
-    log_level: str = "WARNING"
-
-
 def build_app(config: GatewayConfig, group: ReplicaGroup | None = None) -> tuple[OpenAIApp, GatewayBackend]:
     if not config.replicas:
-        raise ValueError("the gateway needs at least one --replica HOST:PORT")
-    clients = [ReplicaClient(addr) for addr in config.replicas]
-    backend = GatewayBackend(clients, make_policy(config.policy), config.max_retries)
-    app = OpenAIApp(backend, api_key=config.api_key)
+        raise ValueError("the gateway needs at least one replica: --replica HOST:PORT or [[replicas]] in --config")
+    clients = [ReplicaClient(r.address, r.pool) for r in config.replicas]
+    backend = GatewayBackend(clients, make_policy(config.policy, **config.policy_options), config.max_retries)
+    guard = Guard(config.safety, config.admission)
+    app = OpenAIApp(backend, guard=guard)
+    AdminAPI(backend, config.admin_key, config.drain_timeout).install(app)
+    if guard.open:
+        logger.warning("no API keys configured: the gateway is open to anyone who can reach it "
+                       "(set --api-key-file, SCALELLM_API_KEYS or [auth] in --config)")
 
     async def start() -> None:
         if group is not None:
@@ -52,7 +48,7 @@ def build_app(config: GatewayConfig, group: ReplicaGroup | None = None) -> tuple
 
     async def stop() -> None:
         app.draining = True
-        for c in clients:
+        for c in backend.replicas:
             await c.close()
         if group is not None:
             await asyncio.get_running_loop().run_in_executor(None, group.stop, config.drain_timeout)
@@ -66,8 +62,7 @@ def run_gateway(config: GatewayConfig, group: ReplicaGroup | None = None) -> int
     """Serve until SIGTERM. With `group`, its local replicas start first and stop last."""
     if group is not None:
         group.start()
-        config = GatewayConfig(**{**{f: getattr(config, f) for f in config.__dataclass_fields__},
-                                  "replicas": group.addresses})
+        config = replace(config, replicas=tuple(ReplicaSpec(a) for a in group.addresses))
     try:
         return _serve(config, group)
     finally:

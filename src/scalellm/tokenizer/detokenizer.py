@@ -122,7 +122,10 @@ class IncrementalDetokenizer:
         not lost."""
         if self._ids:
             raise RuntimeError("resume() must come before any update()")
-        self.update(earlier_ids)
+        # NOTE: one token at a time, as they were generated: stable text depends on where
+        # the window offsets moved, and a batch update can leave more of it unstable.
+        for t in earlier_ids:
+            self.update((t,))
         self._take(min(emitted_chars, len(self._unemitted)))
 
     def take_delta(self) -> str:
