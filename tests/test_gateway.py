@@ -229,3 +229,32 @@ def test_deadline_reaches_the_replica(cluster):
     while time.monotonic() < deadline and any(_load(p).kv_blocks_used for p in live):
         time.sleep(0.05)
     assert all(_load(p).kv_blocks_used == 0 for p in live)
+
+
+def test_serve_default_is_gateway_plus_one_replica(tiny_models):
+    """Plain `scalellm serve`: the gateway in front of one supervised replica, the same API."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scalellm.entrypoints.cli", "serve", "--model", tiny_models["llama"],
+         "--port", str(port), "--dtype", "float32", "--block-size", "4", "--max-model-len", "256",
+         "--served-model-name", "tiny"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200 and "gateway;dur=" in r.headers["server-timing"]
+        ids = httpx.post(f"{url}/tokenize", json={"prompt": "hello world"}).json()["tokens"]
+        assert httpx.post(f"{url}/detokenize", json={"tokens": ids}).json()["prompt"].endswith("hello world")
+        assert httpx.get(f"{url}/admin/replicas").status_code == 403  # the gateway's admin API, disabled
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

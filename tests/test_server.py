@@ -28,7 +28,8 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scalellm.entrypoints.cli", "serve", "--model", model, "--port", str(self.port),
+            [sys.executable, "-m", "scalellm.entrypoints.cli", "serve", "--no-gateway", "--model", model,
+             "--port", str(self.port),
              "--dtype", "float32", "--block-size", "4", "--max-model-len", "256", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

@@ -118,12 +118,17 @@ def _gateway_config(a: argparse.Namespace, replicas: list[str]):  # type: ignore
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    if getattr(a, "replicas", 1) > 1:
+    """`serve`: a gateway in front of --replicas local replica processes (default), or with
+    --no-gateway one replica answering HTTP itself. `replica`: the latter, for a remote gateway."""
+    if a.command == "serve" and not a.no_gateway:
         from scalellm.gateway.launcher import ReplicaGroup
         from scalellm.gateway.serve import run_gateway
 
-        group = ReplicaGroup(a.replicas, _replica_args(a))
+        group = ReplicaGroup(a.replicas, _replica_args(a) + ["--max-pending", str(a.max_pending)])
         return run_gateway(_gateway_config(a, []), group)
+    if a.command == "serve" and a.replicas != 1:
+        print("error: --no-gateway serves one replica; drop --replicas", file=sys.stderr)
+        return 2
     from scalellm.engine.config import EngineConfig
     from scalellm.server.serve import ServeConfig, run_server
 
@@ -181,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "replica":
             s.add_argument("--no-http", action="store_true", help="serve gRPC only")
         else:
-            s.add_argument("--replicas", type=int, default=1,
-                           help="N > 1: a gateway in front of N local replica processes")
+            s.add_argument("--replicas", type=int, default=1, help="local replica processes behind the gateway")
+            s.add_argument("--no-gateway", action="store_true",
+                           help="no gateway: one replica process answers HTTP directly")
             _add_gateway_args(s)
         s.add_argument("--served-model-name", default=None)
         s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")

@@ -211,10 +211,19 @@ class GatewayBackend:
         healthy = [r for r in self.replicas if r.healthy]
         if not healthy:
             raise NoReplicaError("no healthy replica")
-        return await min(healthy, key=outstanding).tokenize(prompt, messages, add_special_tokens)
+        try:
+            return await min(healthy, key=outstanding).tokenize(prompt, messages, add_special_tokens)
+        except grpc.aio.AioRpcError as e:
+            raise _to_error(e) from None
 
     async def detokenize(self, tokens: list[int]) -> str:
-        raise InvalidParameterError("tokens", "detokenize is served by replicas, not the gateway")
+        healthy = [r for r in self.replicas if r.healthy]
+        if not healthy:
+            raise NoReplicaError("no healthy replica")
+        try:
+            return await min(healthy, key=outstanding).detokenize(tokens)
+        except grpc.aio.AioRpcError as e:
+            raise _to_error(e) from None
 
 
 async def _stamped(stream: AsyncIterator[GenerateChunk], routed: float) -> AsyncIterator[GenerateChunk]:

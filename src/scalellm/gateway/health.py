@@ -24,7 +24,7 @@ class BreakerState(IntEnum):
 
 
 class CircuitBreaker:
-    def __init__(self, failure_threshold: int = 3, cooldown: float = 1.0, max_cooldown: float = 30.0,
+    def __init__(self, failure_threshold: int = 3, cooldown: float = 1.0, max_cooldown: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if failure_threshold < 1 or cooldown <= 0 or max_cooldown < cooldown:
             raise ValueError("failure_threshold >= 1 and 0 < cooldown <= max_cooldown")

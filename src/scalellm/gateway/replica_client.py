@@ -133,6 +133,9 @@ class ReplicaClient:
             req.prompt = prompt or ""
         return list((await self.stub.Tokenize(req, timeout=10)).tokens)
 
+    async def detokenize(self, tokens: list[int]) -> str:
+        return (await self.stub.Detokenize(pb.DetokenizeRequest(tokens=tokens), timeout=10)).text
+
     def describe(self) -> dict:
         return {"address": self.address, "pool": self.pool, "healthy": self.healthy, "connected": self.connected,
                 "breaker": self.breaker.state.name.lower(), "removing": self.removing, "in_flight": self.in_flight,

@@ -168,6 +168,14 @@ class ReplicaService(pb_grpc.ReplicaServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.TokenizeResponse(tokens=ids)
 
+    async def Detokenize(self, request: pb.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
+        try:
+            text = await self.backend.detokenize(list(request.tokens))
+        except (InvalidParameterError, ValueError, IndexError, OverflowError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tokens: {e}")
+        return pb.DetokenizeResponse(text=text)
+
 
 async def start_grpc_server(service: ReplicaService, host: str, port: int) -> grpc.aio.Server:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
