@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import os
+import threading
 import signal
 import subprocess
 import sys
@@ -176,10 +178,10 @@ def test_serve_with_replicas_supervises_and_drains(tiny_models):
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "top_p": 0.9, "seed": 7,
                                                             "frequency_penalty": 0.5}])
 def test_stream_resumes_on_another_replica(tiny_models, sampling):
-    """SIGKILL the replica serving a greedy or seeded stream: the client still gets one
-    uninterrupted stream whose text equals an uninterrupted run, byte for byte (the tiny
-    random model emits many byte tokens, so characters split across the resume boundary
-    are exercised)."""
+    """SIGKILL a replica under load (6 concurrent greedy or seeded streams over 2 replicas):
+    every client still gets one uninterrupted stream whose text equals an uninterrupted
+    run, byte for byte (the tiny random model emits many byte tokens, so characters split
+    across the resume boundary are exercised)."""
     import psutil
 
     replicas = [_start_replica(tiny_models["llama"]) for _ in range(2)]
@@ -191,29 +193,39 @@ def test_stream_resumes_on_another_replica(tiny_models, sampling):
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         ref_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         reference = httpx.post(f"{url}/v1/completions", json=ref_body, timeout=60).json()
-        texts, usage = [], None
-        killed = False
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                if chunk["choices"]:
-                    texts.append(chunk["choices"][0]["text"])
-                if len(texts) == 3 and not killed:
-                    # frontend_requests is counted live by the replica's frontend (no step lag)
-                    busy = [p for p, port in replicas if _load(port).frontend_requests > 0]
-                    assert len(busy) == 1
-                    psutil.Process(busy[0].pid).kill()
-                    killed = True
-        assert killed
-        assert "".join(texts) == reference["choices"][0]["text"]
-        assert usage["completion_tokens"] == 240 and usage["prompt_tokens"] == reference["usage"]["prompt_tokens"]
+        num = 6
+        started = threading.Barrier(num + 1)
+
+        def run_stream() -> tuple[str, dict | None]:
+            texts, usage = [], None
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    if chunk["choices"]:
+                        texts.append(chunk["choices"][0]["text"])
+                    if len(texts) == 3:
+                        started.wait(60)  # every stream is under way before the kill
+            return "".join(texts), usage
+
+        with cf.ThreadPoolExecutor(num) as pool:
+            futures = [pool.submit(run_stream) for _ in range(num)]
+            started.wait(60)
+            # frontend_requests is counted live by the replica's frontend (no step lag)
+            busy = max(replicas, key=lambda pr: _load(pr[1]).frontend_requests)
+            on_victim = _load(busy[1]).frontend_requests
+            assert on_victim >= 1
+            psutil.Process(busy[0].pid).kill()
+            results = [f.result() for f in futures]
+        for text, usage in results:  # no stream lost, each identical to an uninterrupted run
+            assert text == reference["choices"][0]["text"]
+            assert usage["completion_tokens"] == 240 and usage["prompt_tokens"] == reference["usage"]["prompt_tokens"]
         metrics = httpx.get(f"{url}/metrics").text
-        assert "scalellm_gateway_resumed_streams_total 1.0" in metrics
+        assert f"scalellm_gateway_resumed_streams_total {float(on_victim)}" in metrics
     finally:
         for proc in [gw] + [p for p, _ in replicas]:
             if proc.poll() is None:
@@ -229,6 +241,20 @@ def test_deadline_reaches_the_replica(cluster):
     while time.monotonic() < deadline and any(_load(p).kv_blocks_used for p in live):
         time.sleep(0.05)
     assert all(_load(p).kv_blocks_used == 0 for p in live)
+
+
+def test_client_disconnect_cancels_on_the_replica(cluster):
+    live = [port for proc, port in cluster["replicas"] if proc.poll() is None]
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 240, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{cluster['url']}/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        while not next(lines).startswith("data: "):
+            pass
+        assert any(_load(p).frontend_requests for p in live)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_load(p).kv_blocks_used or _load(p).frontend_requests for p in live):
+        time.sleep(0.05)
+    assert all(_load(p).kv_blocks_used == 0 and _load(p).frontend_requests == 0 for p in live)
 
 
 def test_serve_default_is_gateway_plus_one_replica(tiny_models):
