@@ -97,7 +97,7 @@ def write_plots(result: dict[str, Any], out_dir: str) -> list[str]:
         ax.plot(xt, [r["summary"]["e2e_ms"]["mean"] for r in with_parts], "k_", markersize=30, mew=2,
                 label="client e2e (mean)")
         ax.set_ylabel("ms (mean per request)")
-        ax.set_title("latency breakdown from server timings\n(network = client e2e - server total)", fontsize=10)
+        ax.set_title("latency breakdown from server timings\n(client_network = client e2e - server total)", fontsize=10)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         paths.append(_save(fig, out_dir, "breakdown.png"))

@@ -54,27 +54,33 @@ def _f(v: Any, digits: int = 1) -> str:
     return str(v)
 
 
-def _pair(dist: dict[str, Any]) -> str:
-    return f"{_f(dist.get('p50'))} / {_f(dist.get('p99'))}"
+def _pair(dist: dict[str, Any], digits: int = 1) -> str:
+    return f"{_f(dist.get('p50'), digits)} / {_f(dist.get('p99'), digits)}"
 
 
 def print_report(results: list[PointResult], comparison: list[dict[str, Any]], notes: list[str],
                  console: Console | None = None) -> None:
-    con = console or Console()
+    con = console
+    if con is None:
+        con = Console()
+        if not con.is_terminal:
+            con = Console(width=160)  # files and pipes: do not wrap tables at 80 columns
     labels = list(dict.fromkeys(r.endpoint for r in results))
     for label in labels:
         rows = [r for r in results if r.endpoint == label]
-        t = Table(title=f"endpoint {label}: throughput and latency (ms, p50 / p99)", title_justify="left")
-        for col in ("load", "ok", "err", "req/s", "out tok/s", "total tok/s", "TTFT", "TPOT", "ITL", "e2e"):
+        t = Table(title=f"endpoint {label}: throughput", title_justify="left")
+        for col in ("load", "ok", "err", "req/s", "in tok/s", "out tok/s", "total tok/s", "TTFT p50", "TPOT p50",
+                    "e2e p50"):
             t.add_column(col, justify="right")
         has_goodput = any("goodput" in r.summary for r in rows)
         if has_goodput:
-            t.add_column("goodput req/s (%)", justify="right")
+            t.add_column("goodput req/s (SLO met)", justify="right")
         for r in rows:
             s = r.summary
             cells = [r.point.label, str(s["num_ok"]), str(s["num_errors"]), _f(s["request_throughput"], 2),
-                     _f(s["output_token_throughput"]), _f(s["total_token_throughput"]), _pair(s["ttft_ms"]),
-                     _pair(s["tpot_ms"]), _pair(s["itl_ms"]), _pair(s["e2e_ms"])]
+                     _f(s["input_token_throughput"]), _f(s["output_token_throughput"]),
+                     _f(s["total_token_throughput"]), _f(s["ttft_ms"]["p50"]), _f(s["tpot_ms"]["p50"]),
+                     _f(s["e2e_ms"]["p50"])]
             if has_goodput:
                 g = s.get("goodput")
                 cells.append(f"{g['request_throughput']:.2f} ({100 * g['fraction']:.0f}%)" if g else "-")
@@ -109,7 +115,7 @@ def print_report(results: list[PointResult], comparison: list[dict[str, Any]], n
         for r in rows:
             cl = r.summary["client"]
             lag = cl["loop_lag_ms"]
-            c.add_row(r.point.label, _pair(cl["send_lag_ms"]), f"{_f(lag['p99'], 2)} / {_f(lag['max'], 2)}",
+            c.add_row(r.point.label, _pair(cl["send_lag_ms"], 2), f"{_f(lag['p99'], 2)} / {_f(lag['max'], 2)}",
                       _f(cl["cpu_percent"], 0), ", ".join(f"{k}:{v}" for k, v in r.summary["output_token_sources"].items()))
         con.print(c)
 

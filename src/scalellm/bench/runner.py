@@ -23,6 +23,7 @@ tables or plots.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import random
 import time
@@ -33,7 +34,7 @@ from typing import Any, Protocol
 from scalellm.bench.endpoint import Endpoint
 from scalellm.bench.http_client import HTTPError
 from scalellm.bench.records import BenchRequest, RequestRecord
-from scalellm.bench.stats import SLO, distribution, ratios, summarize
+from scalellm.bench.stats import SLO, distribution, ratios, summarize, window_s
 from scalellm.bench.tokens import LocalCounter, ServerCounter, fill_output_tokens
 
 
@@ -88,6 +89,7 @@ class PointResult:
     loop_lag_ms: list[float] = field(default_factory=list)
     cpu_s: float = 0.0
     wall_s: float = 0.0
+    window_s: float = 0.0  # rounds' windows (first send to last end) added up
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -159,7 +161,7 @@ class Runner:
                                           by_label[ep.label], round_index=r)
             for res in by_label.values():
                 await fill_output_tokens(res.records, self.counter)
-                res.summary = summarize(res.records, self.slo)
+                res.summary = summarize(res.records, self.slo, res.window_s)
                 res.summary["client"]["loop_lag_ms"] = distribution(res.loop_lag_ms)
                 res.summary["client"]["cpu_percent"] = 100.0 * res.cpu_s / res.wall_s if res.wall_s else 0.0
                 results.append(res)
@@ -221,6 +223,11 @@ class Runner:
         probe = _LoopLagProbe()
         probe.start()
         ticker = asyncio.ensure_future(self._tick_progress(counters))
+        # NOTE: no cyclic GC while a round runs: a full collection over thousands of records
+        # stalls the loop for milliseconds, which would show up as server latency. One
+        # collection before and the normal collector after keep memory bounded.
+        gc.collect()
+        gc.disable()
         cpu0, wall0 = time.process_time(), time.perf_counter()
         try:
             if point.concurrency is not None:
@@ -229,6 +236,7 @@ class Runner:
                 await self._open_loop(one, point, len(ids) if duration is None else None, duration,
                                       random.Random(f"{self.seed}/arrivals/{point.label}/{round_index}"))
         finally:
+            gc.enable()
             ticker.cancel()
             lags = probe.stop()
             self.progress.update(*counters)
@@ -238,6 +246,7 @@ class Runner:
             into.loop_lag_ms += lags
             into.cpu_s += time.process_time() - cpu0
             into.wall_s += time.perf_counter() - wall0
+            into.window_s += window_s(records)
 
     async def _tick_progress(self, counters: list[int]) -> None:
         while True:

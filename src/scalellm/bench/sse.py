@@ -35,6 +35,10 @@ class SSEParser:
         self._skip_lf = False
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
+        # fast path: one whole `data: ...` event in one read, nothing pending (the usual case)
+        if (not self._tail and not self._data and not self._skip_lf and chunk[:6] == b"data: "
+                and chunk[-2:] == b"\n\n" and chunk.count(_LF) == 2 and _CR not in chunk):
+            return [(b"message", chunk[6:-2])]
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == _LF:

@@ -94,6 +94,8 @@ class _Conn(asyncio.Protocol):
             else:
                 n = len(str(req.get("prompt", "")).split()) + (1 if req.get("add_special_tokens", True) else 0)
             self._json(200, {"tokens": list(range(n)), "count": n})
+        elif url in (b"/health", b"/ready"):
+            self._json(200, {"status": "ok"})
         elif url == b"/v1/models":
             self._json(200, {"object": "list", "data": [{"id": self.cfg.model, "object": "model"}]})
         else:
@@ -113,8 +115,9 @@ class _Conn(asyncio.Protocol):
             self._json(400, {"error": {"message": str(e), "type": "invalid_request_error"}})
             return
         n = req.max_completion_tokens or req.max_tokens or 16
-        num_prompt = len(str(req.prompt or "").split()) if not is_chat else sum(
-            len(str(m.get("content", "")).split()) + 1 for m in (req.messages or []))
+        # the same count /tokenize gives: words + 1 (BOS); chat: + 1 per message + 1
+        num_prompt = len(str(req.prompt or "").split()) + 1 if not is_chat else sum(
+            len(str(m.get("content", "")).split()) + 1 for m in (req.messages or [])) + 1
         t0 = time.perf_counter()
         if not req.stream:
             delay = (self.cfg.ttft_ms + self.cfg.itl_ms * (n - 1)) / 1e3

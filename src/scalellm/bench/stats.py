@@ -107,15 +107,19 @@ class SLO:
 
 
 # -- one run -------------------------------------------------------------------------------------
-def summarize(records: list[RequestRecord], slo: SLO | None = None) -> dict[str, Any]:
-    """The summary of one run (one endpoint at one load point)."""
+def window_s(records: list[RequestRecord]) -> float:
+    """First request sent to last response complete (seconds)."""
+    if not records:
+        return 0.0
+    return max(max(r.end for r in records) - min(r.sent or r.scheduled for r in records), 1e-9)
+
+
+def summarize(records: list[RequestRecord], slo: SLO | None = None, duration_s: float | None = None
+              ) -> dict[str, Any]:
+    """The summary of one run (one endpoint at one load point). `duration_s` overrides the
+    window for throughputs (an A/B run adds up its rounds' windows)."""
     ok = [r for r in records if r.is_ok]
-    if records:
-        start = min(r.sent or r.scheduled for r in records)
-        end = max(r.end for r in records)
-        duration = max(end - start, 1e-9)
-    else:
-        duration = 0.0
+    duration = window_s(records) if duration_s is None else duration_s
     n_in = sum(max(r.input_tokens, 0) for r in ok)
     n_out = sum(r.output_tokens for r in ok)
 

@@ -7,9 +7,11 @@ Names are normalized (lower case, a trailing `_ms` dropped) and merged, the usag
 object winning on a clash (it is written after the whole response is known).
 
 The breakdown shown to a person is whatever subset of `BREAKDOWN_ORDER` is present,
-in that order (every name is also summarized on its own); `network` is derived as the
-client's end-to-end latency minus the server's `total` (or the sum of `gateway`
-and `replica` when no total is given).
+in that order (every name is also summarized on its own). ScaleLLM's gateway sends
+consecutive stages (gateway, network = gateway->replica hop, tokenize, queue,
+prefill, decode, return) that add up to its `total`; `client_network` is derived
+here as the client's end-to-end latency minus the server's `total` (or `gateway` +
+`replica` when no total is given): the client<->server wire plus client delay.
 
 What this module does NOT know: which server sent the timings or what they mean
 beyond their names.
@@ -20,8 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 # components of a request's life, outermost first; "total"/"replica" are envelopes, not parts
-BREAKDOWN_ORDER = ("gateway", "network", "queue", "prefill", "decode")
-ENVELOPES = ("total", "replica", "server", "e2e")
+BREAKDOWN_ORDER = ("client_network", "gateway", "network", "tokenize", "queue", "prefill", "decode", "return")
 
 
 def normalize_name(name: str) -> str:
@@ -72,15 +73,15 @@ def server_total(timings: dict[str, float]) -> float | None:
 
 def breakdown(timings: dict[str, float], e2e_ms: float) -> dict[str, float]:
     """Ordered parts of one request's latency (ms): the BREAKDOWN_ORDER names the server
-    gave, plus derived network. Other names are not parts (they may overlap) and stay out."""
+    gave, plus derived client_network. Other names are not parts (they may overlap)."""
     if not timings:
         return {}
     parts: dict[str, float] = {}
     total = server_total(timings)
     for name in BREAKDOWN_ORDER:
-        if name == "network":
+        if name == "client_network":
             if total is not None:
-                parts["network"] = max(e2e_ms - total, 0.0)
+                parts[name] = max(e2e_ms - total, 0.0)
         elif name in timings:
             parts[name] = timings[name]
     return parts

@@ -79,7 +79,7 @@ def fused_experts(
     Returns (out [T, M] in x's dtype: the weighted sum over this rank's experts only,
     counts [E] int64: assignments per expert over all E experts).
     """
-    num_tokens, top_k = topk_ids.shape
+    top_k = topk_ids.shape[1]
     num_local = w13.shape[0]
     inter = w2.shape[2]
     flat_ids = topk_ids.reshape(-1)  # [T * K]
@@ -103,7 +103,7 @@ def fused_experts(
         ys[start : start + n] = F.linear(h, w2[e])  # [n, M]
         start += n
     weights = topk_weights.reshape(-1).index_select(0, order)  # [A]
-    ys = ys * weights.unsqueeze(1).to(ys.dtype)  # [A, M]
+    ys = (ys.float() * weights.unsqueeze(1)).to(x.dtype)  # [A, M], weighted in float32 like the reference
     out = torch.zeros_like(x)  # [T, M]
     out.index_add_(0, token_ids, ys)
     return out, counts
