@@ -20,7 +20,8 @@ Weights stay stacked in 3-D parameters so parallelism is a slice of them:
 
     tensor parallel (default): every rank holds all E experts and I/tp of each one's
         intermediate width (gate/up rows and down columns, as the parallel linears do);
-    expert parallel (expert_parallel=True): rank r holds the whole of experts
+    expert parallel (expert_parallel=True, or by default when the parallel state says so):
+        rank r holds the whole of experts
         [r * E/tp, (r + 1) * E/tp) and skips assignments to the others.
     Either way each rank's output is a partial sum that one all-reduce over the group
     completes, so the model code does not change.
@@ -121,12 +122,14 @@ class FusedMoE(nn.Module):
         renormalize: bool,
         dtype: torch.dtype | None = None,
         *,
-        expert_parallel: bool = False,
+        expert_parallel: bool | None = None,
         track_expert_load: bool = True,
     ) -> None:
         super().__init__()
         state = get_parallel_state()
         self.rank, self.size = state.tp_rank, state.tp_size
+        if expert_parallel is None:  # the engine's choice (--enable-expert-parallel)
+            expert_parallel = state.expert_parallel
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize

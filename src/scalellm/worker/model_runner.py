@@ -3,6 +3,11 @@
 Keeps per-request state between steps (token ids, block table, seeded generator)
 so the scheduler sends each request in full only once. Knows nothing of queues
 or policies: it does what the SchedulerOutput says.
+
+It is also the in-process executor of the engine core (execute, read_expert_load,
+check_health, shutdown). Under tensor parallelism every rank runs one; only the
+driver's (rank 0) samples, the others are told the sampled tokens with the next step
+(`add_sampled_tokens`), so tokens are identical by construction.
 """
 
 from __future__ import annotations
@@ -56,8 +61,10 @@ class ModelRunner:
         device: torch.device,
         eos_token_ids: frozenset[int],
         seed: int = 0,
+        is_driver: bool = True,
     ) -> None:
         self.model = model
+        self.is_driver = is_driver  # False: a tensor-parallel follower rank (forward only, no sampling)
         self.args = args
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -101,6 +108,13 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
+    def add_sampled_tokens(self, sampled_token_ids: dict[str, int]) -> None:
+        """Follower ranks: append the tokens the driver sampled in the previous step."""
+        for request_id, token in sampled_token_ids.items():
+            state = self.states.get(request_id)
+            if state is not None:
+                state.token_ids.append(token)
+
     # -- one step ----------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -112,10 +126,12 @@ class ModelRunner:
         input_ids, positions, batch, sample_ids, sample_rows = self._prepare(sched, order)
         t1 = time.perf_counter()
         hidden = self.model(input_ids, positions, batch)  # [T, E]
-        logits = self.model.compute_logits(hidden[sample_rows])  # [B, V] float32
+        logits = self.model.compute_logits(hidden[sample_rows])  # [B, V] float32 (a collective under TP)
         t2 = time.perf_counter()
-        rows = [self._sampling_row(self.states[r]) for r in sample_ids]
-        tokens, lps = sample(logits.cpu(), rows, self.generator)
+        tokens, lps = [], []
+        if self.is_driver:
+            rows = [self._sampling_row(self.states[r]) for r in sample_ids]
+            tokens, lps = sample(logits.cpu(), rows, self.generator)
         out = ModelRunnerOutput(sampled_token_ids={})
         for request_id, token, lp in zip(sample_ids, tokens, lps):
             self.states[request_id].token_ids.append(token)
@@ -131,6 +147,18 @@ class ModelRunner:
         tm.sample += t3 - t2
         tm.num_steps += 1
         return out
+
+    # -- executor interface (in-process: nothing else can fail or needs stopping) ----
+    def read_expert_load(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert of each MoE layer since the last read; {} for dense models."""
+        read = getattr(self.model, "read_expert_load", None)
+        return read(reset=True) if read is not None else {}
+
+    def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
 
     def _order(self, sched: SchedulerOutput) -> list[str]:
         """Single-token requests first (batched decode attention), then chunks."""
