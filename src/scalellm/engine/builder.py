@@ -1,5 +1,7 @@
-"""Builds the engine's parts from an EngineConfig: model source, tokenizer, worker,
-scheduler, KV-cache manager. Used in-process (LLM) and in the engine-core process."""
+"""Builds the engine's parts from an EngineConfig: model source, tokenizer, executor
+(the in-process ModelRunner, or with tensor_parallel_size > 1 a MultiprocExecutor whose
+rank 0 runs here), scheduler, KV-cache manager. Used in-process (LLM) and in the
+engine-core process. Checks that the model splits across the ranks before any starts."""
 
 from __future__ import annotations
 
@@ -56,8 +58,39 @@ def resolve_model_info(config: EngineConfig) -> ModelInfo:
     if args.sliding_window and max_model_len > args.sliding_window:
         logger.warning("capping max_model_len to the sliding window %d", args.sliding_window)
         max_model_len = args.sliding_window
+    check_parallel_fits(args, config)
     eos = frozenset(tokenizer.eos_token_ids) | frozenset(args.eos_token_ids)
     return ModelInfo(source.name, source.path, max_model_len, args.vocab_size, eos, tokenizer, source, args)
+
+
+def check_parallel_fits(args: Any, config: EngineConfig) -> None:
+    """Clear errors, before any rank starts, when the model does not split across
+    tensor_parallel_size ranks (the layers would fail later, once per rank)."""
+    tp = config.tensor_parallel_size
+    name = "tensor_parallel_size"
+    moe = args.moe
+    if config.enable_expert_parallel and moe is None:
+        raise InvalidParameterError("enable_expert_parallel", f"{args.architecture} is a dense model (no experts)")
+    if tp == 1:
+        return
+    if args.num_heads % tp:
+        raise InvalidParameterError(name, f"{args.num_heads} attention heads do not split across {tp} ranks")
+    kv = args.num_kv_heads
+    if kv % tp and tp % kv:
+        raise InvalidParameterError(
+            name, f"{kv} KV heads do not split across {tp} ranks (nor replicate: {tp} is not a multiple of {kv})"
+        )
+    has_dense_mlp = moe is None or bool(moe.dense_layer_ids)
+    if has_dense_mlp and args.intermediate_size % tp:
+        raise InvalidParameterError(name, f"MLP width {args.intermediate_size} does not split across {tp} ranks")
+    if moe is not None and config.enable_expert_parallel and moe.num_experts % tp:
+        raise InvalidParameterError(name, f"{moe.num_experts} experts do not split across {tp} expert-parallel ranks")
+    if moe is not None and not config.enable_expert_parallel and moe.intermediate_size % tp:
+        raise InvalidParameterError(
+            name, f"expert width {moe.intermediate_size} does not split across {tp} ranks (try enable_expert_parallel)"
+        )
+    # NOTE: the vocabulary need not divide: the embedding and LM head pad the last
+    # rank's slice and the gathered logits are cut back to the vocabulary size.
 
 
 def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> EngineParts:
@@ -67,14 +100,32 @@ def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> E
     source, args = info.source, info.args
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    num_blocks = num_kv_blocks(args, dtype, config.block_size, config.kv_cache_memory, info.max_model_len)
-    runner = build_model_runner(
-        source, args, dtype=dtype, device=device, block_size=config.block_size, num_blocks=num_blocks,
-        eos_token_ids=info.eos_token_ids, seed=config.seed,
-    )
+    tp = config.tensor_parallel_size
+    num_blocks = num_kv_blocks(args, dtype, config.block_size, config.kv_cache_memory, info.max_model_len, tp)
+    executor: Any
+    if tp == 1:
+        executor = build_model_runner(
+            source, args, dtype=dtype, device=device, block_size=config.block_size, num_blocks=num_blocks,
+            eos_token_ids=info.eos_token_ids, seed=config.seed, quantization=config.quantization,
+        )
+    else:
+        from scalellm.worker.executor import MultiprocExecutor
+
+        if device.type == "cuda":
+            import torch
+
+            if torch.cuda.device_count() < tp:
+                raise InvalidParameterError("tensor_parallel_size", f"{tp} ranks need {tp} GPUs, "
+                                            f"found {torch.cuda.device_count()}")
+        executor = MultiprocExecutor(
+            source, args, model=config.model, tp_size=tp, expert_parallel=config.enable_expert_parallel,
+            dtype=dtype, device=device, block_size=config.block_size, num_blocks=num_blocks,
+            eos_token_ids=info.eos_token_ids, seed=config.seed,
+        )
     sched_cfg = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, info.max_model_len)
     kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    core = EngineCore(Scheduler(sched_cfg, kv), runner)
-    logger.info("engine ready: %s, dtype %s, %d KV blocks of %d tokens, max_model_len %d",
-                source.name, dtype, num_blocks, config.block_size, info.max_model_len)
+    core = EngineCore(Scheduler(sched_cfg, kv), executor)
+    logger.info("engine ready: %s, dtype %s, %d KV blocks of %d tokens (per rank), max_model_len %d, "
+                "tensor parallel %d%s", source.name, dtype, num_blocks, config.block_size, info.max_model_len, tp,
+                " (experts split across ranks)" if config.enable_expert_parallel else "")
     return EngineParts(info.tokenizer, core, info.max_model_len, info.vocab_size, info.eos_token_ids, info.model_name)

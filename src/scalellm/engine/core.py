@@ -1,8 +1,8 @@
 """The engine core: schedule -> execute -> update, over token ids only.
 
-It owns the scheduler and a model executor (anything with
-`execute(SchedulerOutput) -> ModelRunnerOutput`). No text, no tokenizer: those
-belong to the frontend. This is the loop that later runs in its own process.
+It owns the scheduler and a model executor (the in-process ModelRunner, or the
+tensor-parallel MultiprocExecutor). No text, no tokenizer: those belong to the
+frontend. The server runs it in its own process (server/core_process.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,16 @@ from scalellm.protocol.step import CoreRequest, EngineCoreOutput, ModelRunnerOut
 
 class Executor(Protocol):
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def read_expert_load(self) -> dict[int, list[int]]:
+        """MoE: tokens per expert per layer since the last read ({} for dense models)."""
+        ...
+
+    def check_health(self) -> None:
+        """Raise if a part of the executor (a worker rank) died; cheap, called when idle."""
+        ...
+
+    def shutdown(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -76,6 +86,15 @@ class EngineCore:
         self.num_steps += 1
         self.num_tokens_scheduled += sched.total_num_scheduled_tokens
         return outputs
+
+    def read_expert_load(self) -> dict[int, list[int]]:
+        return self.executor.read_expert_load()
+
+    def check_health(self) -> None:
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
     def stats(self) -> EngineStats:
         kv = self.scheduler.kv_cache

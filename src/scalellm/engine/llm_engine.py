@@ -69,6 +69,10 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         return self.core.stats()
 
+    def shutdown(self) -> None:
+        """Stop worker processes (tensor parallelism); the engine is unusable afterwards."""
+        self.core.shutdown()
+
     def step(self) -> list[RequestOutput]:
         processed = self.outputs.process_outputs(self.core.step())
         if processed.abort_core_ids:

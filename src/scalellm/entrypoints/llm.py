@@ -23,7 +23,10 @@ class LLM:
 
     Keyword arguments are EngineConfig fields: dtype, device, max_model_len,
     max_num_batched_tokens, max_num_seqs, block_size, kv_cache_memory,
-    enable_prefix_caching, seed.
+    enable_prefix_caching, seed, tensor_parallel_size, enable_expert_parallel.
+
+    With tensor_parallel_size=N, ranks 1..N-1 are worker processes: call `shutdown()`
+    (or leave the interpreter) to stop them; one such engine per process.
     """
 
     def __init__(self, model: str | None = None, **kwargs: object) -> None:
@@ -34,6 +37,10 @@ class LLM:
         self.config = EngineConfig(model=model, **kwargs)  # type: ignore[arg-type]
         self.engine = LLMEngine.from_config(self.config)
         self.tokenizer = self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes, if any (tensor parallelism)."""
+        self.engine.shutdown()
 
     def generate(
         self,

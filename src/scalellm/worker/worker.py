@@ -1,5 +1,6 @@
-"""Builds a ModelRunner: picks dtype and device, builds the model, loads weights,
-sizes the KV cache from its memory budget."""
+"""Builds a ModelRunner: picks dtype and device, builds the model (for this process's
+tensor-parallel rank, from the parallel state), loads weights, sizes the KV cache from
+its memory budget (per rank: a rank holds only its KV heads)."""
 
 from __future__ import annotations
 
@@ -56,9 +57,16 @@ def _auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
     return torch.float32, "CPU lacks AVX512-BF16/AMX, where bf16 is emulated and ~8x slower"
 
 
+def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
+    """KV heads one rank holds: a share of them, or one (replicated) when fewer than ranks."""
+    return max(1, num_kv_heads // tp_size)
+
+
 def num_kv_blocks(args: ModelArgs, dtype: torch.dtype, block_size: int, kv_cache_memory: int,
-                  max_model_len: int) -> int:
-    bytes_per_block = 2 * args.num_layers * args.num_kv_heads * args.head_dim * block_size * torch.finfo(dtype).bits // 8
+                  max_model_len: int, tp_size: int = 1) -> int:
+    """Blocks that fit `kv_cache_memory` bytes of one rank (every rank gets the same count)."""
+    heads = kv_heads_per_rank(args.num_kv_heads, tp_size)
+    bytes_per_block = 2 * args.num_layers * heads * args.head_dim * block_size * torch.finfo(dtype).bits // 8
     num_blocks = kv_cache_memory // bytes_per_block
     needed = -(-max_model_len // block_size)
     if num_blocks < needed:
@@ -80,6 +88,8 @@ def build_model_runner(
     num_blocks: int,
     eos_token_ids: frozenset[int],
     seed: int,
+    is_driver: bool = True,
+    quantization: str | None = None,
 ) -> ModelRunner:
     t0 = time.perf_counter()
     model_cls = get_model_class(args.architecture)
@@ -87,8 +97,15 @@ def build_model_runner(
         model = model_cls(args, dtype)
     model.load_weights(source.iter_weights())
     model.eval()
+    if quantization == "int8":
+        if device.type != "cpu":
+            raise InvalidParameterError("quantization", "int8 (fbgemm W8A8) runs on CPU only")
+        from scalellm.quant.int8 import quantize_int8
+
+        saved = quantize_int8(model)
+        logger.info("int8 linears: %.0f MB of weights freed", saved / 2**20)
     logger.info("loaded %s (%s) in %.1fs", source.name, args.architecture, time.perf_counter() - t0)
     return ModelRunner(
         model, args, block_size=block_size, num_blocks=num_blocks, dtype=dtype, device=device,
-        eos_token_ids=eos_token_ids, seed=seed,
+        eos_token_ids=eos_token_ids, seed=seed, is_driver=is_driver,
     )
