@@ -48,6 +48,9 @@ class CoreReady(msgspec.Struct, tag="ready"):
 class CoreOutputs(msgspec.Struct, tag="outputs"):
     outputs: list[EngineCoreOutput]
     load: EngineLoad
+    # MoE models: tokens routed per expert since the last report, {layer: [count per expert]};
+    # attached at most about once a second and when the engine goes idle
+    expert_load: dict[int, list[int]] | None = None
 
 
 class CoreFailed(msgspec.Struct, tag="failed"):

@@ -47,6 +47,7 @@ class CoreClient:
         self._pull.bind(self.output_addr)
         self.proc: mp.process.BaseProcess | None = None
         self.load = ipc.EngineLoad()
+        self.expert_tokens: dict[int, list[int]] = {}  # MoE: tokens routed per expert per layer, since start
         self.dead_reason: str | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -80,9 +81,17 @@ class CoreClient:
             msg = ipc.decode_from_core(await self._pull.recv())
             if isinstance(msg, ipc.CoreOutputs):
                 self.load = msg.load
+                if msg.expert_load:
+                    self._add_expert_load(msg.expert_load)
                 self._on_outputs(msg)
             elif isinstance(msg, ipc.CoreFailed):
                 self._died(f"engine core failed: {msg.message}")
+
+    def _add_expert_load(self, delta: dict[int, list[int]]) -> None:
+        for layer, counts in delta.items():
+            total = self.expert_tokens.setdefault(layer, [0] * len(counts))
+            for e, n in enumerate(counts):
+                total[e] += n
 
     async def _watch(self, death: asyncio.Future) -> None:
         await death
@@ -107,7 +116,13 @@ class CoreClient:
         for t in self._tasks:
             t.cancel()
         if self.proc is not None and self.proc.is_alive():
-            await self._push.send(ipc.encode(ipc.Shutdown()))
+            if self.dead_reason is None:
+                # NOTE: never block here: a core that is exiting on its own has closed its
+                # socket, and a PUSH with no peer would wait forever.
+                try:
+                    await self._push.send(ipc.encode(ipc.Shutdown()), flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
             await asyncio.get_running_loop().run_in_executor(None, self.proc.join, timeout)
             if self.proc.is_alive():
                 self.proc.terminate()

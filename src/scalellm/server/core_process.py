@@ -3,6 +3,8 @@ the busy loop (drain inputs -> step -> send outputs) where request I/O cannot st
 
 Death is loud: an unhandled error is logged, reported to the frontend and the process
 exits non-zero; if the frontend dies, the core notices its parent is gone and exits.
+With tensor parallelism this process is rank 0: it checks the worker ranks at every
+idle poll (and the executor before every step), so a dead rank fails the core too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from scalellm.protocol import ipc
 logger = logging.getLogger("scalellm.core")
 
 IDLE_POLL_MS = 100
+EXPERT_LOAD_INTERVAL_S = 1.0
 
 
 def _load(core) -> ipc.EngineLoad:  # type: ignore[no-untyped-def]
@@ -38,6 +41,7 @@ def run_engine_core_process(config: EngineConfig, input_addr: str, output_addr: 
     pull.connect(input_addr)
     push = ctx.socket(zmq.PUSH)
     push.connect(output_addr)
+    core = None
     try:
         from scalellm.engine.builder import build_engine_parts
 
@@ -52,14 +56,32 @@ def run_engine_core_process(config: EngineConfig, input_addr: str, output_addr: 
         finally:
             sys.exit(1)
     finally:
+        if core is not None:
+            core.shutdown()  # worker ranks, if any
         push.close(linger=500)
         pull.close(linger=0)
         ctx.term()
 
 
+class _ExpertLoadReport:
+    """Reads the MoE expert counters (resetting them) at most every EXPERT_LOAD_INTERVAL_S,
+    and when the engine goes idle, so the frontend's totals are never stale for long."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def take(self, core, idle: bool) -> dict[int, list[int]] | None:  # type: ignore[no-untyped-def]
+        now = time.monotonic()
+        if not idle and now - self.last < EXPERT_LOAD_INTERVAL_S:
+            return None
+        self.last = now
+        return core.read_expert_load() or None
+
+
 def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  # type: ignore[no-untyped-def]
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
+    expert_load = _ExpertLoadReport()
     while True:
         busy = core.has_unfinished_requests()
         if not busy:
@@ -67,6 +89,7 @@ def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  
                 if os.getppid() != parent:
                     logger.error("frontend process is gone; exiting")
                     return
+                core.check_health()  # raises if a tensor-parallel rank died
                 continue
         changed = False
         while True:
@@ -85,7 +108,8 @@ def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  
                 return
         if core.has_unfinished_requests():
             outputs = core.step()
-            push.send(ipc.encode(ipc.CoreOutputs(outputs, _load(core))))
+            load = expert_load.take(core, idle=not core.has_unfinished_requests())
+            push.send(ipc.encode(ipc.CoreOutputs(outputs, _load(core), load)))
         elif changed:
             core.step()  # lets the worker drop aborted requests' state
             push.send(ipc.encode(ipc.CoreOutputs([], _load(core))))

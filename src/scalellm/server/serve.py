@@ -19,6 +19,7 @@ from scalellm.engine.builder import resolve_model_info
 from scalellm.engine.config import EngineConfig
 from scalellm.server.async_engine import AsyncEngine
 from scalellm.server.backend import EngineBackend
+from scalellm.server.expert_metrics import ExpertLoadCollector
 
 logger = logging.getLogger("scalellm.serve")
 
@@ -44,6 +45,7 @@ def run_server(engine_config: EngineConfig, serve: ServeConfig) -> int:
     engine = AsyncEngine(engine_config, info, serve.max_pending, serve.log_level)
     backend = EngineBackend(engine, serve.served_model_name or info.model_name)
     app = OpenAIApp(backend, api_key=serve.api_key)
+    app.metrics.registry.register(ExpertLoadCollector(lambda: engine.client.expert_tokens))
     state: dict = {"exit_code": 0, "grpc": None, "stop": None}
 
     async def start() -> None:
