@@ -106,7 +106,7 @@ def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> E
     if tp == 1:
         executor = build_model_runner(
             source, args, dtype=dtype, device=device, block_size=config.block_size, num_blocks=num_blocks,
-            eos_token_ids=info.eos_token_ids, seed=config.seed, quantization=config.quantization,
+            eos_token_ids=info.eos_token_ids, seed=config.seed,
         )
     else:
         from scalellm.worker.executor import MultiprocExecutor

@@ -51,7 +51,6 @@ class EngineConfig:
     kv_cache_memory: int = 1 << 30  # bytes
     enable_prefix_caching: bool = True
     seed: int = 0  # seed of the shared generator for unseeded requests
-    quantization: str | None = None  # None | "int8": dynamic W8A8 linears (quant/int8.py), CPU
     # ranks of one replica: rank 0 in the engine's process, 1..N-1 worker processes
     # (kv_cache_memory is per rank; checks that need the model are in engine.builder)
     tensor_parallel_size: int = 1
@@ -60,8 +59,6 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidParameterError("max_model_len", "must be >= 2")
-        if self.quantization not in (None, "int8"):
-            raise InvalidParameterError("quantization", f"must be int8 or unset, got {self.quantization!r}")
         if self.tensor_parallel_size < 1:
             raise InvalidParameterError("tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
         if self.enable_expert_parallel and self.tensor_parallel_size == 1:

@@ -89,7 +89,6 @@ def build_model_runner(
     eos_token_ids: frozenset[int],
     seed: int,
     is_driver: bool = True,
-    quantization: str | None = None,
 ) -> ModelRunner:
     t0 = time.perf_counter()
     model_cls = get_model_class(args.architecture)
@@ -97,13 +96,6 @@ def build_model_runner(
         model = model_cls(args, dtype)
     model.load_weights(source.iter_weights())
     model.eval()
-    if quantization == "int8":
-        if device.type != "cpu":
-            raise InvalidParameterError("quantization", "int8 (fbgemm W8A8) runs on CPU only")
-        from scalellm.quant.int8 import quantize_int8
-
-        saved = quantize_int8(model)
-        logger.info("int8 linears: %.0f MB of weights freed", saved / 2**20)
     logger.info("loaded %s (%s) in %.1fs", source.name, args.architecture, time.perf_counter() - t0)
     return ModelRunner(
         model, args, block_size=block_size, num_blocks=num_blocks, dtype=dtype, device=device,
