@@ -263,3 +263,37 @@ def test_stop_token_ids_and_counts():
     assert reasons == [("stop", 9)]
     assert req.num_output_tokens == 2
     assert req.status == RequestStatus.FINISHED_STOPPED
+
+
+def test_target_step_ms_caps_steps_with_decodes_by_measured_cost():
+    kv = KVCacheManager(256, 4, False)  # no prefix hits: the counts below are all computed
+    s = Scheduler(SchedulerConfig(512, 64, 256, target_step_ms=100.0), kv)
+    w = FakeWorker(s)
+    for i in range(8):
+        s.add_request(make_request(f"d{i}", prompt_len=6, max_tokens=50))
+    out, _ = w.step()  # no cost known yet and nobody decoding: the full budget
+    assert out.total_num_scheduled_tokens == 48
+    s.observe_step(48, 0.048)  # 1 ms per token
+    for i in range(4):
+        s.add_request(make_request(f"p{i}", prompt_len=100, max_tokens=5))
+    out, _ = w.step()
+    # 8 decodes + prefill up to 100 ms / 1 ms = 100 tokens in all
+    assert out.total_num_scheduled_tokens == 100
+    assert sum(n for r, n in out.num_scheduled_tokens.items() if r.startswith("d")) == 8
+    s.observe_step(100, 0.4)  # a slow step: 4 ms/token, EWMA -> 1.6 ms/token
+    out, _ = w.step()
+    assert out.total_num_scheduled_tokens == 8 + 54  # floor(100 / 1.6) = 62 tokens
+    s.observe_step(62, 62 * 0.050)  # very slow: the cap bottoms out at decodes + MIN_PREFILL_TOKENS
+    out, _ = w.step()
+    from scalellm.engine.scheduler import MIN_PREFILL_TOKENS
+
+    assert out.total_num_scheduled_tokens == 9 + MIN_PREFILL_TOKENS  # p0 decodes now too
+
+
+def test_target_step_ms_leaves_prefill_only_steps_at_full_budget():
+    kv = KVCacheManager(256, 4, True)
+    s = Scheduler(SchedulerConfig(64, 64, 256, target_step_ms=10.0), kv)
+    s.observe_step(64, 1.0)  # 15.6 ms per token: far over the target
+    s.add_request(make_request("a", prompt_len=200, max_tokens=2))
+    out = s.schedule()
+    assert out.total_num_scheduled_tokens == 64  # nobody is decoding: no cap

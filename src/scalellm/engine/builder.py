@@ -106,7 +106,7 @@ def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> E
     if tp == 1:
         executor = build_model_runner(
             source, args, dtype=dtype, device=device, block_size=config.block_size, num_blocks=num_blocks,
-            eos_token_ids=info.eos_token_ids, seed=config.seed,
+            eos_token_ids=info.eos_token_ids, seed=config.seed, quantization=config.quantization,
         )
     else:
         from scalellm.worker.executor import MultiprocExecutor
@@ -122,7 +122,8 @@ def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> E
             dtype=dtype, device=device, block_size=config.block_size, num_blocks=num_blocks,
             eos_token_ids=info.eos_token_ids, seed=config.seed,
         )
-    sched_cfg = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, info.max_model_len)
+    sched_cfg = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, info.max_model_len,
+                                target_step_ms=config.target_step_ms)
     kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
     core = EngineCore(Scheduler(sched_cfg, kv), executor)
     logger.info("engine ready: %s, dtype %s, %d KV blocks of %d tokens (per rank), max_model_len %d, "

@@ -13,6 +13,10 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # running requests at most
     max_model_len: int = 8192  # prompt + output of one request
     decode_first: bool = True  # give running decodes budget before running prefills
+    # While requests are decoding, cap a step's tokens so its predicted time (from the
+    # measured cost per token) stays near this many ms: it bounds inter-token latency at
+    # the price of slower prefill for newcomers. None: always the full token budget.
+    target_step_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -21,6 +25,8 @@ class SchedulerConfig:
             raise InvalidParameterError("max_num_seqs", "must be >= 1")
         if self.max_model_len < 2:
             raise InvalidParameterError("max_model_len", "must be >= 2")
+        if self.target_step_ms is not None and self.target_step_ms <= 0:
+            raise InvalidParameterError("target_step_ms", f"must be > 0 (or unset), got {self.target_step_ms}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +57,8 @@ class EngineConfig:
     kv_cache_memory: int = 1 << 30  # bytes
     enable_prefix_caching: bool = True
     seed: int = 0  # seed of the shared generator for unseeded requests
+    quantization: str | None = None  # None | "int8": dynamic W8A8 linears (quant/int8.py), CPU
+    target_step_ms: float | None = None  # SchedulerConfig.target_step_ms: bounds inter-token latency
     # ranks of one replica: rank 0 in the engine's process, 1..N-1 worker processes
     # (kv_cache_memory is per rank; checks that need the model are in engine.builder)
     tensor_parallel_size: int = 1
@@ -59,6 +67,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidParameterError("max_model_len", "must be >= 2")
+        if self.quantization not in (None, "int8"):
+            raise InvalidParameterError("quantization", f"must be int8 or unset, got {self.quantization!r}")
         if self.tensor_parallel_size < 1:
             raise InvalidParameterError("tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
         if self.enable_expert_parallel and self.tensor_parallel_size == 1:
@@ -66,5 +76,6 @@ class EngineConfig:
                 "enable_expert_parallel", "splits experts across tensor-parallel ranks: needs tensor_parallel_size > 1"
             )
         # Reuse the part configs' validation.
-        SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len or 2)
+        SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len or 2,
+                        target_step_ms=self.target_step_ms)
         CacheConfig(self.block_size, 0, self.kv_cache_memory, self.enable_prefix_caching)

@@ -7,6 +7,7 @@ frontend. The server runs it in its own process (server/core_process.py).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -81,7 +82,9 @@ class EngineCore:
             if sched.finished_request_ids:
                 self.executor.execute(sched)  # let the worker drop finished state
             return []
+        t0 = time.perf_counter()
         result = self.executor.execute(sched)
+        self.scheduler.observe_step(sched.total_num_scheduled_tokens, time.perf_counter() - t0)
         outputs = self.scheduler.update_from_output(sched, result)
         self.num_steps += 1
         self.num_tokens_scheduled += sched.total_num_scheduled_tokens

@@ -12,6 +12,12 @@ target `num_tokens` (prompt + outputs so far); each step hands out a budget of
    as long as budget, sequence slots and blocks last. A prompt longer than the
    remaining budget is prefilled in chunks over several steps.
 
+With `target_step_ms`, the budget of a step that carries decodes shrinks to what the
+measured cost per token (an EWMA fed by `observe_step`) says fits the target, but
+never below the decodes plus `MIN_PREFILL_TOKENS`: decodes keep flowing at the
+target's pace while prefills still progress. Steps with no decodes use the full
+budget: nobody waits on them for a token.
+
 Knows nothing of tensors or text. Stop strings are the frontend's: it aborts.
 """
 
@@ -33,6 +39,10 @@ from scalellm.protocol.step import (
 )
 
 
+MIN_PREFILL_TOKENS = 32  # prefill tokens a capped step still takes (when prefills wait)
+_COST_EWMA = 0.2  # weight of the newest step in the cost-per-token estimate
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
         self.config = config
@@ -45,6 +55,7 @@ class Scheduler:
         self._known_by_worker: set[str] = set()  # has worker state (kept across preemption)
         self.num_preemptions = 0
         self.seed_offsets: dict[str, int] = {}
+        self.seconds_per_token: float | None = None  # measured step cost (EWMA), for target_step_ms
 
     # -- intake ------------------------------------------------------------------
     def add_request(self, request: Request, seed_offset: int = 0) -> None:
@@ -95,9 +106,30 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # -- step cost ---------------------------------------------------------------
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """The executor's time for a step of `num_tokens` tokens (feeds target_step_ms)."""
+        if num_tokens < 8:
+            return  # fixed per-step costs dominate tiny steps; they say little per token
+        per_token = seconds / num_tokens
+        old = self.seconds_per_token
+        self.seconds_per_token = per_token if old is None else old + _COST_EWMA * (per_token - old)
+
+    def step_budget(self) -> int:
+        """This step's token budget (see the module docstring)."""
+        full = self.config.max_num_batched_tokens
+        target = self.config.target_step_ms
+        if target is None or self.seconds_per_token is None:
+            return full
+        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        if decoding == 0:
+            return full
+        fits = int(target / 1000.0 / self.seconds_per_token)
+        return min(full, max(fits, decoding + MIN_PREFILL_TOKENS))
+
     # -- one step ----------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+        budget = step_budget = self.step_budget()
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
@@ -161,7 +193,7 @@ class Scheduler:
             new_requests=new_reqs,
             cached_requests=cached_reqs,
             num_scheduled_tokens=num_scheduled,
-            total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+            total_num_scheduled_tokens=step_budget - budget,
             finished_request_ids=self._finished_ids,
             preempted_request_ids=preempted,
         )

@@ -26,6 +26,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="ranks of one replica: rank 0 in the engine process, the others in worker processes")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="MoE models: whole experts per rank (attention stays tensor-parallel)")
+    p.add_argument("--quantization", choices=["int8"], default=None,
+                   help="int8: dynamic W8A8 linears on fbgemm (CPU; ~2x faster, perplexity +~5%% on SmolLM2)")
+    p.add_argument("--target-step-ms", type=float, default=None,
+                   help="while requests decode, size steps to about this many ms (bounds inter-token latency)")
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict:
@@ -35,6 +39,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
         block_size=a.block_size, kv_cache_memory=int(a.kv_cache_memory * (1 << 30)),
         enable_prefix_caching=not a.no_prefix_caching, seed=a.seed,
         tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
+        quantization=a.quantization, target_step_ms=a.target_step_ms,
     )
 
 
@@ -113,6 +118,10 @@ def _replica_args(a: argparse.Namespace) -> list[str]:
         out.append("--no-prefix-caching")
     if a.enable_expert_parallel:
         out.append("--enable-expert-parallel")
+    if a.quantization:
+        out += ["--quantization", a.quantization]
+    if a.target_step_ms is not None:
+        out += ["--target-step-ms", str(a.target_step_ms)]
     return out
 
 

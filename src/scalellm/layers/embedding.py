@@ -13,6 +13,7 @@ from scalellm.distributed.parallel_state import (
     tensor_parallel_all_reduce,
 )
 from scalellm.protocol.errors import ModelLoadError
+from scalellm.quant.int8 import Int8Weight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -49,13 +50,22 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits over the full vocabulary (float32)."""
 
-    # Candidates re-scored in float32 when the weights are 16-bit (see compute_logits).
+    # Candidates re-scored in float32 when the weights are 16-bit or int8 (see compute_logits).
     num_rescored: int = 32
+    qweight: Int8Weight | None = None  # set by set_int8(); `weight` stays (it may be the tied embedding)
+
+    def set_int8(self, act_amax: torch.Tensor | None = None) -> int:
+        """Compute logits with an int8 copy of the weight; the top candidates are re-scored exactly."""
+        self.qweight = Int8Weight(self.weight, act_amax)
+        return -self.qweight.nbytes  # the float weight stays for re-scoring (and the tied embedding)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden.to(self.weight.dtype), self.weight).float()  # [B, V/tp]
-        if self.weight.dtype != torch.float32 and logits.shape[0] > 0:
-            # NOTE: a bf16 GEMM rounds its outputs to 8 mantissa bits: ~0.1 at a logit of 25,
+        if self.qweight is not None:
+            logits = self.qweight(hidden.float())  # [B, V/tp] float32
+        else:
+            logits = F.linear(hidden.to(self.weight.dtype), self.weight).float()  # [B, V/tp]
+        if (self.weight.dtype != torch.float32 or self.qweight is not None) and logits.shape[0] > 0:
+            # NOTE: a bf16 (or int8) GEMM rounds its outputs to 8 mantissa bits: ~0.1 at a logit of 25,
             # enough to flip greedy picks (seen on SmolLM2: 25.33 vs 25.24 both became 25.375).
             # Re-scoring the top candidates in float32 costs B*k*E MACs and makes the top of
             # the distribution, where greedy and top-k/top-p act, exact.

@@ -16,6 +16,7 @@ from torch import nn
 
 from scalellm.distributed.parallel_state import get_parallel_state, tensor_parallel_all_reduce
 from scalellm.protocol.errors import ModelLoadError
+from scalellm.quant.int8 import Int8Weight
 
 
 def _check_shape(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
@@ -29,6 +30,8 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: o
 
 
 class LinearBase(nn.Module):
+    qweight: Int8Weight | None = None  # set by set_int8(): the matmul runs in int8, `weight` is freed
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_features = in_features
@@ -44,8 +47,21 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
         default_weight_loader(param, loaded)
 
+    def set_int8(self, act_amax: torch.Tensor | None = None) -> int:
+        """Quantise the loaded weight to int8 (quant/int8.py), smoothed by the calibrated max
+        |input| per channel when given; returns the bytes freed."""
+        before = self.weight.numel() * self.weight.element_size()
+        self.qweight = Int8Weight(self.weight, act_amax)
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+        return before - self.qweight.nbytes
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.qweight is not None:
+            return self.qweight(x, bias)
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -154,6 +170,6 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = tensor_parallel_all_reduce(F.linear(x, self.weight))
+            return self.matmul(x, self.bias)
+        out = tensor_parallel_all_reduce(self.matmul(x, None))
         return out + self.bias if self.bias is not None else out

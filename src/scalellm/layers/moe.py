@@ -152,6 +152,7 @@ class FusedMoE(nn.Module):
             self.inter_start = self.rank * self.intermediate_size
         e, i = self.num_local_experts, self.intermediate_size
         self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, dtype=dtype)
+        self.gate.set_int8 = None  # type: ignore[assignment]  # NOTE: routing stays exact under int8
         self.w13_weight = nn.Parameter(torch.empty(e, 2 * i, hidden_size, dtype=dtype), requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(e, hidden_size, i, dtype=dtype), requires_grad=False)
         for p in (self.w13_weight, self.w2_weight):

@@ -1,0 +1,116 @@
+"""Quality of the int8 path against the float model (same weights, same engine).
+
+- greedy agreement: a fixed set of chat prompts, --max-tokens greedy tokens each;
+  reports identical outputs and the mean length of the common token prefix.
+- perplexity on a fixed public-domain text (the opening of A Tale of Two Cities),
+  computed from the model's logits at every position, for both models.
+
+    python benchmarks/quant_quality.py --out benchmarks/results/quant_quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from scalellm import LLM, SamplingParams
+from scalellm.layers.attention import AttentionMetadata, ForwardBatch
+
+PROMPTS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one paragraph.",
+    "List three uses of a paperclip.", "What is 17 times 23?", "Translate 'good morning' into Spanish.",
+    "Who wrote Pride and Prejudice?", "Give me a tip for learning to cook.", "Why is the sky blue?",
+    "Describe a cat to someone who has never seen one.", "What are prime numbers?",
+    "Summarise the plot of Romeo and Juliet.", "How do I boil an egg?", "Name the planets of the solar system.",
+    "What is machine learning?", "Write a short poem about autumn.", "What does a CPU do?",
+    "Suggest a name for a pet goldfish.", "How many days are there in a leap year?",
+    "What is the boiling point of water?", "Tell me a fun fact about octopuses.", "What is gravity?",
+    "How do vaccines work?", "Write one sentence about the moon.", "What is the largest ocean?",
+    "Give an example of a renewable energy source.", "What is the Pythagorean theorem?",
+    "Why do leaves change colour in autumn?", "What is a verb?", "How do airplanes fly?",
+    "Recommend a book for a long train ride.", "What is the difference between weather and climate?",
+]
+
+TEXT = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+    "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it "
+    "was the season of Darkness, it was the spring of hope, it was the winter of despair, we had everything "
+    "before us, we had nothing before us, we were all going direct to Heaven, we were all going direct the "
+    "other way--in short, the period was so far like the present period, that some of its noisiest "
+    "authorities insisted on its being received, for good or for evil, in the superlative degree of "
+    "comparison only. There were a king with a large jaw and a queen with a plain face, on the throne of "
+    "England; there were a king with a large jaw and a queen with a fair face, on the throne of France. In "
+    "both countries it was clearer than crystal to the lords of the State preserves of loaves and fishes, "
+    "that things in general were settled for ever. It was the year of Our Lord one thousand seven hundred "
+    "and seventy-five. Spiritual revelations were conceded to England at that favoured period, as at this. "
+    "Mrs. Southcott had recently attained her five-and-twentieth blessed birthday, of whom a prophetic "
+    "private in the Life Guards had heralded the sublime appearance by announcing that arrangements were "
+    "made for the swallowing up of London and Westminster."
+)
+
+
+@torch.inference_mode()
+def perplexity(llm: LLM, text: str) -> tuple[float, int]:
+    runner = llm.engine.core.executor
+    ids = llm.tokenizer.encode(text)
+    t = len(ids)
+    block = runner.block_size
+    slots = torch.arange(t)  # blocks 0.. of the (idle) cache, in order
+    assert t <= runner.num_blocks * block
+    md = AttentionMetadata(slot_mapping=slots, num_decode_tokens=0, decode_slots=None, decode_mask=None)
+    from scalellm.layers.attention import PrefillChunk
+
+    md.prefills.append(PrefillChunk(q_start=0, q_len=t, ctx_len=t, ctx_slots=None))
+    hidden = runner.model(torch.tensor(ids), torch.arange(t), ForwardBatch(attn=md, kv_caches=runner.kv_caches))
+    logits = runner.model.compute_logits(hidden[:-1])  # [t-1, V]
+    nll = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids[1:]), reduction="mean")
+    return math.exp(nll.item()), t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens)
+    runs = {}
+    for name, kw in (("float32", {"dtype": "float32"}), ("int8", {"dtype": "float32", "quantization": "int8"})):
+        llm = LLM(a.model, **kw)
+        t0 = time.perf_counter()
+        outs = llm.chat([[{"role": "user", "content": q}] for q in PROMPTS], params)
+        dt = time.perf_counter() - t0
+        ppl, ntok = perplexity(llm, TEXT)
+        runs[name] = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs],
+                      "perplexity": ppl, "text_tokens": ntok, "generate_s": dt}
+        print(f"{name}: perplexity {ppl:.4f} over {ntok} tokens; {len(PROMPTS)} prompts in {dt:.1f}s", flush=True)
+        del llm
+    ref, q = runs["float32"], runs["int8"]
+    same = sum(a_ == b_ for a_, b_ in zip(ref["tokens"], q["tokens"]))
+    prefixes = []
+    for a_, b_ in zip(ref["tokens"], q["tokens"]):
+        n = 0
+        while n < min(len(a_), len(b_)) and a_[n] == b_[n]:
+            n += 1
+        prefixes.append(n)
+    summary = {
+        "prompts": len(PROMPTS), "max_tokens": a.max_tokens, "identical_outputs": same,
+        "mean_common_prefix_tokens": sum(prefixes) / len(prefixes),
+        "perplexity_float32": ref["perplexity"], "perplexity_int8": q["perplexity"],
+        "perplexity_delta_pct": 100 * (q["perplexity"] / ref["perplexity"] - 1),
+    }
+    print(json.dumps(summary, indent=1))
+    for i, (ta, tb) in enumerate(zip(ref["texts"], q["texts"])):
+        if ta != tb:
+            print(f"--- prompt {i}: {PROMPTS[i]!r}\n  fp32: {ta[:160]!r}\n  int8: {tb[:160]!r}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"summary": summary, "runs": runs, "prompts": PROMPTS}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
