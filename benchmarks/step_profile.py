@@ -29,11 +29,14 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--quantization", default=None)
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--out", default="")
     a = p.parse_args()
     kw = {"dtype": a.dtype}
+    if a.quantization:
+        kw["quantization"] = a.quantization
     if a.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = a.max_num_batched_tokens
     llm = LLM(a.model, **kw)
