@@ -69,6 +69,8 @@ class EngineConfig:
             raise InvalidParameterError("max_model_len", "must be >= 2")
         if self.quantization not in (None, "int8"):
             raise InvalidParameterError("quantization", f"must be int8 or unset, got {self.quantization!r}")
+        if self.quantization is not None and self.tensor_parallel_size > 1:
+            raise InvalidParameterError("quantization", "int8 is not yet supported with tensor_parallel_size > 1")
         if self.tensor_parallel_size < 1:
             raise InvalidParameterError("tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
         if self.enable_expert_parallel and self.tensor_parallel_size == 1:

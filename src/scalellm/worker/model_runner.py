@@ -49,6 +49,19 @@ class StepTimings:
     num_steps: int = 0
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros whose CPU pages are mapped only when first written (calloc of fresh mmap'd pages),
+    so the KV cache costs resident memory as it fills, not all at start-up."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    # NOTE: torch.zeros memsets (touches) every page; numpy's zeros uses calloc, which for
+    # large blocks maps fresh zero pages without writing them.
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -75,7 +88,7 @@ class ModelRunner:
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.timings = StepTimings()
         shape = (2, num_blocks, block_size, model.model.layers[0].self_attn.num_kv_heads, args.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_layers)]
+        self.kv_caches = [lazy_zeros(shape, dtype, device) for _ in range(args.num_layers)]
 
     # -- state -----------------------------------------------------------------
     def _add(self, data: NewRequestData) -> None:
