@@ -245,6 +245,7 @@ def test_open_loop_poisson_arrivals(odd_standin):
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
     assert res.summary["num_ok"] == 30 and 0.05 < sum(gaps) < 1.0 and wall < 5
     assert res.summary["client"]["send_lag_ms"]["p50"] < 5
+    assert res.summary["client"]["send_lag_ms"]["min"] >= 0  # never sent before its arrival time
 
 
 def test_timeouts_and_refused_connections_are_errors(slow_standin):

@@ -291,8 +291,10 @@ class Runner:
             if duration is not None and offset >= duration:
                 break
             arrival = t0 + offset
-            delay = arrival - time.perf_counter()
-            if delay > 0:
+            # NOTE: uvloop's timers tick in whole milliseconds against a cached clock and can
+            # fire up to ~1 ms early; sleep again until the arrival has really come, so no
+            # request goes out before its scheduled time (send lag >= 0).
+            while (delay := arrival - time.perf_counter()) > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.ensure_future(capped(j, arrival) if sem is not None else one(j, arrival)))
             j += 1
