@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -89,19 +90,30 @@ def test_two_ranks_match_one_process(tiny_moe_models, odd_vocab_llama, name, exp
     assert get_parallel_state().tp_size == 1 and torch.get_num_threads() == threads
 
 
-def test_dead_rank_fails_the_next_step_at_once(tiny_models):
-    llm = LLM(tiny_models["llama"], tensor_parallel_size=2, **ENGINE)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-        assert len(llm.generate([5, 6, 7], params)[0].outputs[0].token_ids) == 4
-        os.kill(_worker_pids(llm)[0], signal.SIGKILL)
-        time.sleep(0.2)
-        t0 = time.monotonic()
-        with pytest.raises(RankFailedError, match="rank 1 exited with code -9"):
-            llm.generate([5, 6, 7], params)
-        assert time.monotonic() - t0 < 2
-    finally:
-        llm.shutdown()
+def test_dead_rank_fails_the_engine_at_once(tiny_models):
+    """Killed between steps (caught before the next one) or in the middle of generating
+    (caught inside a collective): either way the step raises within about a second."""
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    for mid_step in (False, True):
+        llm = LLM(tiny_models["llama"], tensor_parallel_size=2, **{**ENGINE, "max_model_len": 512})
+        try:
+            assert len(llm.generate([5, 6, 7], params)[0].outputs[0].token_ids) == 4
+            pid = _worker_pids(llm)[0]
+            if mid_step:
+                killed_at = time.monotonic() + 0.3
+                threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+                long = SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)  # seconds of steps
+                with pytest.raises(RankFailedError, match="rank 1 exited with code -9"):
+                    llm.generate([[5, 6, 7]] * 6, long)
+            else:
+                os.kill(pid, signal.SIGKILL)
+                time.sleep(0.2)
+                killed_at = time.monotonic()
+                with pytest.raises(RankFailedError, match="rank 1 exited with code -9"):
+                    llm.generate([5, 6, 7], params)
+            assert time.monotonic() - killed_at < 2
+        finally:
+            llm.shutdown()
 
 
 def test_parallel_config_errors_are_clear(tiny_models, tiny_moe_models):

@@ -116,7 +116,7 @@ class MultiprocExecutor:
                         tp_size, backend_for(device), num_threads, "on" if expert_parallel else "off")
             try:
                 init_tensor_parallel(0, tp_size, "127.0.0.1", store.port, _rank_device_obj(device, 0),
-                                     COLLECTIVE_TIMEOUT_S, expert_parallel, store=store)
+                                     COLLECTIVE_TIMEOUT_S, expert_parallel, store=store, is_alive=self.check_health)
             except Exception as e:
                 self.check_health()  # a rank that never joined says why
                 raise RankFailedError(f"tensor-parallel ranks did not join the process group: {e}") from e
