@@ -13,6 +13,11 @@ runner and client:
 - flat out: the stand-in writes all --max-output-len tokens of a response at once;
   output tokens/s here is the most the client handles (the two processes share the
   machine's cores, so this is a lower bound).
+- paced, spread (--spread-rate, default 80 req/s): the paced run as an open loop, so
+  the streams' tokens do not all fall due at the same instant. In the closed loop all
+  --concurrency streams start together and stay in step (as a real server's batched
+  decode steps would put them), so each tick is one burst of --concurrency chunks that
+  one process reads one after another; this run shows the delay without such bursts.
 
     python benchmarks/bench_client_overhead.py            # ~40 s
 """
@@ -57,8 +62,8 @@ def start_standin(itl_ms: float) -> tuple[subprocess.Popen, int]:
     return proc, int(line.split()[1])
 
 
-async def one_run(port: int, concurrency: int, num_requests: int, output_len: int, standin: psutil.Process
-                  ) -> dict:
+async def one_run(port: int, concurrency: int, num_requests: int, output_len: int, standin: psutil.Process,
+                  rate: float | None = None) -> dict:
     ep = Endpoint(EndpointConfig(url=f"http://127.0.0.1:{port}", model="standin"))
     await ep.prepare()
     requests = [BenchRequest(i, "hello world", None, 3, output_len) for i in range(num_requests + concurrency)]
@@ -71,12 +76,14 @@ async def one_run(port: int, concurrency: int, num_requests: int, output_len: in
     runner = Runner([ep], requests, num_warmup=concurrency, sink_factory=sink_factory)
     StampedSink.delays_ms = []
     standin.cpu_percent()
-    results = await runner.run([LoadPoint(concurrency=concurrency, num_requests=num_requests)])
+    point = (LoadPoint(request_rate=rate, num_requests=num_requests) if rate else
+             LoadPoint(concurrency=concurrency, num_requests=num_requests))
+    results = await runner.run([point])
     standin_cpu = standin.cpu_percent()
     ep.close()
     s = results[0].summary
     return {
-        "concurrency": concurrency, "num_requests": num_requests, "output_len": output_len,
+        "concurrency": concurrency, "request_rate": rate, "num_requests": num_requests, "output_len": output_len,
         "num_ok": s["num_ok"], "errors": s["errors"], "duration_s": s["duration_s"],
         "output_tokens_per_s": s["output_token_throughput"], "requests_per_s": s["request_throughput"],
         "chunk_delay_ms": distribution(StampedSink.delays_ms[-s["total_output_tokens"]:]),
@@ -98,22 +105,28 @@ def main() -> int:
     p.add_argument("--num-requests", type=int, default=1024)
     p.add_argument("--max-output-len", type=int, default=256, help="flat-out run: tokens per request")
     p.add_argument("--max-num-requests", type=int, default=2048)
+    p.add_argument("--spread-rate", type=float, default=80.0,
+                   help="paced, spread run: open-loop arrivals/s (80 x 64 tokens x 50 ms ~ 256 in flight); 0: skip")
     p.add_argument("--out", default="benchmarks/results/bench_client_overhead.json")
     a = p.parse_args()
     import uvloop
 
     out: dict = {"config": vars(a), "machine": {"cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
                                                 "start_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
-    for name, itl, n, olen in (("paced", a.itl_ms, a.num_requests, a.output_len),
-                               ("flat_out", 0.0, a.max_num_requests, a.max_output_len)):
+    runs = [("paced", a.itl_ms, a.num_requests, a.output_len, None),
+            ("flat_out", 0.0, a.max_num_requests, a.max_output_len, None)]
+    if a.spread_rate:
+        runs.append(("paced_spread", a.itl_ms, a.num_requests, a.output_len, a.spread_rate))
+    for name, itl, n, olen, rate in runs:
         proc, port = start_standin(itl)
         try:
-            res = uvloop.run(one_run(port, a.concurrency, n, olen, psutil.Process(proc.pid)))
+            res = uvloop.run(one_run(port, a.concurrency, n, olen, psutil.Process(proc.pid), rate))
         finally:
             proc.terminate()
             proc.wait(10)
         out[name] = res
-        print(f"{name}: c={a.concurrency} {res['num_ok']}/{n} ok, {res['output_tokens_per_s']:,.0f} out tok/s, "
+        load = f"rate={rate:g}/s" if rate else f"c={a.concurrency}"
+        print(f"{name}: {load} {res['num_ok']}/{n} ok, {res['output_tokens_per_s']:,.0f} out tok/s, "
               f"client CPU {res['client_cpu_percent']:.0f}%, stand-in CPU {res['standin_cpu_percent']:.0f}%\n"
               f"  chunk delay (client read - stand-in write): {_fmt(res['chunk_delay_ms'])}\n"
               f"  send lag: {_fmt(res['send_lag_ms'])}\n  loop ready-queue lag: {_fmt(res['loop_lag_ms'])}",

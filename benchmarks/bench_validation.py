@@ -290,7 +290,9 @@ def run_target(a: argparse.Namespace, target: str, w: dict) -> dict:
     srv = None
     try:
         for r in range(a.rounds):
-            order = tools[r % len(tools):] + tools[:r % len(tools)]
+            # a tool that failed is not retried; the others keep alternating (A B, B A, ...)
+            live = [t for t in tools if not any("error" in x["tools"].get(t, {}) for x in doc["rounds"])]
+            order = live[r % len(live):] + live[:r % len(live)]
             with cpu_lock(a.lock):
                 if srv is None:
                     srv, ready_s = start_target(a, target)
@@ -301,8 +303,6 @@ def run_target(a: argparse.Namespace, target: str, w: dict) -> dict:
                 rnd: dict[str, Any] = {"round": r + 1, "order": order, "tools": {},
                                        "load_average_before": list(os.getloadavg())}
                 for tool in order:
-                    if any("error" in x["tools"].get(tool, {}) for x in doc["rounds"]):
-                        continue  # failed before: not retried
                     res = run_tool(a, tool, srv, w, f"{tag0}.r{r + 1}", a.seed + r)
                     rnd["tools"][tool] = res
                     if "error" in res:
