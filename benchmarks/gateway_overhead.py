@@ -31,12 +31,16 @@ from scalellm.protocol.grpc import replica_pb2_grpc as pb_grpc
 class InstantReplica(pb_grpc.ReplicaServicer):
     async def Generate(self, request, context):  # type: ignore[no-untyped-def]
         n = request.params.max_tokens or 16
+        received = time.time()
         for i in range(n):
             last = i == n - 1
-            yield pb.GenerateResponse(
+            resp = pb.GenerateResponse(
                 choices=[pb.Choice(index=0, text=" x", token_ids=[87], finish_reason="length" if last else "")],
                 prompt_tokens=4, completion_tokens=i + 1, finished=last,
                 prompt_text="fake" if i == 0 else None, prompt_token_ids=[1, 2, 3, 4] if i == 0 else [])
+            if last:  # received/finished let the gateway report its own overhead (usage.timings)
+                resp.timestamps.CopyFrom(pb.Timestamps(received=received, finished=time.time()))
+            yield resp
 
     async def Health(self, request, context):  # type: ignore[no-untyped-def]
         return pb.HealthResponse(live=True, ready=True)
