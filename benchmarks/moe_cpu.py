@@ -15,6 +15,13 @@ of PROMPT_LEN random tokens, then DECODE greedy tokens each (EOS ignored).
 Best of --repeats for each. Results go to benchmarks/results/moe_cpu.json.
 
     python benchmarks/moe_cpu.py [--batch-sizes 1,16,64 --decode-tokens 32 --repeats 3]
+
+--parallel instead compares our engine with itself: one process (torch's default
+threads) vs tensor parallel over 2 gloo ranks vs expert parallel over 2 ranks (1 thread
+per rank on 2 cores), same measurement, same prompts; greedy tokens are checked equal.
+Results go to benchmarks/results/moe_cpu_parallel.json.
+
+    python benchmarks/moe_cpu.py --parallel [--batch-sizes 1,16,64]
 """
 
 from __future__ import annotations
@@ -55,11 +62,11 @@ def make_prompts(n: int, length: int, seed: int) -> list[list[int]]:
     return torch.randint(1, CONFIG["vocab_size"], (n, length), generator=g).tolist()
 
 
-def bench_ours(path: str, batch: int, prompt_len: int, decode: int, repeats: int) -> dict:
+def bench_ours(path: str, batch: int, prompt_len: int, decode: int, repeats: int, **parallel: object) -> dict:
     from scalellm import LLM, SamplingParams
 
     llm = LLM(path, dtype="float32", max_num_seqs=max(batch, 1), max_num_batched_tokens=max(2048, batch * prompt_len),
-              kv_cache_memory=256 << 20, enable_prefix_caching=False)
+              kv_cache_memory=256 << 20, enable_prefix_caching=False, **parallel)
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     full = SamplingParams(temperature=0.0, max_tokens=1 + decode, ignore_eos=True)
     llm.generate(make_prompts(batch, prompt_len, 99), full)  # warm-up
@@ -77,6 +84,7 @@ def bench_ours(path: str, batch: int, prompt_len: int, decode: int, repeats: int
         if r == 0:  # compared with transformers on the same prompts
             tokens = [o.outputs[0].token_ids for o in outs]
     load = runner.model.read_expert_load()
+    llm.shutdown()
     return {"decode_s": best, "tok_per_s": batch * decode / best,
             "forward_only_tok_per_s": batch * decode / best_forward,  # model forward + logits, no engine
             "tokens": tokens, "expert_load_layer0": load.get(0, [])}
@@ -107,14 +115,58 @@ def bench_transformers(path: str, batch: int, prompt_len: int, decode: int, repe
     return {"decode_s": best, "tok_per_s": batch * decode / best, "tokens": tokens}
 
 
+PARALLEL_MODES = {
+    "single": {},
+    "tp2": {"tensor_parallel_size": 2},
+    "ep2": {"tensor_parallel_size": 2, "enable_expert_parallel": True},
+}
+
+
+def main_parallel(args: argparse.Namespace) -> None:
+    load_before = os.getloadavg()
+    t_start = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_model(os.path.join(tmp, "mixtral"))
+        for b in (int(s) for s in args.batch_sizes.split(",")):
+            runs = {m: bench_ours(path, b, args.prompt_len, args.decode_tokens, args.repeats, **kw)
+                    for m, kw in PARALLEL_MODES.items()}
+            tokens = {m: r.pop("tokens") for m, r in runs.items()}
+            same = {m: f"{sum(x == y for x, y in zip(tokens['single'], t))}/{b}" for m, t in tokens.items()}
+            for r in runs.values():
+                r.pop("expert_load_layer0")
+            rows.append({"batch": b, **runs, "greedy_sequences_identical_to_single": same})
+            print(f"B={b:3d}  " + "  ".join(f"{m} {r['tok_per_s']:7.1f} tok/s (forward {r['forward_only_tok_per_s']:7.1f})"
+                                           for m, r in runs.items()) + f"  identical {same}", flush=True)
+    result = {
+        "model": {k: v for k, v in CONFIG.items() if not k.endswith("token_id")},
+        "dtype": "float32", "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
+        "repeats": args.repeats, "modes": PARALLEL_MODES,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch_threads_single": torch.get_num_threads(), "torch": torch.__version__,
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "wall_s": time.perf_counter() - t_start,
+        "rows": rows,
+    }
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", "moe_cpu_parallel.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out} ({result['wall_s']:.0f} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch-sizes", default="1,16,64")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "moe_cpu.json"))
+    ap.add_argument("--parallel", action="store_true", help="single process vs TP=2 vs EP=2 (ours only)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.parallel:
+        main_parallel(args)
+        return
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "results", "moe_cpu.json")
     load_before = os.getloadavg()
     t_start = time.perf_counter()
     rows = []
