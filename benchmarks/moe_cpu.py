@@ -17,7 +17,7 @@ Best of --repeats for each. Results go to benchmarks/results/moe_cpu.json.
     python benchmarks/moe_cpu.py [--batch-sizes 1,16,64 --decode-tokens 32 --repeats 3]
 
 --parallel instead compares our engine with itself: one process (torch's default
-threads) vs tensor parallel over 2 gloo ranks vs expert parallel over 2 ranks (1 thread
+threads) vs tensor parallel over 2 ranks vs expert parallel over 2 ranks (1 thread
 per rank on 2 cores), same measurement, same prompts; greedy tokens are checked equal.
 Results go to benchmarks/results/moe_cpu_parallel.json.
 
