@@ -138,6 +138,38 @@ def test_parallel_config_errors_are_clear(tiny_models, tiny_moe_models):
     assert get_parallel_state().tp_size == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_memory_collectives_in_pieces(monkeypatch, dtype):
+    """Two ranks (threads here) through one mapping with tiny slots: tensors far larger
+    than a slot go through in many double-buffered rounds; sums and gathers in rank order."""
+    from scalellm.distributed import shm_comm
+
+    monkeypatch.setattr(shm_comm, "SLOT_BYTES", 256)
+    path = shm_comm.ShmCommunicator.new_path()
+    comms = [shm_comm.ShmCommunicator(0, 2, path, True, 10.0)]
+    comms.append(shm_comm.ShmCommunicator(1, 2, path, False, 10.0))
+    os.unlink(path)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(37, 29, generator=g).to(dtype) for _ in range(2)]  # 1073 elements: many 256-byte pieces
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def rank(r: int) -> None:
+        results[r] = [comms[r].all_reduce(xs[r]), comms[r].all_gather(xs[r], dim=-1), comms[r].all_reduce(xs[r] * 2)]
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for r in range(2):
+        reduced, gathered, doubled = results[r]
+        assert torch.equal(reduced, xs[0] + xs[1]) and reduced.dtype == dtype
+        assert torch.equal(gathered, torch.cat(xs, dim=-1))
+        assert torch.equal(doubled, xs[0] * 2 + xs[1] * 2)
+    for c in comms:
+        c.close()
+
+
 # ---------------------------------------------------------------------------- the replica
 
 

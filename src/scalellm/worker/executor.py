@@ -229,6 +229,8 @@ def _rank_device_obj(device: torch.device, rank: int) -> torch.device:
 def _spawn_rank(spec: RankSpec) -> subprocess.Popen:
     # NOTE: not multiprocessing: the engine-core process is a daemon, and daemons may not
     # have multiprocessing children. A fresh interpreter is what "spawn" does anyway.
+    # The rank dies with the *thread* that starts it (PR_SET_PDEATHSIG): build a
+    # tensor-parallel engine from a thread that outlives it (the main thread, usually).
     proc = subprocess.Popen([sys.executable, "-c", "from scalellm.worker.rank_process import main; main()"],
                             stdin=subprocess.PIPE)
     assert proc.stdin is not None
