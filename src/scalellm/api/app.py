@@ -309,6 +309,10 @@ class OpenAIApp:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         first: set = set()
         track.streaming = True
+        # NOTE: with one choice, the finished chunk is the last before the usage chunk and
+        # [DONE] (the backend's stream ends right after it): the three go out in one write.
+        hold_last = track.num_choices == 1
+        tail: list[bytes] = []
 
         async def pump() -> None:
             try:
@@ -316,19 +320,24 @@ class OpenAIApp:
                     for body in render(item, first):
                         if include_usage:
                             body["usage"] = None
-                        await _sse(send, body)
+                        data = b"data: " + msgspec.json.encode(body) + b"\n\n"
+                        if hold_last and item[1].finished:
+                            tail.append(data)
+                        else:
+                            await send({"type": "http.response.body", "body": data, "more_body": True})
             except Exception as e:  # noqa: BLE001 - mid-stream failure: an error event, then [DONE]
                 err = from_exception(e)
                 self.metrics.error(err.code or err.type)
                 logger.info("request_id=%s failed mid-stream: %s", trace, err.message, extra={"request_id": trace})
-                await _sse(send, {"error": {"message": err.message, "type": err.type, "param": err.param,
-                                            "code": err.code}})
+                tail.append(b"data: " + msgspec.json.encode({"error": {
+                    "message": err.message, "type": err.type, "param": err.param, "code": err.code}}) + b"\n\n")
                 return
             breakdown = track.finish()
             if include_usage:
-                await _sse(send, {"id": rid, "object": obj, "created": R.created(), "model": req.model,
-                                  "choices": [], "usage": {**R.usage(track.prompt_tokens, track.completion_tokens),
-                                                           "timings": breakdown}})
+                tail.append(b"data: " + msgspec.json.encode({
+                    "id": rid, "object": obj, "created": R.created(), "model": req.model, "choices": [],
+                    "usage": {**R.usage(track.prompt_tokens, track.completion_tokens), "timings": breakdown}})
+                    + b"\n\n")
 
         # NOTE: one watcher task per request (not a task per chunk) races the stream
         # against the client's disconnect; a disconnect cancels the pump, whose
@@ -343,7 +352,8 @@ class OpenAIApp:
                     await pump_task
                 return 499
             pump_task.result()
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            await send({"type": "http.response.body", "body": b"".join(tail) + b"data: [DONE]\n\n",
+                        "more_body": False})
             return 200
         finally:
             disconnected.cancel()
@@ -386,7 +396,12 @@ class _Tracker:
         try:
             async for base, chunk in items:
                 now = time.monotonic()
-                if any(c.token_ids for c in chunk.choices):
+                has_tokens = False
+                for c in chunk.choices:  # NOTE: a plain loop: any(genexpr) per chunk costs more
+                    if c.token_ids:
+                        has_tokens = True
+                        break
+                if has_tokens:
                     if self.first is None:
                         self.first = now
                         self.metrics.ttft.observe(now - self.t0)
@@ -491,13 +506,14 @@ def _controls(scope: Scope, req: Any) -> tuple[int, float]:
     return priority, (time.time() + deadline_ms / 1000 if deadline_ms else 0.0)
 
 
-async def _until(deadline_unix: float, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """Relay items; past the deadline raise TimeoutError (closing `items` aborts upstream)."""
+def _until(deadline_unix: float, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """`items`, or with a deadline a relay of them that raises TimeoutError past it
+    (closing `items` aborts upstream). No deadline: no extra generator per chunk."""
+    return _until_deadline(deadline_unix, items) if deadline_unix else items
+
+
+async def _until_deadline(deadline_unix: float, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
     try:
-        if not deadline_unix:
-            async for item in items:
-                yield item
-            return
         loop = asyncio.get_running_loop()
         async with asyncio.timeout_at(loop.time() + max(deadline_unix - time.time(), 0.0)):
             async for item in items:
@@ -578,6 +594,3 @@ async def _send_json(send: Send, status: int, body: bytes, headers: dict[str, st
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body})
 
-
-async def _sse(send: Send, obj: dict) -> None:
-    await send({"type": "http.response.body", "body": b"data: " + msgspec.json.encode(obj) + b"\n\n", "more_body": True})

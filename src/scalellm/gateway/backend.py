@@ -107,8 +107,10 @@ class GatewayBackend:
     def _candidates(self, call: GenerateCall, tried: set[str]) -> list[ReplicaClient]:
         return [r for r in self.replicas if r.healthy and r.address not in tried and call.model in r.models]
 
-    async def _open(self, call: GenerateCall, tried: set[str]) -> tuple[GenerateChunk, AsyncIterator[GenerateChunk], ReplicaClient]:
-        """Start the call on a replica, retrying on others until one yields its first chunk."""
+    async def _open(self, call: GenerateCall, tried: set[str]
+                    ) -> tuple[GenerateChunk, AsyncIterator[GenerateChunk], ReplicaClient, float]:
+        """Start the call on a replica, retrying on others until one yields its first chunk.
+        Returns (first chunk, the rest of the stream, the replica, when it was routed)."""
         last_error: Exception | None = None
         for attempt in range(self.max_retries + 1):
             candidates = self._candidates(call, tried)
@@ -135,18 +137,19 @@ class GatewayBackend:
                 replica.record_success()
                 if first.finished:
                     first.timings["routed_unix"] = routed
-                return first, _stamped(stream, routed), replica
+                return first, stream, replica, routed
         raise NoReplicaError(f"no replica could take the request ({last_error or 'none healthy'})")
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[GenerateChunk]:
         tried: set[str] = set()
-        first, stream, replica = await self._open(call, tried)
-        return self._rest(call, first, stream, replica, tried)
+        first, stream, replica, routed = await self._open(call, tried)
+        return self._rest(call, first, stream, replica, tried, routed)
 
     async def _rest(self, call: GenerateCall, first: GenerateChunk, stream: AsyncIterator[GenerateChunk],
-                    replica: ReplicaClient, tried: set[str]) -> AsyncIterator[GenerateChunk]:
-        """Relay chunks; if the replica is lost mid-stream (n == 1), resume on another replica
-        from prompt + tokens produced so far, so the client sees one uninterrupted stream."""
+                    replica: ReplicaClient, tried: set[str], routed: float) -> AsyncIterator[GenerateChunk]:
+        """Relay chunks, adding the gateway's routing time to the last one; if the replica is
+        lost mid-stream (n == 1), resume on another replica from prompt + tokens produced so
+        far, so the client sees one uninterrupted stream."""
         prompt_ids = first.prompt_token_ids
         num_prompt = first.num_prompt_tokens
         produced: list[int] = []
@@ -174,7 +177,7 @@ class GatewayBackend:
                     self.num_resumed += 1
                     logger.warning("replica %s lost mid-stream after %d tokens (%s); resuming",
                                    replica.address, len(produced), e.code())
-                    chunk, stream, replica = await self._open(cont, tried)
+                    chunk, stream, replica, routed = await self._open(cont, tried)
                     resumed = True
                     continue
                 for c in chunk.choices:
@@ -184,9 +187,11 @@ class GatewayBackend:
                     chunk.num_completion_tokens = len(produced)
                     chunk.num_prompt_tokens = num_prompt
                     chunk.prompt_text = None
-                yield chunk
                 if chunk.finished:
+                    chunk.timings["routed_unix"] = routed
+                    yield chunk
                     return
+                yield chunk
                 chunk = None
         finally:
             await stream.aclose()
@@ -225,13 +230,3 @@ class GatewayBackend:
         except grpc.aio.AioRpcError as e:
             raise _to_error(e) from None
 
-
-async def _stamped(stream: AsyncIterator[GenerateChunk], routed: float) -> AsyncIterator[GenerateChunk]:
-    """Relay a replica's chunks, adding the gateway's routing time to the last one."""
-    try:
-        async for chunk in stream:
-            if chunk.finished:
-                chunk.timings["routed_unix"] = routed
-            yield chunk
-    finally:
-        await stream.aclose()

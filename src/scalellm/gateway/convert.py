@@ -47,7 +47,7 @@ def chunk_from_proto(resp: pb.GenerateResponse) -> GenerateChunk:
         which = c.WhichOneof("stop_reason")
         stop_reason = c.stop_str if which == "stop_str" else (c.stop_token_id if which == "stop_token_id" else None)
         lps = [TokenLogprob(lp.token_id, lp.token, lp.logprob, [(t.token_id, t.token, t.logprob) for t in lp.top])
-               for lp in c.logprobs] or None
+               for lp in c.logprobs] if c.logprobs else None
         choices.append(ChoiceDelta(c.index, c.text, list(c.token_ids), lps, c.finish_reason or None, stop_reason))
     timings = {}
     if resp.finished:

@@ -122,7 +122,8 @@ class ReplicaClient:
                 yield chunk_from_proto(resp)
         finally:
             self.in_flight -= 1
-            stream.cancel()  # no-op when finished; aborts on the replica otherwise
+            if not stream.done():
+                stream.cancel()  # aborts on the replica
 
     async def tokenize(self, prompt: str | None, messages: list[dict] | None, add_special_tokens: bool) -> list[int]:
         req = pb.TokenizeRequest(add_special_tokens=add_special_tokens)
