@@ -70,7 +70,10 @@ class ShmCommunicator:
 
     def close(self) -> None:
         del self._seqs, self._data
-        self._mm.close()
+        try:
+            self._mm.close()
+        except BufferError:  # a view still alive (e.g. in a failed step's traceback): unmapped when it goes
+            pass
 
     # -- collectives -------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
