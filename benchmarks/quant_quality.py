@@ -18,7 +18,7 @@ import time
 import torch
 
 from scalellm import LLM, SamplingParams
-from scalellm.layers.attention import AttentionMetadata, ForwardBatch
+from scalellm.layers.attention import fresh_prompt_batch
 
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one paragraph.",
@@ -55,21 +55,13 @@ TEXT = (
 
 @torch.inference_mode()
 def perplexity(llm: LLM, text: str) -> tuple[float, int]:
-    runner = llm.engine.core.executor
+    model, args = llm.engine.core.executor.model, llm.engine.core.executor.args
     ids = llm.tokenizer.encode(text)
     t = len(ids)
-    block = runner.block_size
-    slots = torch.arange(t)  # blocks 0.. of the (idle) cache, in order
-    assert t <= runner.num_blocks * block
-    md = AttentionMetadata(slot_mapping=slots, num_decode_tokens=0, decode_slots=None, decode_mask=None)
-    from scalellm.layers.attention import PrefillChunk
-
-    md.prefills.append(PrefillChunk(q_start=0, q_len=t, ctx_len=t, ctx_slots=None))
-    hidden = runner.model(torch.tensor(ids), torch.arange(t), ForwardBatch(attn=md, kv_caches=runner.kv_caches))
-    logits = runner.model.compute_logits(hidden[:-1])  # [t-1, V]
+    batch = fresh_prompt_batch(t, args.num_layers, args.num_kv_heads, args.head_dim)
+    logits = model.compute_logits(model(torch.tensor(ids), torch.arange(t), batch)[:-1])  # [t-1, V]
     nll = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids[1:]), reduction="mean")
     return math.exp(nll.item()), t
-
 
 def main() -> None:
     p = argparse.ArgumentParser()

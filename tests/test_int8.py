@@ -43,15 +43,12 @@ def test_smoothing_handles_an_outlier_channel():
 
 @torch.inference_mode()
 def _all_logits(llm, ids: list[int]) -> torch.Tensor:
-    from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk
+    from scalellm.layers.attention import fresh_prompt_batch
 
-    runner = llm.engine.core.executor
+    model, args = llm.engine.core.executor.model, llm.engine.core.executor.args
     t = len(ids)
-    md = AttentionMetadata(slot_mapping=torch.arange(t), num_decode_tokens=0, decode_slots=None, decode_mask=None,
-                           prefills=[PrefillChunk(q_start=0, q_len=t, ctx_len=t, ctx_slots=None)])
-    hidden = runner.model(torch.tensor(ids), torch.arange(t), ForwardBatch(attn=md, kv_caches=runner.kv_caches))
-    return runner.model.compute_logits(hidden)  # [t, V]
-
+    batch = fresh_prompt_batch(t, args.num_layers, args.num_kv_heads, args.head_dim)
+    return model.compute_logits(model(torch.tensor(ids), torch.arange(t), batch))  # [t, V]
 
 def test_tiny_llama_int8_logits_and_generation(tiny_models):
     from scalellm import LLM, SamplingParams

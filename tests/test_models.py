@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk
+from scalellm.layers.attention import fresh_prompt_batch
 from scalellm.loader.model_source import resolve_model
 from scalellm.models.args import parse_model_args
 from scalellm.models.registry import get_model_class
@@ -24,17 +24,9 @@ def _our_model(path: str):
 
 def _prefill_logits(model, args, ids: list[int]) -> torch.Tensor:
     t = len(ids)
-    block_size = 4
-    num_blocks = -(-t // block_size)
-    kv = [torch.zeros(2, num_blocks, block_size, args.num_kv_heads, args.head_dim) for _ in range(args.num_layers)]
-    md = AttentionMetadata(
-        slot_mapping=torch.arange(t), num_decode_tokens=0, decode_slots=None, decode_mask=None,
-        prefills=[PrefillChunk(q_start=0, q_len=t, ctx_len=t, ctx_slots=None)],
-    )
+    batch = fresh_prompt_batch(t, args.num_layers, args.num_kv_heads, args.head_dim, block_size=4)
     with torch.inference_mode():
-        hidden = model(torch.tensor(ids), torch.arange(t), ForwardBatch(md, kv))
-        return model.compute_logits(hidden)
-
+        return model.compute_logits(model(torch.tensor(ids), torch.arange(t), batch))
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_transformers(tiny_models, arch):

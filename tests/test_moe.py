@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from scalellm import LLM, SamplingParams
 from scalellm.distributed.parallel_state import ParallelState, get_parallel_state, set_parallel_state
-from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk
+from scalellm.layers.attention import fresh_prompt_batch
 from scalellm.layers.moe import FusedMoE, fused_experts, select_experts
 from scalellm.loader.model_source import resolve_model
 from scalellm.models.args import parse_model_args
@@ -143,14 +143,10 @@ def _our_model(path: str):
 
 
 def _prefill_logits(model, args, ids: list[int]) -> torch.Tensor:
-    t, block_size = len(ids), 4
-    kv = [torch.zeros(2, -(-t // block_size), block_size, args.num_kv_heads, args.head_dim)
-          for _ in range(args.num_layers)]
-    md = AttentionMetadata(slot_mapping=torch.arange(t), num_decode_tokens=0, decode_slots=None, decode_mask=None,
-                           prefills=[PrefillChunk(q_start=0, q_len=t, ctx_len=t, ctx_slots=None)])
+    t = len(ids)
+    batch = fresh_prompt_batch(t, args.num_layers, args.num_kv_heads, args.head_dim, block_size=4)
     with torch.inference_mode():
-        return model.compute_logits(model(torch.tensor(ids), torch.arange(t), ForwardBatch(md, kv)))
-
+        return model.compute_logits(model(torch.tensor(ids), torch.arange(t), batch))
 
 def _reference_logits(path: str, ids: list[int]) -> torch.Tensor:
     import transformers

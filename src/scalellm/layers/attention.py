@@ -53,6 +53,20 @@ class ForwardBatch:
     kv_caches: list[torch.Tensor]  # one [2, N, S, Hkv, D] tensor per layer
 
 
+def fresh_prompt_batch(num_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                       dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+                       block_size: int = 16) -> ForwardBatch:
+    """One fresh prompt of `num_tokens` as a single prefill chunk over a throw-away KV cache
+    (slots 0..T-1): for whole-sequence scoring, calibration and tests, outside the engine."""
+    blocks = -(-num_tokens // block_size)
+    caches = [torch.zeros(2, blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+              for _ in range(num_layers)]
+    md = AttentionMetadata(slot_mapping=torch.arange(num_tokens, device=device), num_decode_tokens=0,
+                           decode_slots=None, decode_mask=None,
+                           prefills=[PrefillChunk(q_start=0, q_len=num_tokens, ctx_len=num_tokens, ctx_slots=None)])
+    return ForwardBatch(attn=md, kv_caches=caches)
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
     # q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D]
     if k.shape[1] != q.shape[1]:

@@ -117,15 +117,11 @@ def _calibration_forward(model: torch.nn.Module, args: ModelArgs, dtype: torch.d
     """One prefill over seeded random tokens, with a throw-away KV cache: shows the int8
     calibration each layer's input channels (their outliers are structural: measured on
     SmolLM2, random tokens smooth as well as real text, perplexity 28.2 vs 28.0)."""
-    from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk
+    from scalellm.layers.attention import fresh_prompt_batch
 
     t = min(num_tokens, args.max_position_embeddings)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, args.vocab_size, (t,), generator=gen).to(device)
-    block = 16
     kv_heads = model.model.layers[0].self_attn.num_kv_heads
-    caches = [torch.zeros(2, -(-t // block), block, kv_heads, args.head_dim, dtype=dtype, device=device)
-              for _ in range(args.num_layers)]
-    md = AttentionMetadata(slot_mapping=torch.arange(t, device=device), num_decode_tokens=0, decode_slots=None,
-                           decode_mask=None, prefills=[PrefillChunk(q_start=0, q_len=t, ctx_len=t, ctx_slots=None)])
-    model(ids, torch.arange(t, device=device), ForwardBatch(attn=md, kv_caches=caches))
+    batch = fresh_prompt_batch(t, args.num_layers, kv_heads, args.head_dim, dtype, device)
+    model(ids, torch.arange(t, device=device), batch)
