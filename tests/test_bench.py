@@ -286,6 +286,59 @@ def test_cli_end_to_end_json_schema_plots_and_compare(slow_standin, odd_standin,
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 15_000, name
 
 
+@pytest.mark.parametrize("kernel_stamps", [True, False])
+def test_chunk_stamp_is_arrival_time_not_read_time(kernel_stamps):
+    """A busy client loop must not delay the stamps: with kernel stamps (the default on
+    Linux plain http) a response that arrived 50 ms after the request, while the loop was
+    blocked from 10 to 160 ms, is stamped when it arrived; with read-time stamps the block shows up in full."""
+    import asyncio
+    import socket
+    import threading
+
+    from scalellm.bench.http_client import BufferSink, ConnectionPool
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    body = b"data: x\n\n"
+    resp = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        conn.recv(65536)
+        time.sleep(0.05)
+        conn.sendall(resp)
+        conn.recv(65536)  # until the client closes
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    class Sink(BufferSink):
+        t = 0.0
+
+        def on_body(self, data: bytes, t: float) -> None:
+            super().on_body(data, t)
+            Sink.t = t
+
+    async def go() -> tuple[float, float]:
+        pool = ConnectionPool(f"http://127.0.0.1:{srv.getsockname()[1]}", kernel_stamps=kernel_stamps)
+        assert pool.kernel_stamps is (kernel_stamps and sys.platform == "linux")
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.01, time.sleep, 0.15)  # the loop is stuck when the response arrives (50 ms)
+        sink = Sink()
+        task = asyncio.ensure_future(pool.request(pool.encode("GET", "/", {}), sink, timeout=5))
+        await asyncio.sleep(0)
+        t_sent = await task
+        pool.close()
+        assert bytes(sink.body) == body and sink.status == 200
+        return t_sent, Sink.t
+
+    t_sent, t = _run(go())
+    srv.close()
+    if kernel_stamps and sys.platform == "linux":
+        assert 0.045 <= t - t_sent < 0.1
+    else:
+        assert t - t_sent >= 0.15
+
+
 def test_bench_never_imports_torch():
     code = ("import sys; import scalellm.bench.cli, scalellm.bench.runner, scalellm.bench.report, "
             "scalellm.bench.plots, scalellm.bench.tokens; print('torch' in sys.modules)")
@@ -296,7 +349,9 @@ def test_bench_never_imports_torch():
 # -- against a real `scalellm serve` ------------------------------------------------------------------
 @requires_smollm
 def test_against_scalellm_serve(tmp_path):
+    import contextlib
     import socket
+    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -307,10 +362,10 @@ def test_against_scalellm_serve(tmp_path):
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # the port opens before the replica is ready
             assert proc.poll() is None, "server exited"
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/ready", timeout=2) as r:
+                if r.status == 200:
                     break
             time.sleep(0.2)
         out = tmp_path / "serve.json"

@@ -3,9 +3,17 @@ chunked transfer decoding (httptools' C parser), callbacks instead of per-chunk 
 
 Why not httpx: it saturates a core at ~64 concurrent streams on our machines
 (benchmarks/README.md), so it measures itself, not the server. Here a response is
-delivered to a `ResponseSink` synchronously from `data_received`, stamped with one
-`time.perf_counter()` read per socket read; the request coroutine wakes up once, when
-the response is complete. Nothing in the per-chunk path allocates a task or a future.
+delivered to a `ResponseSink` synchronously from `data_received`, stamped once per
+socket read; the request coroutine wakes up once, when the response is complete.
+Nothing in the per-chunk path allocates a task or a future.
+
+The stamp: on Linux, plain-http connections read with recvmsg() and SO_TIMESTAMPNS,
+so each read carries the kernel's receive time of its last segment (converted to the
+perf_counter clock). When a server's batched step sends a burst of chunks to hundreds
+of streams at once, this process reads them one after another (~20 us each); a
+stamp taken at the read would charge the last of a burst with the wait behind the
+others, the kernel's is when the bytes actually arrived. Elsewhere (https, other
+systems) the stamp is time.perf_counter() at the read.
 
 What this module does NOT know: JSON, SSE, OpenAI, or what the caller measures.
 Out of scope on purpose: redirects, cookies, proxies, compression, HTTP/2.
@@ -14,7 +22,10 @@ Out of scope on purpose: redirects, cookies, proxies, compression, HTTP/2.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import struct
+import sys
 import time
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -72,8 +83,8 @@ class _Connection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
         self.is_open = True
 
-    def data_received(self, data: bytes) -> None:
-        self._now = time.perf_counter()
+    def data_received(self, data: bytes, t: float | None = None) -> None:
+        self._now = time.perf_counter() if t is None else t
         self.got_bytes = True
         try:
             self._parser.feed_data(data)
@@ -128,6 +139,96 @@ class _Connection(asyncio.Protocol):
             done.set_exception(err)
 
 
+# SO_TIMESTAMPNS (SO_TIMESTAMPNS_OLD, 35 on Linux); Python's socket module lacks the name.
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform == "linux" else None)
+# NOTE: one receive buffer for every connection (reads copy out of it at once):
+# recvmsg(size) would allocate `size` bytes per read, which costs more than the read.
+_BUF = bytearray(256 * 1024)
+_BUFS = [_BUF]
+_VIEW = memoryview(_BUF)
+_CMSG_SIZE = socket.CMSG_SPACE(16)
+_unpack_ts = struct.Struct("qq").unpack_from
+
+
+class _StampedSocket:
+    """A plain-TCP transport for `_Connection` that reads with recvmsg() and hands
+    each read to the protocol with the kernel's receive timestamp (SO_TIMESTAMPNS).
+    Only what `_Connection` uses: write, close, abort; connection_lost on EOF/error."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: _Connection) -> None:
+        self._loop, self._sock, self._protocol = loop, sock, protocol
+        self._fd = sock.fileno()
+        self._out = bytearray()
+        self._closed = False
+        loop.add_reader(self._fd, self._read)
+        protocol.connection_made(self)  # type: ignore[arg-type]
+
+    def _read(self) -> None:
+        try:
+            n, anc, _, _ = self._sock.recvmsg_into(_BUFS, _CMSG_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._close(e)
+            return
+        if not n:
+            self._close(None)
+            return
+        data = _VIEW[:n].tobytes()
+        now = time.perf_counter()
+        t = now
+        if anc:
+            sec, ns = _unpack_ts(anc[0][2])
+            # realtime -> perf_counter: the offset read now, so clock slewing cannot accumulate
+            t = min(now, sec + ns * 1e-9 - (time.time() - now))
+        self._protocol.data_received(data, t)
+
+    def write(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if not self._out:
+            try:
+                n = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:
+                self._close(e)
+                return
+            if n == len(data):
+                return
+            data = data[n:]
+            self._loop.add_writer(self._fd, self._flush)
+        self._out += data
+
+    def _flush(self) -> None:
+        try:
+            n = self._sock.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._close(e)
+            return
+        del self._out[:n]
+        if not self._out:
+            self._loop.remove_writer(self._fd)
+
+    def close(self) -> None:
+        self._close(None)
+
+    def abort(self) -> None:
+        self._close(None)
+
+    def _close(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._fd)
+        if self._out:
+            self._loop.remove_writer(self._fd)
+        self._sock.close()
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
 class ConnectionPool:
     """Keep-alive connections to one origin (scheme://host:port), opened on demand.
 
@@ -135,7 +236,7 @@ class ConnectionPool:
     response itself goes to the sink. Connections are reused LIFO.
     """
 
-    def __init__(self, base_url: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(self, base_url: str, *, connect_timeout: float = 10.0, kernel_stamps: bool = True) -> None:
         u = urlsplit(base_url)
         if u.scheme not in ("http", "https"):
             raise ValueError(f"only http:// and https:// URLs are supported, got {base_url!r}")
@@ -147,16 +248,43 @@ class ConnectionPool:
         self._idle: list[_Connection] = []
         self._connect_timeout = connect_timeout
         self.num_connects = 0
+        self.kernel_stamps = self._ssl is None and _SO_TIMESTAMPNS is not None and kernel_stamps
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self._ssl)
+                if self.kernel_stamps:
+                    conn = await self._connect_stamped(loop)
+                else:
+                    _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port,
+                                                           ssl=self._ssl)
         except (OSError, TimeoutError) as e:
             raise HTTPError("connect", f"{self.host}:{self.port}: {e or type(e).__name__}") from None
         self.num_connects += 1
         return conn
+
+    async def _connect_stamped(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        err: OSError | None = None
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)  # type: ignore[arg-type]
+                await loop.sock_connect(sock, addr)
+            except OSError as e:
+                sock.close()
+                err = e
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            conn = _Connection(self)
+            _StampedSocket(loop, sock, conn)
+            return conn
+        raise err or OSError(f"no address for {self.host}")
 
     def _release(self, conn: _Connection) -> None:
         if conn.is_open:
