@@ -107,6 +107,23 @@ def test_chat_stream_equals_non_stream_and_usage(server, client):
     assert usage.completion_tokens == full.usage.completion_tokens
 
 
+def test_continuous_usage_stats(client):
+    """vLLM's stream_options.continuous_usage_stats (guidellm always sends it): every
+    chunk carries the usage so far; counts grow one token a chunk and end at the total."""
+    kw = dict(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0,
+              extra_body={"ignore_eos": True})
+    chunks = list(client.completions.create(
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **kw))
+    with_text = [c for c in chunks if c.choices]
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in with_text]
+    assert counts == sorted(counts) and counts[-1] == 6 and counts[0] >= 1
+    assert len({c.usage.prompt_tokens for c in chunks}) == 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    plain = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert all(c.usage is None for c in plain if c.choices)
+
+
 def test_n_and_seed(client):
     kw = dict(model="tiny", prompt="def f(x):", max_tokens=8, temperature=1.0, extra_body={"ignore_eos": True})
     two = client.completions.create(n=2, seed=11, **kw)

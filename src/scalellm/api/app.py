@@ -11,7 +11,8 @@ filters, concurrency/admission; output filters on the way back) and is tracked: 
 own TTFT/ITL/TPOT/e2e as the client sees them, and a latency breakdown built from the
 timestamps each hop adds (gateway routed, replica received/queued/first scheduled/
 first token/finished), returned in a Server-Timing header (non-streamed) and in the
-usage block (`usage.timings`, milliseconds) and exported as metrics.
+usage block (`usage.timings`, milliseconds) and exported as metrics. With tracing on
+(scalellm.api.tracing), each routed request also gets a span carrying the same.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from scalellm.api.errors import APIError, bad_request, from_exception, model_not
 from scalellm.api.guard import Guard
 from scalellm.api.metrics import APIMetrics
 from scalellm.api.safety import ContentFilter, FilterHit, StreamFilter
+from scalellm.api.tracing import RequestSpan, Tracing
 from scalellm.protocol.generation import GenerateCall, GenerateChunk
 from scalellm.protocol.openai import (
     ChatCompletionRequest,
@@ -48,6 +50,7 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 Handler = Callable[[Scope, Receive, Send], Awaitable[int]]
 _TRACE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_UNTRACED = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes: no spans
 
 
 class Backend(Protocol):
@@ -62,8 +65,9 @@ class Backend(Protocol):
 
 class OpenAIApp:
     def __init__(self, backend: Backend, api_key: str | None = None, metrics: APIMetrics | None = None,
-                 guard: Guard | None = None) -> None:
+                 guard: Guard | None = None, tracing: Tracing | None = None) -> None:
         self.backend = backend
+        self.tracing = tracing
         self.guard = guard or Guard.with_key(api_key)
         self.metrics = metrics or APIMetrics(lambda: {**backend.engine_gauges(), **self.guard.gauges()})
         self.draining = False
@@ -98,6 +102,10 @@ class OpenAIApp:
             trace = uuid.uuid4().hex
         scope["scalellm.trace"] = trace
         scope["scalellm.arrival"] = (time.monotonic(), time.time())
+        span = None
+        if self.tracing is not None and handler is not None and path not in _UNTRACED:
+            span = scope["scalellm.span"] = self._start_span(scope, path, trace)
+        status = 499  # unless set below: the request was cancelled (the client went away)
         try:
             if handler is None:
                 if any(p == path for _, p in self._routes):
@@ -116,7 +124,20 @@ class OpenAIApp:
             await _send_json(send, err.status, err.body(), {**err.headers, "x-request-id": trace})
             status = err.status
             self.metrics.error(err.code or err.type)
+            if span is not None and status >= 500:  # a client's error is not the server's (OTel HTTP rules)
+                span.fail(f"{status} {err.code or err.type}")
+        finally:
+            if span is not None:
+                span.set("http.response.status_code", status)
+                span.end()
         self.metrics.request_done(endpoint, status)
+
+    def _start_span(self, scope: Scope, path: str, trace: str) -> RequestSpan:
+        assert self.tracing is not None
+        return self.tracing.start(f"{scope['method']} {path}", scope["scalellm.arrival"][1],
+                                  _header(scope, b"traceparent"),
+                                  {"http.request.method": scope["method"], "url.path": path,
+                                   "scalellm.request_id": trace})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -198,11 +219,15 @@ class OpenAIApp:
         assert prompts is not None
         priority, deadline = _controls(scope, req)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        track = _Tracker(self.metrics, scope["scalellm.arrival"], len(prompts) * params.n, self.guard.output_filter)
+        span = _describe_span(scope, req.model, rid) if self.tracing is not None else None
+        track = _Tracker(self.metrics, scope["scalellm.arrival"], len(prompts) * params.n, self.guard.output_filter,
+                         span)
+        traceparent = span.traceparent if span is not None else ""
         async with self.guard.admit(key, trace, priority):
             calls = [GenerateCall(f"{rid}-{i}" if len(prompts) > 1 else rid, req.model, params, prompt=p,
                                   priority=priority, deadline_unix=deadline, trace_id=trace,
-                                  arrival_unix=track.arrival_unix) for i, p in enumerate(prompts)]
+                                  arrival_unix=track.arrival_unix, traceparent=traceparent)
+                     for i, p in enumerate(prompts)]
             streams = [await self.backend.generate(c) for c in calls]  # input errors surface here, before any byte
             items = track.relay(_until(deadline, _merge(streams, params.n)))
             if req.stream:
@@ -253,11 +278,13 @@ class OpenAIApp:
                                                params.max_tokens, params.n, params.logprobs is not None)
         priority, deadline = _controls(scope, req)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        track = _Tracker(self.metrics, scope["scalellm.arrival"], params.n, self.guard.output_filter)
+        span = _describe_span(scope, req.model, rid) if self.tracing is not None else None
+        track = _Tracker(self.metrics, scope["scalellm.arrival"], params.n, self.guard.output_filter, span)
         async with self.guard.admit(key, trace, priority):
             call = GenerateCall(rid, req.model, params, messages=messages,
                                 add_generation_prompt=req.add_generation_prompt, priority=priority,
-                                deadline_unix=deadline, trace_id=trace, arrival_unix=track.arrival_unix)
+                                deadline_unix=deadline, trace_id=trace, arrival_unix=track.arrival_unix,
+                                traceparent=span.traceparent if span is not None else "")
             stream = await self.backend.generate(call)
             items = track.relay(_until(deadline, _merge([stream], params.n)))
             if req.stream:
@@ -306,7 +333,9 @@ class OpenAIApp:
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
             (b"x-request-id", trace.encode())]})
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = include_usage and opts.continuous_usage_stats
         first: set = set()
         track.streaming = True
         # NOTE: with one choice, the finished chunk is the last before the usage chunk and
@@ -318,7 +347,9 @@ class OpenAIApp:
             try:
                 async for item in items:
                     for body in render(item, first):
-                        if include_usage:
+                        if continuous:
+                            body["usage"] = R.usage(track.prompt_tokens, track.completion_tokens)
+                        elif include_usage:
                             body["usage"] = None
                         data = b"data: " + msgspec.json.encode(body) + b"\n\n"
                         if hold_last and item[1].finished:
@@ -329,6 +360,8 @@ class OpenAIApp:
                 err = from_exception(e)
                 self.metrics.error(err.code or err.type)
                 logger.info("request_id=%s failed mid-stream: %s", trace, err.message, extra={"request_id": trace})
+                if track.span is not None:
+                    track.span.fail(f"mid-stream {err.status} {err.code or err.type}")
                 tail.append(b"data: " + msgspec.json.encode({"error": {
                     "message": err.message, "type": err.type, "param": err.param, "code": err.code}}) + b"\n\n")
                 return
@@ -371,8 +404,9 @@ class _Tracker:
     filtering per choice, and the latency breakdown from the hops' timestamps."""
 
     def __init__(self, metrics: APIMetrics, arrival: tuple[float, float], num_choices: int,
-                 output_filter: ContentFilter) -> None:
+                 output_filter: ContentFilter, span: RequestSpan | None = None) -> None:
         self.metrics = metrics
+        self.span = span
         self.t0, self.arrival_unix = arrival
         self.num_choices = num_choices
         self.streaming = False
@@ -471,7 +505,18 @@ class _Tracker:
             overhead = max(e2e - (finished - received), 0.0)
             out["overhead"] = round(overhead * 1e3, 3)
             self.metrics.overhead.observe(overhead)
+        if self.span is not None:
+            self.span.usage(self.prompt_tokens, self.completion_tokens)
+            self.span.latency(out)
         return out
+
+
+def _describe_span(scope: Scope, model: str, rid: str) -> RequestSpan | None:
+    span = scope.get("scalellm.span")
+    if span is not None:
+        span.set("gen_ai.request.model", model)
+        span.set("scalellm.completion_id", rid)
+    return span
 
 
 def _server_timing(breakdown: dict[str, float]) -> str:

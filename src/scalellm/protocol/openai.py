@@ -17,6 +17,9 @@ from scalellm.protocol.sampling_params import SamplingParams
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
+    # vLLM's extension (guidellm always sends it): with include_usage, every chunk
+    # carries the usage so far, not only the final one.
+    continuous_usage_stats: bool = False
 
 
 class ResponseFormat(msgspec.Struct, forbid_unknown_fields=True):
