@@ -82,6 +82,22 @@ def test_models_health_ready(server, client):
     assert httpx.get(f"{server.url}/ready").json() == {"ready": True}
 
 
+def test_frontend_process_never_loads_torch(server):
+    """Only the engine-core process holds torch (memory and start-up): the replica's
+    frontend (HTTP, tokenizer, detokenizer) maps no libtorch."""
+    import psutil
+
+    def maps(pid: int) -> str:
+        with open(f"/proc/{pid}/maps") as f:
+            return f.read()
+
+    front = psutil.Process(server.proc.pid)
+    children = front.children(recursive=True)
+    assert children, "the engine core runs in a child process"
+    assert "libtorch" not in maps(front.pid)
+    assert any("libtorch" in maps(c.pid) for c in children)
+
+
 def test_completion_stream_equals_non_stream(client):
     kw = dict(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0.9, seed=7,
               extra_body={"ignore_eos": True})

