@@ -317,3 +317,12 @@ def test_metrics(env):
     assert any(name == "scalellm_errors_total" and dict(labels).get("code") == "invalid_api_key"
                for name, labels in samples)
     assert any(name == "scalellm_gateway_replica_requests_total" for name, _ in samples)
+
+
+def test_unimplemented_on_the_replica_is_501(env):
+    """The stand-ins do not implement Detokenize: the replica's UNIMPLEMENTED reaches the
+    client as 501 in OpenAI's error format, not as an internal error."""
+    r = _post(env, {"tokens": [1, 2, 3]}, path="/detokenize")
+    assert r.status_code == 501, r.text
+    err = r.json()["error"]
+    assert err["type"] == "not_implemented_error" and err["code"] == "not_implemented"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -122,6 +123,8 @@ def _replica_args(a: argparse.Namespace) -> list[str]:
         out += ["--quantization", a.quantization]
     if a.target_step_ms is not None:
         out += ["--target-step-ms", str(a.target_step_ms)]
+    if a.otlp_endpoint:
+        out += ["--otlp-endpoint", a.otlp_endpoint]
     return out
 
 
@@ -131,7 +134,7 @@ def _gateway_config(a: argparse.Namespace, replicas: list[str]):  # type: ignore
     return load_config(getattr(a, "config", None), replicas=replicas, host=a.host, port=a.port,
                        policy=a.policy, api_key=a.api_key, api_key_file=a.api_key_file, admin_key=a.admin_key,
                        max_retries=getattr(a, "max_retries", None), drain_timeout=a.drain_timeout,
-                       log_level=a.log_level)
+                       log_level=a.log_level, otlp_endpoint=a.otlp_endpoint)
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -146,6 +149,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.command == "serve" and a.replicas != 1:
         print("error: --no-gateway serves one replica; drop --replicas", file=sys.stderr)
         return 2
+    from scalellm.api.tracing import otlp_endpoint
     from scalellm.engine.config import EngineConfig
     from scalellm.server.serve import ServeConfig, run_server
 
@@ -153,7 +157,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     port = None if getattr(a, "no_http", False) else a.port
     serve = ServeConfig(host=a.host, port=port, grpc_port=a.grpc_port, served_model_name=a.served_model_name,
                         api_key=a.api_key, drain_timeout=a.drain_timeout, max_pending=a.max_pending,
-                        log_level=a.log_level)
+                        log_level=a.log_level, otlp_endpoint=otlp_endpoint(a.otlp_endpoint, os.environ))
     return run_server(engine_config, serve)
 
 
@@ -171,6 +175,12 @@ def _add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", default=None, help="file of API keys, one `key_id:secret` per line "
                    "(also SCALELLM_API_KEY_FILE / SCALELLM_API_KEYS)")
     p.add_argument("--admin-key", default=None, help="key for the /admin API (also SCALELLM_ADMIN_KEY)")
+
+
+def _add_tracing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--otlp-endpoint", default=None,
+                   help="send OpenTelemetry traces over OTLP/gRPC, e.g. http://127.0.0.1:4317 (also "
+                        "OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT); needs `pip install scalellm[otel]`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
         s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")
         s.add_argument("--max-pending", type=int, default=4096, help="requests in flight before 503 + Retry-After")
+        _add_tracing_args(s)
         s.set_defaults(func=cmd_serve)
     gw = sub.add_parser("gateway", help="OpenAI front routing over replicas' gRPC services (no torch)")
     gw.add_argument("--replica", action="append", default=[], help="HOST:PORT of a replica's gRPC service (repeat)")
@@ -222,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--api-key", default=None, help="one API key (id `cli`)")
     gw.add_argument("--max-retries", type=int, default=None, help="retries on another replica before the first token")
     gw.add_argument("--drain-timeout", type=float, default=None)
+    _add_tracing_args(gw)
     gw.set_defaults(func=cmd_gateway)
     c = sub.add_parser("convert-gguf", help="write a GGUF model as an HF directory (config, safetensors, tokenizer)")
     c.add_argument("out_dir")

@@ -1,6 +1,7 @@
 """The gateway's Backend for the shared OpenAI HTTP layer: routes each call to a
 replica over gRPC, retries calls that fail before their first token on another
-replica (bounded, with backoff), and maps replica errors to the HTTP layer's.
+replica (bounded, with backoff), and maps replica errors to the HTTP layer's
+(scalellm.gateway.errors).
 
 The first chunk is awaited before `generate` returns, so validation errors from
 the replica become a proper HTTP status instead of a broken stream.
@@ -16,9 +17,10 @@ from dataclasses import replace
 
 import grpc
 
+from scalellm.api.tracing import current_span
+from scalellm.gateway.errors import from_grpc, no_replica
 from scalellm.gateway.replica_client import ReplicaClient
 from scalellm.gateway.routing import Policy, outstanding
-from scalellm.protocol.errors import ContextLengthError, InvalidParameterError, ScaleLLMError
 from scalellm.protocol.generation import GenerateCall, GenerateChunk
 
 logger = logging.getLogger(__name__)
@@ -30,19 +32,24 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, g
 _REPLICA_FAULTS = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 
 
-class NoReplicaError(ScaleLLMError):
-    """No healthy replica can take the call (maps to 503 + Retry-After)."""
-
-
 def _to_error(e: grpc.aio.AioRpcError) -> Exception:
-    code, details = e.code(), e.details() or ""
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        param, _, message = details.partition(": ")
-        cls = ContextLengthError if "context length" in details else InvalidParameterError
-        return cls(param or "body", message or details)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return TimeoutError(details)
-    return NoReplicaError(f"replica error {code.name}: {details}")
+    return from_grpc(e.code(), e.details() or "")
+
+
+# Tracing on (the call carries a traceparent): the request's span names the replica
+# that serves it and records retries and resumes as events.
+def _note_replica(address: str, attempt: int) -> None:
+    span = current_span()
+    if span is not None:
+        span.set("scalellm.replica", address)
+        if attempt:
+            span.event("retry", replica=address, attempt=attempt)
+
+
+def _note_resume(lost: str, num_tokens: int) -> None:
+    span = current_span()
+    if span is not None:
+        span.event("resume", lost_replica=lost, num_tokens=num_tokens)
 
 
 class GatewayBackend:
@@ -118,6 +125,8 @@ class GatewayBackend:
                 break
             replica = self.policy.choose(candidates, call)
             tried.add(replica.address)
+            if call.traceparent:  # tracing is on: name the replica on the request's span
+                _note_replica(replica.address, attempt)
             routed = time.time()
             stream = replica.generate(call)
             try:
@@ -138,7 +147,7 @@ class GatewayBackend:
                 if first.finished:
                     first.timings["routed_unix"] = routed
                 return first, stream, replica, routed
-        raise NoReplicaError(f"no replica could take the request ({last_error or 'none healthy'})")
+        raise no_replica(f"no replica could take the request ({last_error or 'none healthy'})")
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[GenerateChunk]:
         tried: set[str] = set()
@@ -175,6 +184,8 @@ class GatewayBackend:
                     if cont is None:
                         return
                     self.num_resumed += 1
+                    if call.traceparent:
+                        _note_resume(replica.address, len(produced))
                     logger.warning("replica %s lost mid-stream after %d tokens (%s); resuming",
                                    replica.address, len(produced), e.code())
                     chunk, stream, replica, routed = await self._open(cont, tried)
@@ -210,12 +221,12 @@ class GatewayBackend:
         return GenerateCall(f"{call.request_id}-resume{self.num_resumed}", call.model, params,
                             prompt=list(prompt_ids) + produced, priority=call.priority,
                             deadline_unix=call.deadline_unix, trace_id=call.trace_id,
-                            arrival_unix=call.arrival_unix)
+                            arrival_unix=call.arrival_unix, traceparent=call.traceparent)
 
     async def tokenize(self, prompt: str | None, messages: list[dict] | None, add_special_tokens: bool) -> list[int]:
         healthy = [r for r in self.replicas if r.healthy]
         if not healthy:
-            raise NoReplicaError("no healthy replica")
+            raise no_replica("no healthy replica")
         try:
             return await min(healthy, key=outstanding).tokenize(prompt, messages, add_special_tokens)
         except grpc.aio.AioRpcError as e:
@@ -224,7 +235,7 @@ class GatewayBackend:
     async def detokenize(self, tokens: list[int]) -> str:
         healthy = [r for r in self.replicas if r.healthy]
         if not healthy:
-            raise NoReplicaError("no healthy replica")
+            raise no_replica("no healthy replica")
         try:
             return await min(healthy, key=outstanding).detokenize(tokens)
         except grpc.aio.AioRpcError as e:

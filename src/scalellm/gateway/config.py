@@ -1,12 +1,14 @@
 """The gateway's configuration: one frozen dataclass, built once from a TOML file
 (`--config`), command-line flags (which win) and the environment (read here only:
-SCALELLM_API_KEYS, SCALELLM_API_KEY_FILE, SCALELLM_ADMIN_KEY). Unknown settings are
-errors that name them.
+SCALELLM_API_KEYS, SCALELLM_API_KEY_FILE, SCALELLM_ADMIN_KEY, and OpenTelemetry's
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT when neither the file
+nor --otlp-endpoint names one). Unknown settings are errors that name them.
 
     host = "0.0.0.0"
     port = 8000
     policy = "adaptive"              # round_robin | least_load | power_of_two | prefix_affinity | adaptive
     max_retries = 2
+    otlp_endpoint = "http://127.0.0.1:4317"   # OpenTelemetry traces (OTLP/gRPC); needs scalellm[otel]
     [policy_options]                 # passed to the policy, e.g. adaptive:
     threshold = 16                   #   in-flight requests below which the latency pool is used
     latency_pool = "latency"
@@ -51,6 +53,7 @@ from typing import Any
 
 from scalellm.api.admission import AdmissionConfig
 from scalellm.api.safety import ApiKey, FilterRule, KeyLimits, RequestLimits, SafetyConfig, parse_keys
+from scalellm.api.tracing import otlp_endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +80,11 @@ class GatewayConfig:
     safety: SafetyConfig = SafetyConfig()
     admission: AdmissionConfig = AdmissionConfig()
     admin_key: str | None = None
+    otlp_endpoint: str | None = None  # None: no tracing
 
 
-_TOP = {"host", "port", "policy", "policy_options", "max_retries", "drain_timeout", "replicas", "auth", "limits",
-        "rate_limits", "admission", "filters"}
+_TOP = {"host", "port", "policy", "policy_options", "max_retries", "drain_timeout", "otlp_endpoint", "replicas",
+        "auth", "limits", "rate_limits", "admission", "filters"}
 
 
 def _strict(section: str, data: dict, allowed: set[str]) -> None:
@@ -156,9 +160,10 @@ def load_config(path: str | None = None, *, env: dict[str, str] | None = None, *
     flag_replicas = overrides.pop("replicas", None) or []
     replicas += [r if isinstance(r, ReplicaSpec) else ReplicaSpec(r) for r in flag_replicas]
 
-    simple = {k: data[k] for k in ("host", "port", "policy", "policy_options", "max_retries", "drain_timeout")
-              if k in data}
+    simple = {k: data[k] for k in ("host", "port", "policy", "policy_options", "max_retries", "drain_timeout",
+                                   "otlp_endpoint") if k in data}
     simple.update({k: v for k, v in overrides.items() if v is not None})
     admin_key = simple.pop("admin_key", None) or env.get("SCALELLM_ADMIN_KEY")
+    simple["otlp_endpoint"] = otlp_endpoint(simple.get("otlp_endpoint"), env)
     return GatewayConfig(replicas=tuple(replicas), safety=safety, admission=AdmissionConfig(**admission),
                          admin_key=admin_key, **simple)

@@ -116,7 +116,9 @@ class ReplicaClient:
     async def generate(self, call: GenerateCall) -> AsyncIterator[GenerateChunk]:
         self.in_flight += 1
         self.num_requests += 1
-        stream = self.stub.Generate(call_to_proto(call, call.deadline_unix))
+        # the trace context travels as gRPC metadata (W3C `traceparent`), only when tracing is on
+        metadata = (("traceparent", call.traceparent),) if call.traceparent else None
+        stream = self.stub.Generate(call_to_proto(call, call.deadline_unix), metadata=metadata)
         try:
             async for resp in stream:
                 yield chunk_from_proto(resp)

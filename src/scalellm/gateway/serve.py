@@ -1,5 +1,6 @@
 """`scalellm gateway`: the OpenAI HTTP front (shared scalellm.api app) over gRPC
-channels to replicas, with a routing policy. Drains on SIGTERM like the replica."""
+channels to replicas, with a routing policy. Drains on SIGTERM like the replica.
+With an OTLP endpoint configured, traces each request (scalellm.api.tracing)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import uvicorn
 
 from scalellm.api.app import OpenAIApp
 from scalellm.api.guard import Guard
+from scalellm.api.tracing import Tracing
 from scalellm.api.uvicorn_server import DrainingServer
 from scalellm.gateway.admin import AdminAPI
 from scalellm.gateway.backend import GatewayBackend
@@ -28,7 +30,8 @@ def build_app(config: GatewayConfig, group: ReplicaGroup | None = None) -> tuple
     clients = [ReplicaClient(r.address, r.pool) for r in config.replicas]
     backend = GatewayBackend(clients, make_policy(config.policy, **config.policy_options), config.max_retries)
     guard = Guard(config.safety, config.admission)
-    app = OpenAIApp(backend, guard=guard)
+    tracing = Tracing("scalellm-gateway", config.otlp_endpoint) if config.otlp_endpoint else None
+    app = OpenAIApp(backend, guard=guard, tracing=tracing)
     AdminAPI(backend, config.admin_key, config.drain_timeout).install(app)
     if guard.open:
         logger.warning("no API keys configured: the gateway is open to anyone who can reach it "
@@ -52,6 +55,8 @@ def build_app(config: GatewayConfig, group: ReplicaGroup | None = None) -> tuple
             await c.close()
         if group is not None:
             await asyncio.get_running_loop().run_in_executor(None, group.stop, config.drain_timeout)
+        if tracing is not None:
+            await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)  # export what is left
 
     app.on_startup.append(start)
     app.on_shutdown.append(stop)

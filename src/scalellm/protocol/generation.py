@@ -23,6 +23,7 @@ class GenerateCall:
     deadline_unix: float = 0.0  # 0: none; past it the request is aborted end to end
     trace_id: str = ""  # the client's x-request-id (or ours): logs on every hop; need not be unique
     arrival_unix: float = 0.0  # when the first server on the path received it (latency breakdown)
+    traceparent: str = ""  # W3C trace context of the caller's span, only while tracing is on (gRPC metadata)
 
 
 @dataclass(slots=True)

@@ -4,6 +4,9 @@ Errors map to gRPC status codes: INVALID_ARGUMENT (message names the field),
 NOT_FOUND (model), RESOURCE_EXHAUSTED (queue full), UNAVAILABLE (engine down),
 DEADLINE_EXCEEDED (deadline_unix passed). A cancelled Generate call aborts the
 request in the engine.
+
+With tracing on, each Generate call is a span, the child of the caller's W3C
+`traceparent` (gRPC metadata), carrying the request's ids, tokens and timings.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from scalellm.api.tracing import Tracing
 from scalellm.protocol.errors import InvalidParameterError
 from scalellm.protocol.generation import GenerateCall, GenerateChunk
 from scalellm.protocol.grpc import replica_pb2 as pb
@@ -79,10 +83,14 @@ def chunk_to_proto(chunk: GenerateChunk, include_prompt: bool, received_unix: fl
 
 
 class ReplicaService(pb_grpc.ReplicaServicer):
-    def __init__(self, backend: EngineBackend, max_model_len: int) -> None:
+    def __init__(self, backend: EngineBackend, max_model_len: int, tracing: Tracing | None = None) -> None:
         self.backend = backend
         self.engine = backend.engine
         self.max_model_len = max_model_len
+        self.tracing = tracing
+        if tracing is not None:
+            # NOTE: chosen once here, so an untraced replica has no extra generator layer per chunk
+            self.Generate = self._generate_traced  # type: ignore[method-assign]
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         received = time.time()
@@ -128,6 +136,38 @@ class ReplicaService(pb_grpc.ReplicaServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             await stream.aclose()
+
+    async def _generate_traced(self, request: pb.GenerateRequest,
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        assert self.tracing is not None
+        parent = next((v for k, v in context.invocation_metadata() or () if k == "traceparent"), None)
+        span = self.tracing.start("scalellm.v1.Replica/Generate", time.time(), parent, {
+            "rpc.system": "grpc", "rpc.service": "scalellm.v1.Replica", "rpc.method": "Generate",
+            "scalellm.request_id": request.trace_id, "scalellm.completion_id": request.request_id,
+            "gen_ai.request.model": request.model})
+        code = grpc.StatusCode.OK
+        last = None
+        try:
+            async for resp in ReplicaService.Generate(self, request, context):
+                last = resp
+                yield resp
+        except (asyncio.CancelledError, GeneratorExit):  # the caller cancelled the call
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException:
+            aborted = context.code()  # what context.abort set
+            code = aborted if isinstance(aborted, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            if last is not None:
+                span.usage(last.prompt_tokens, last.completion_tokens)
+                if last.finished:
+                    t = last.timings
+                    span.latency({"queue": t.queue * 1e3, "ttft": t.ttft * 1e3, "e2e": t.e2e * 1e3})
+            span.set("rpc.grpc.status_code", code.value[0])
+            if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+                span.fail(code.name)
+            span.end()
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         found = request.request_id in self.engine.outputs

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from scalellm.api.app import OpenAIApp
+from scalellm.api.tracing import Tracing
 from scalellm.api.uvicorn_server import DrainingServer
 from scalellm.engine.builder import resolve_model_info
 from scalellm.engine.config import EngineConfig
@@ -34,6 +35,7 @@ class ServeConfig:
     drain_timeout: float = 30.0
     max_pending: int = 4096
     log_level: str = "WARNING"
+    otlp_endpoint: str | None = None  # OpenTelemetry traces (OTLP/gRPC); None: off
 
 
 def run_server(engine_config: EngineConfig, serve: ServeConfig) -> int:
@@ -44,7 +46,8 @@ def run_server(engine_config: EngineConfig, serve: ServeConfig) -> int:
     info = resolve_model_info(engine_config)
     engine = AsyncEngine(engine_config, info, serve.max_pending, serve.log_level)
     backend = EngineBackend(engine, serve.served_model_name or info.model_name)
-    app = OpenAIApp(backend, api_key=serve.api_key)
+    tracing = Tracing("scalellm-replica", serve.otlp_endpoint) if serve.otlp_endpoint else None
+    app = OpenAIApp(backend, api_key=serve.api_key, tracing=tracing)
     app.metrics.registry.register(ExpertLoadCollector(lambda: engine.client.expert_tokens))
     state: dict = {"exit_code": 0, "grpc": None, "stop": None}
 
@@ -53,8 +56,8 @@ def run_server(engine_config: EngineConfig, serve: ServeConfig) -> int:
         if serve.grpc_port is not None:
             from scalellm.server.grpc_service import ReplicaService, start_grpc_server
 
-            state["grpc"] = await start_grpc_server(ReplicaService(backend, info.max_model_len), serve.host,
-                                                    serve.grpc_port)
+            state["grpc"] = await start_grpc_server(ReplicaService(backend, info.max_model_len, tracing),
+                                                    serve.host, serve.grpc_port)
         asyncio.get_running_loop().create_task(watch_engine())
         where = [f"http://{serve.host}:{serve.port}"] if serve.port is not None else []
         where += [f"grpc://{serve.host}:{serve.grpc_port}"] if serve.grpc_port is not None else []
@@ -74,6 +77,8 @@ def run_server(engine_config: EngineConfig, serve: ServeConfig) -> int:
         if state["grpc"] is not None:
             await state["grpc"].stop(serve.drain_timeout)
         await engine.shutdown()
+        if tracing is not None:
+            await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)  # export what is left
 
     if serve.port is None:
         return _run_grpc_only(start, stop, state)
