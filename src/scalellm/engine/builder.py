@@ -96,6 +96,7 @@ def check_parallel_fits(args: Any, config: EngineConfig) -> None:
 def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> EngineParts:
     from scalellm.worker.worker import build_model_runner, num_kv_blocks, resolve_device, resolve_dtype
 
+    logger.info("engine: torch and model code imported")
     info = info or resolve_model_info(config)
     source, args = info.source, info.args
     device = resolve_device(config.device)

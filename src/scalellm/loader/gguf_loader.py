@@ -130,6 +130,13 @@ def open_gguf(path: str) -> GGUFFile:
     return _cached_reader(os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
+def release_readers() -> None:
+    """Forget the cached parses, so their memory maps close once nothing else holds a
+    view (the engine calls this after loading: the mapped pages it read stop counting
+    against its resident memory)."""
+    _cached_reader.cache_clear()
+
+
 @functools.lru_cache(maxsize=2)
 def _cached_reader(path: str, size: int, mtime_ns: int) -> GGUFFile:
     del size, mtime_ns  # cache key only: a rewritten file gets a fresh parse

@@ -35,6 +35,7 @@ def _load(core) -> ipc.EngineLoad:  # type: ignore[no-untyped-def]
 
 def run_engine_core_process(config: EngineConfig, input_addr: str, output_addr: str, log_level: str = "WARNING") -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
+    logger.info("engine core process started")
     parent = os.getppid()
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)

@@ -104,11 +104,29 @@ def build_model_runner(
 
         saved = quantize_int8(model, lambda: _calibration_forward(model, args, dtype, device))
         logger.info("int8 linears: %.0f MB of weights freed", saved / 2**20)
+    _release_load_memory()
     logger.info("loaded %s (%s) in %.1fs", source.name, args.architecture, time.perf_counter() - t0)
     return ModelRunner(
         model, args, block_size=block_size, num_blocks=num_blocks, dtype=dtype, device=device,
         eos_token_ids=eos_token_ids, seed=seed, is_driver=is_driver,
     )
+
+
+def _release_load_memory() -> None:
+    """Hand back what loading used and the model does not keep: the GGUF memory maps
+    (every weight page was read once) and the freed dequantization buffers, which glibc
+    keeps in its heap until told to trim."""
+    import ctypes
+    import gc
+
+    from scalellm.loader.gguf_loader import release_readers
+
+    release_readers()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 @torch.inference_mode()
