@@ -14,7 +14,10 @@
   `threshold` requests in flight, calls go to the low-latency pool (e.g. one replica
   with high tensor parallelism), above it to the high-throughput pool (e.g. many
   small replicas); within a pool an inner policy (least_load) picks. A pool with no
-  healthy replica left falls back to the other.
+  healthy replica left falls back to the other. The default threshold, 32, is the
+  crossover benchmarks/adaptive_pools.py measured on a 2-core CPU for a TP=2 replica
+  vs two TP=1 replicas of a SmolLM2-sized model (TP=2 ahead up to 16 in flight, the
+  two replicas 10% ahead at 32 and 12% at 64); measure your own pools.
 
 Policies see only ReplicaClient-like objects (address, pool, in_flight, load, healthy).
 """
@@ -127,7 +130,7 @@ class PrefixAffinity:
 class AdaptivePools:
     name = "adaptive"
 
-    def __init__(self, latency_pool: str = "latency", throughput_pool: str = "throughput", threshold: int = 16,
+    def __init__(self, latency_pool: str = "latency", throughput_pool: str = "throughput", threshold: int = 32,
                  inner: Policy | None = None) -> None:
         if threshold < 1:
             raise ValueError("adaptive threshold must be >= 1")
