@@ -142,23 +142,36 @@ def cmd_serve(a: argparse.Namespace) -> int:
     --no-gateway one replica answering HTTP itself. `replica`: the latter, for a remote gateway."""
     if a.command == "serve" and not a.no_gateway:
         from scalellm.gateway.launcher import ReplicaGroup
-        from scalellm.gateway.serve import run_gateway
 
-        group = ReplicaGroup(a.replicas, _replica_args(a) + ["--max-pending", str(a.max_pending)])
-        return run_gateway(_gateway_config(a, []), group)
+        config = _gateway_config(a, [])
+        group = ReplicaGroup(a.replicas, _replica_args(a) + ["--max-pending", str(a.max_pending)],
+                             global_args=["--log-level", a.log_level, "--log-format", a.log_format])
+        group.start()  # NOTE: before importing the gateway's server: the replicas load meanwhile
+        try:
+            from scalellm.gateway.serve import run_gateway
+        except BaseException:
+            group.stop()
+            raise
+        return run_gateway(config, group)
     if a.command == "serve" and a.replicas != 1:
         print("error: --no-gateway serves one replica; drop --replicas", file=sys.stderr)
         return 2
-    from scalellm.api.tracing import otlp_endpoint
     from scalellm.engine.config import EngineConfig
-    from scalellm.server.serve import ServeConfig, run_server
+    from scalellm.server.core_client import CoreClient
 
     engine_config = EngineConfig(model=a.model, **_engine_kwargs(a))
+    # NOTE: the engine core first: it imports torch and loads weights (~3.5 s) while this
+    # process imports and builds the frontend (~1 s) on the other core.
+    client = CoreClient(engine_config, log_level=a.log_level)
+    client.spawn()
+    from scalellm.api.tracing import otlp_endpoint
+    from scalellm.server.serve import ServeConfig, run_server
+
     port = None if getattr(a, "no_http", False) else a.port
     serve = ServeConfig(host=a.host, port=port, grpc_port=a.grpc_port, served_model_name=a.served_model_name,
                         api_key=a.api_key, drain_timeout=a.drain_timeout, max_pending=a.max_pending,
                         log_level=a.log_level, otlp_endpoint=otlp_endpoint(a.otlp_endpoint, os.environ))
-    return run_server(engine_config, serve)
+    return run_server(engine_config, serve, client)
 
 
 def cmd_gateway(a: argparse.Namespace) -> int:

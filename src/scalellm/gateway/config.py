@@ -10,7 +10,7 @@ nor --otlp-endpoint names one). Unknown settings are errors that name them.
     max_retries = 2
     otlp_endpoint = "http://127.0.0.1:4317"   # OpenTelemetry traces (OTLP/gRPC); needs scalellm[otel]
     [policy_options]                 # passed to the policy, e.g. adaptive:
-    threshold = 16                   #   in-flight requests below which the latency pool is used
+    threshold = 32                   #   in-flight requests below which the latency pool is used
     latency_pool = "latency"
     throughput_pool = "throughput"
     [[replicas]]

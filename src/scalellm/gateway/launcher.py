@@ -31,6 +31,7 @@ class LocalReplica:
     index: int
     port: int
     args: list[str]
+    global_args: list[str] | None = None  # before the subcommand: --log-level, --log-format
     proc: subprocess.Popen | None = None
     restarts: int = 0
 
@@ -39,7 +40,8 @@ class LocalReplica:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "scalellm.entrypoints.cli", "replica", "--no-http", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "scalellm.entrypoints.cli", *(self.global_args or []), "replica", "--no-http",
+               "--host", "127.0.0.1",
                "--grpc-port", str(self.port), *self.args]
         self.proc = subprocess.Popen(cmd, start_new_session=True)
         logger.warning("replica %d starting on %s (pid %d)", self.index, self.address, self.proc.pid)
@@ -55,8 +57,9 @@ class LocalReplica:
 
 
 class ReplicaGroup:
-    def __init__(self, num: int, replica_args: list[str], max_restarts: int = 5) -> None:
-        self.replicas = [LocalReplica(i, free_port(), replica_args) for i in range(num)]
+    def __init__(self, num: int, replica_args: list[str], max_restarts: int = 5,
+                 global_args: list[str] | None = None) -> None:
+        self.replicas = [LocalReplica(i, free_port(), replica_args, global_args) for i in range(num)]
         self.max_restarts = max_restarts
         self._task: asyncio.Task | None = None
 
@@ -65,8 +68,10 @@ class ReplicaGroup:
         return [r.address for r in self.replicas]
 
     def start(self) -> None:
+        """Start the replicas not started yet (idempotent)."""
         for r in self.replicas:
-            r.start()
+            if r.proc is None:
+                r.start()
 
     async def supervise(self) -> None:
         while True:

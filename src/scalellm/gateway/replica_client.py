@@ -23,6 +23,9 @@ from scalellm.protocol.grpc import replica_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 
+STARTING_POLL = 0.05  # seconds between probes of a replica that has not been ready yet
+
+
 class ReplicaClient:
     def __init__(self, address: str, pool: str = "default", load_interval_ms: int = 100,
                  probe_interval: float = 1.0, probe_timeout: float = 5.0,
@@ -44,6 +47,11 @@ class ReplicaClient:
         self.max_model_len = 0
         self.num_requests = 0
         self.num_failures = 0
+        # NOTE: until its first good probe a replica is starting, not failing: it is polled
+        # every STARTING_POLL s and refusals do not count against its breaker. (Counting them
+        # opened the breaker while the replica loaded, and `scalellm serve` then waited out a
+        # cooldown: 2.7 s of a 7 s start-up.)
+        self.starting = True
         self._tasks: list[asyncio.Task] = []
 
     @property
@@ -51,8 +59,12 @@ class ReplicaClient:
         return self.connected and not self.removing and self.breaker.allows_requests()
 
     async def start(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.address,
-                                                 options=[("grpc.max_receive_message_length", 64 << 20)])
+        # NOTE: gRPC's default reconnect backoff (1 s, x1.6, up to 120 s) left a channel that
+        # was refused while its replica loaded waiting seconds after the replica was up;
+        # a refused local connect costs microseconds, so retry at most every 250 ms.
+        self.channel = grpc.aio.insecure_channel(self.address, options=[
+            ("grpc.max_receive_message_length", 64 << 20), ("grpc.initial_reconnect_backoff_ms", 50),
+            ("grpc.min_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 250)])
         self.stub = pb_grpc.ReplicaStub(self.channel)
         self._tasks = [asyncio.create_task(self._watch_load()), asyncio.create_task(self._probe())]
 
@@ -90,7 +102,7 @@ class ReplicaClient:
                 if self.connected:
                     logger.warning("replica %s unreachable: %s", self.address, e.code())
                 self.connected = False
-            await asyncio.sleep(backoff)
+            await asyncio.sleep(STARTING_POLL if self.starting else backoff)
             backoff = min(backoff * 2, 2.0)
 
     async def _probe(self) -> None:
@@ -98,13 +110,19 @@ class ReplicaClient:
         closes a half-open breaker. Probes faster while the breaker is not closed."""
         while True:
             state = self.breaker.state
-            await asyncio.sleep(self.probe_interval if state == BreakerState.CLOSED else self.probe_interval / 4)
+            if not self.starting:
+                await asyncio.sleep(self.probe_interval if state == BreakerState.CLOSED else self.probe_interval / 4)
             try:
                 ok = (await self.stub.Health(pb.HealthRequest(), timeout=self.probe_timeout)).ready
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError:
                 ok = False
+            if self.starting:
+                if not ok:
+                    await asyncio.sleep(STARTING_POLL)
+                    continue
+                self.starting = False
             before = self.breaker.state
             if ok:
                 self.breaker.success()
@@ -141,7 +159,8 @@ class ReplicaClient:
 
     def describe(self) -> dict:
         return {"address": self.address, "pool": self.pool, "healthy": self.healthy, "connected": self.connected,
-                "breaker": self.breaker.state.name.lower(), "removing": self.removing, "in_flight": self.in_flight,
+                "breaker": self.breaker.state.name.lower(), "starting": self.starting, "removing": self.removing,
+                "in_flight": self.in_flight,
                 "models": self.models, "num_requests": self.num_requests, "num_failures": self.num_failures,
                 "load": {"running": self.load.num_running, "waiting": self.load.num_waiting,
                          "kv_blocks_used": self.load.kv_blocks_used, "kv_blocks_total": self.load.kv_blocks_total}}

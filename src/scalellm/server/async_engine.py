@@ -35,14 +35,17 @@ class RequestAbortedError(ScaleLLMError):
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, info: ModelInfo, max_pending: int = 4096,
-                 log_level: str = "WARNING") -> None:
+                 log_level: str = "WARNING", client: CoreClient | None = None) -> None:
         self.config = config
         self.info = info
         self.tokenizer = info.tokenizer
         self.inputs = InputProcessor(info.tokenizer, info.max_model_len, info.vocab_size)
         self.outputs = OutputProcessor(info.tokenizer, info.eos_token_ids)
         self.max_pending = max_pending
-        self.client = CoreClient(config, self._on_outputs, self._on_death, log_level)
+        if client is None:
+            client = CoreClient(config, log_level=log_level)
+        client.bind(self._on_outputs, self._on_death)
+        self.client = client
         self._queues: dict[str, asyncio.Queue] = {}
         self._counter = itertools.count()
 

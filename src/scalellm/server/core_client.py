@@ -31,11 +31,11 @@ class EngineDeadError(RuntimeError):
 
 
 class CoreClient:
-    def __init__(self, config: EngineConfig, on_outputs: Callable[[ipc.CoreOutputs], None],
-                 on_death: Callable[[str], None], log_level: str = "WARNING") -> None:
+    def __init__(self, config: EngineConfig, on_outputs: Callable[[ipc.CoreOutputs], None] | None = None,
+                 on_death: Callable[[str], None] | None = None, log_level: str = "WARNING") -> None:
         self.config = config
-        self._on_outputs = on_outputs
-        self._on_death = on_death
+        self._on_outputs: Callable[[ipc.CoreOutputs], None] = on_outputs or (lambda _: None)
+        self._on_death: Callable[[str], None] = on_death or (lambda _: None)
         self._log_level = log_level
         self._dir = tempfile.mkdtemp(prefix="scalellm-")
         self._ctx = zmq.asyncio.Context()
@@ -55,11 +55,24 @@ class CoreClient:
     def is_alive(self) -> bool:
         return self.dead_reason is None and self.proc is not None and self.proc.is_alive()
 
+    def bind(self, on_outputs: Callable[[ipc.CoreOutputs], None], on_death: Callable[[str], None]) -> None:
+        """Who gets the core's outputs and its death (set before start())."""
+        self._on_outputs, self._on_death = on_outputs, on_death
+
+    def spawn(self) -> None:
+        """Start the engine-core process now (idempotent). `scalellm replica` calls this
+        before importing its HTTP/gRPC frontend, so the core's torch import and weight
+        loading overlap the frontend's own start-up; its ready message waits in ZMQ."""
+        if self.proc is None:
+            ctx = mp.get_context("spawn")
+            self.proc = ctx.Process(target=run_engine_core_process, name="scalellm-engine-core",
+                                    args=(self.config, self.input_addr, self.output_addr, self._log_level),
+                                    daemon=True)
+            self.proc.start()
+
     async def start(self, timeout: float = 600.0) -> None:
-        ctx = mp.get_context("spawn")
-        self.proc = ctx.Process(target=run_engine_core_process, name="scalellm-engine-core",
-                                args=(self.config, self.input_addr, self.output_addr, self._log_level), daemon=True)
-        self.proc.start()
+        self.spawn()
+        assert self.proc is not None
         loop = asyncio.get_running_loop()
         death = loop.run_in_executor(None, self.proc.join)
         ready = asyncio.ensure_future(self._pull.recv())

@@ -20,6 +20,7 @@ from scalellm.engine.builder import resolve_model_info
 from scalellm.engine.config import EngineConfig
 from scalellm.server.async_engine import AsyncEngine
 from scalellm.server.backend import EngineBackend
+from scalellm.server.core_client import CoreClient
 from scalellm.server.expert_metrics import ExpertLoadCollector
 
 logger = logging.getLogger("scalellm.serve")
@@ -38,13 +39,14 @@ class ServeConfig:
     otlp_endpoint: str | None = None  # OpenTelemetry traces (OTLP/gRPC); None: off
 
 
-def run_server(engine_config: EngineConfig, serve: ServeConfig) -> int:
-    """Run one replica until SIGTERM/SIGINT (drain) or engine death (exit 1)."""
+def run_server(engine_config: EngineConfig, serve: ServeConfig, client: CoreClient | None = None) -> int:
+    """Run one replica until SIGTERM/SIGINT (drain) or engine death (exit 1). `client`: an
+    engine core already spawned (CoreClient.spawn) for this config."""
     if serve.port is None and serve.grpc_port is None:
         raise ValueError("a replica needs an HTTP port, a gRPC port, or both")
     t0 = time.monotonic()
     info = resolve_model_info(engine_config)
-    engine = AsyncEngine(engine_config, info, serve.max_pending, serve.log_level)
+    engine = AsyncEngine(engine_config, info, serve.max_pending, serve.log_level, client)
     backend = EngineBackend(engine, serve.served_model_name or info.model_name)
     tracing = Tracing("scalellm-replica", serve.otlp_endpoint) if serve.otlp_endpoint else None
     app = OpenAIApp(backend, api_key=serve.api_key, tracing=tracing)
