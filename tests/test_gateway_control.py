@@ -6,6 +6,8 @@ API, request-id propagation, the latency breakdown and /metrics."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -103,7 +105,7 @@ def _reset(env):
 def _post(env, body, key="key-a", path="/v1/completions", **kw):
     headers = {"authorization": f"Bearer {key}"} if key else {}
     headers.update(kw.pop("headers", {}))
-    return httpx.post(env["url"] + path, json=body, headers=headers, timeout=30, **kw)
+    return httpx.post(env["url"] + path, json=body, headers=headers, **{"timeout": 30, **kw})
 
 
 def _client(env, key="key-a"):
@@ -319,6 +321,23 @@ def test_metrics(env):
     assert any(name == "scalellm_gateway_replica_requests_total" for name, _ in samples)
 
 
+def test_disconnect_cancels_a_non_streamed_request(env):
+    """A client that gives up on a non-streamed request cancels it on the replica at once,
+    as a streaming client does (not when the generation would have finished)."""
+    for s in (env["a"], env["b"]):
+        s.servicer.token_delay = 0.05  # 60 tokens: 3 s
+    cancelled = env["a"].servicer.cancelled + env["b"].servicer.cancelled
+    t0 = time.monotonic()
+    with pytest.raises(httpx.TimeoutException):
+        _post(env, {"model": "fake", "prompt": "p", "max_tokens": 60}, timeout=0.5)
+    deadline = time.monotonic() + 5
+    while env["a"].servicer.cancelled + env["b"].servicer.cancelled == cancelled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert env["a"].servicer.cancelled + env["b"].servicer.cancelled == cancelled + 1
+    assert time.monotonic() - t0 < 2.0
+    assert env["a"].servicer.active + env["b"].servicer.active == 0
+
+
 def test_unimplemented_on_the_replica_is_501(env):
     """The stand-ins do not implement Detokenize: the replica's UNIMPLEMENTED reaches the
     client as 501 in OpenAI's error format, not as an internal error."""
@@ -326,3 +345,43 @@ def test_unimplemented_on_the_replica_is_501(env):
     assert r.status_code == 501, r.text
     err = r.json()["error"]
     assert err["type"] == "not_implemented_error" and err["code"] == "not_implemented"
+
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "gateway.md"
+
+
+def test_docs_example_config_loads(tmp_path):
+    """docs/gateway.md's complete example file and key file are accepted as written."""
+    from scalellm.api.safety import ContentFilter, parse_keys
+    from scalellm.gateway.config import load_config
+    from scalellm.gateway.routing import make_policy
+
+    text = DOCS.read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    keys_example = text.split("```text\n# /etc/scalellm/keys\n", 1)[1].split("```", 1)[0]
+    assert [k.key_id for k in parse_keys(keys_example)] == ["web-app", "batch-team"]
+    (tmp_path / "keys").write_text(keys_example)
+    (tmp_path / "gateway.toml").write_text(example.replace("/etc/scalellm/keys", str(tmp_path / "keys")))
+    config = load_config(str(tmp_path / "gateway.toml"), env={})
+    assert config.policy == "adaptive" and config.port == 8000 and config.otlp_endpoint == "http://127.0.0.1:4317"
+    assert [r.pool for r in config.replicas] == ["latency"] + ["throughput"] * 4 + ["default"]
+    policy = make_policy(config.policy, **config.policy_options)
+    assert policy.pool_for(15) == "latency" and policy.pool_for(16) == "throughput"
+    batch = next(k for k in config.safety.keys if k.key_id == "batch-team")
+    assert batch.limits.max_concurrency == 64 and config.safety.default_key_limits.requests_per_min == 600
+    assert config.safety.limits.max_tokens == 4096 and config.admission.max_queue == 1024
+    assert ContentFilter(config.safety.input_filters).apply("card 1234567812345678 ok") == "card [REDACTED] ok"
+    assert ContentFilter(config.safety.output_filters).apply("ssn 123-45-6789") == "ssn [REDACTED]"
+
+
+def test_docs_name_every_metric(env):
+    """docs/gateway.md lists exactly the metric names the gateway exports."""
+    _post(env, {"model": "fake", "prompt": "p", "max_tokens": 2}, key="wrong")  # an error
+    list(_client(env).completions.create(model="fake", prompt="p", max_tokens=5, stream=True))
+    exported = set()
+    for family in text_string_to_metric_families(httpx.get(env["url"] + "/metrics").text):
+        for sample in family.samples:
+            if not sample.name.endswith("_created"):
+                exported.add(re.sub(r"_(bucket|sum|count)$", "", sample.name))
+    documented = set(re.findall(r"`(scalellm_[a-z0-9_]+)", DOCS.read_text()))
+    assert documented == exported, (documented - exported, exported - documented)

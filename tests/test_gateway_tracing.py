@@ -47,6 +47,16 @@ def test_otlp_endpoint_flag_then_file_then_environment(tmp_path):
         == "http://flag:4317"
 
 
+def test_serve_passes_the_endpoint_to_gateway_and_replicas():
+    from scalellm.entrypoints.cli import _gateway_config, _replica_args, build_parser
+
+    a = build_parser().parse_args(["serve", "--replicas", "2", "--otlp-endpoint", "http://c:4317"])
+    assert _replica_args(a)[-2:] == ["--otlp-endpoint", "http://c:4317"]
+    assert _gateway_config(a, []).otlp_endpoint == "http://c:4317"
+    a = build_parser().parse_args(["gateway", "--replica", "h:1", "--otlp-endpoint", "http://c:4317"])
+    assert _gateway_config(a, a.replica).otlp_endpoint == "http://c:4317"
+
+
 class _Collector:
     """OTLP/gRPC trace receiver: keeps every span as a flat dict."""
 

@@ -86,33 +86,38 @@ class Tracing:
 
 
 class RequestSpan:
-    __slots__ = ("_span", "_status", "traceparent")
+    """One request's span. Attributes are collected here and handed to the SDK in one
+    call when the span ends (the SDK takes a lock and validates per call)."""
+
+    __slots__ = ("_span", "_status", "_attributes", "traceparent")
 
     def __init__(self, span: Any, status: tuple[Any, Any]) -> None:
         self._span = span
         self._status = status
+        self._attributes: dict[str, Any] = {}
         ctx = span.get_span_context()
         # W3C trace context of this span, for the next hop
         self.traceparent = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
     def set(self, key: str, value: Any) -> None:
-        self._span.set_attribute(key, value)
+        self._attributes[key] = value
 
     def event(self, name: str, **attributes: Any) -> None:
         self._span.add_event(name, attributes)
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> None:
-        self._span.set_attribute("gen_ai.usage.input_tokens", prompt_tokens)
-        self._span.set_attribute("gen_ai.usage.output_tokens", completion_tokens)
+        self._attributes["gen_ai.usage.input_tokens"] = prompt_tokens
+        self._attributes["gen_ai.usage.output_tokens"] = completion_tokens
 
     def latency(self, breakdown_ms: Mapping[str, float]) -> None:
         """The request's latency breakdown (milliseconds), one attribute per part."""
         for name, ms in breakdown_ms.items():
-            self._span.set_attribute(f"scalellm.latency.{name}_ms", ms)
+            self._attributes[f"scalellm.latency.{name}_ms"] = ms
 
     def fail(self, description: str) -> None:
         status, code = self._status
         self._span.set_status(status(code.ERROR, description))
 
-    def end(self, end_unix: float | None = None) -> None:
-        self._span.end(None if end_unix is None else int(end_unix * 1e9))
+    def end(self) -> None:
+        self._span.set_attributes(self._attributes)
+        self._span.end()
