@@ -65,6 +65,28 @@ def test_sampling_follows_the_distribution():
     assert counts[4:].sum() == 0
 
 
+def test_large_vocab_mixed_batch_follows_the_distribution():
+    """Unseeded rows (inverse CDF) beside seeded ones (exponential race), at a real
+    vocab size with the mass at its far end, where float32 running sums would blur."""
+    vocab = 49152
+    probs = torch.zeros(vocab)
+    probs[[vocab - 1, vocab - 2, vocab - 3, 7]] = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    probs += 1e-7  # a floor spread over the whole vocab: ~0.5% of the mass
+    probs /= probs.sum()
+    base = torch.log(probs)
+    g = torch.Generator().manual_seed(1)
+    counts = torch.zeros(vocab)
+    n = 0
+    for i in range(40):
+        rows = [row(seed=i * 100 + j) if j % 4 == 0 else row() for j in range(64)]
+        toks, _ = sample(base.repeat(64, 1), rows, g)
+        counts += torch.bincount(torch.tensor(toks), minlength=vocab)
+        n += 64
+    freq = counts / n
+    for t, p in ((vocab - 1, 0.4), (vocab - 2, 0.3), (vocab - 3, 0.2), (7, 0.1)):
+        assert abs(float(freq[t]) - p) < 0.03, (t, float(freq[t]))
+
+
 def test_temperature_sharpens():
     base = torch.tensor([[1.0, 0.0, 0, 0, 0, 0, 0, 0]])
     g = torch.Generator().manual_seed(5)

@@ -257,6 +257,26 @@ def test_metrics_parse(server, client):
     assert server.metric("scalellm_generation_tokens_total") >= 3
 
 
+def test_engine_phase_seconds(server, client):
+    """The core's time by phase: counters that grow with work, forward among them, and
+    that add up to no more than the core's lifetime."""
+    def phases() -> dict[str, float]:
+        text = httpx.get(f"{server.url}/metrics").text
+        fam = next(f for f in text_string_to_metric_families(text) if f.name == "scalellm_engine_phase_seconds")
+        return {s.labels["phase"]: s.value for s in fam.samples if s.name.endswith("_total")}
+
+    before = phases()
+    assert set(before) == {"schedule", "prepare", "forward", "sample", "update", "ipc", "idle"}
+    t0 = time.monotonic()
+    client.completions.create(model="tiny", prompt="hello there", max_tokens=8, extra_body={"ignore_eos": True})
+    wall = time.monotonic() - t0
+    after = phases()
+    assert after["forward"] > before["forward"] and after["sample"] > before["sample"]
+    assert after["schedule"] > before["schedule"] and after["ipc"] > before["ipc"]
+    busy = sum(after[k] - before[k] for k in after if k != "idle")
+    assert 0 < busy < wall + 0.5
+
+
 def test_tokenize_detokenize(server):
     ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "The quick brown fox"}).json()["tokens"]
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"] == "The quick brown fox"

@@ -54,6 +54,8 @@ class EngineCore:
         self.executor = executor
         self.num_steps = 0
         self.num_tokens_scheduled = 0
+        self.schedule_seconds = 0.0  # cumulative, for the phase profile (see protocol.ipc.CORE_PHASES)
+        self.update_seconds = 0.0
 
     def add_request(self, request: Request, seed_offset: int = 0) -> None:
         self.scheduler.add_request(request, seed_offset)
@@ -77,15 +79,19 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
+        ts = time.perf_counter()
         sched = self.scheduler.schedule()
+        t0 = time.perf_counter()
+        self.schedule_seconds += t0 - ts
         if sched.is_empty:
             if sched.finished_request_ids:
                 self.executor.execute(sched)  # let the worker drop finished state
             return []
-        t0 = time.perf_counter()
         result = self.executor.execute(sched)
-        self.scheduler.observe_step(sched.total_num_scheduled_tokens, time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        self.scheduler.observe_step(sched.total_num_scheduled_tokens, t1 - t0)
         outputs = self.scheduler.update_from_output(sched, result)
+        self.update_seconds += time.perf_counter() - t1
         self.num_steps += 1
         self.num_tokens_scheduled += sched.total_num_scheduled_tokens
         return outputs

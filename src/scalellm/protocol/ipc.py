@@ -22,6 +22,15 @@ class EngineLoad(msgspec.Struct):
     prefix_cache_hits: int = 0
     num_steps: int = 0
     num_tokens_in_flight: int = 0
+    # cumulative seconds of the engine-core process per phase, in CORE_PHASES order
+    phase_seconds: list[float] = []
+
+
+# Where the engine-core process's wall time goes: the model runner's prepare (step ->
+# tensors), forward (model + LM head), sample; the scheduler's schedule and update
+# (outputs, stop checks, freeing); ipc (receiving/decoding requests, encoding/sending
+# outputs); idle (waiting for work). Exported as scalellm_engine_phase_seconds_total.
+CORE_PHASES = ("schedule", "prepare", "forward", "sample", "update", "ipc", "idle")
 
 
 # frontend -> core

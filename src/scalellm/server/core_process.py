@@ -25,12 +25,32 @@ IDLE_POLL_MS = 100
 EXPERT_LOAD_INTERVAL_S = 1.0
 
 
+class _Phases:
+    """The core process's own time per phase (ipc, idle); the rest comes from the engine
+    core (schedule, update) and the model runner (prepare, forward, sample)."""
+
+    __slots__ = ("ipc", "idle")
+
+    def __init__(self) -> None:
+        self.ipc = 0.0
+        self.idle = 0.0
+
+    def seconds(self, core) -> list[float]:  # type: ignore[no-untyped-def]
+        tm = getattr(core.executor, "timings", None)
+        prepare, forward, sample = (tm.prepare, tm.forward, tm.sample) if tm is not None else (0.0, 0.0, 0.0)
+        return [core.schedule_seconds, prepare, forward, sample, core.update_seconds, self.ipc, self.idle]
+
+
+_PHASES = _Phases()
+
+
 def _load(core) -> ipc.EngineLoad:  # type: ignore[no-untyped-def]
     s = core.stats()
     sched = core.scheduler
     in_flight = sum(r.num_tokens for r in sched.running)
     return ipc.EngineLoad(s.num_running, s.num_waiting, s.num_kv_blocks_used, s.num_kv_blocks_total,
-                          s.num_preemptions, s.prefix_cache_queries, s.prefix_cache_hits, s.num_steps, in_flight)
+                          s.num_preemptions, s.prefix_cache_queries, s.prefix_cache_hits, s.num_steps, in_flight,
+                          _PHASES.seconds(core))
 
 
 def run_engine_core_process(config: EngineConfig, input_addr: str, output_addr: str, log_level: str = "WARNING") -> None:
@@ -83,15 +103,21 @@ def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
     expert_load = _ExpertLoadReport()
+    phases = _PHASES
+    clock = time.perf_counter
     while True:
         busy = core.has_unfinished_requests()
         if not busy:
-            if not poller.poll(IDLE_POLL_MS):
+            t = clock()
+            got = poller.poll(IDLE_POLL_MS)
+            phases.idle += clock() - t
+            if not got:
                 if os.getppid() != parent:
                     logger.error("frontend process is gone; exiting")
                     return
                 core.check_health()  # raises if a tensor-parallel rank died
                 continue
+        t = clock()
         changed = False
         while True:
             try:
@@ -107,10 +133,13 @@ def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  
                 changed = True
             elif isinstance(msg, ipc.Shutdown):
                 return
+        phases.ipc += clock() - t
         if core.has_unfinished_requests():
             outputs = core.step()
+            t = clock()
             load = expert_load.take(core, idle=not core.has_unfinished_requests())
             push.send(ipc.encode(ipc.CoreOutputs(outputs, _load(core), load)))
+            phases.ipc += clock() - t
         elif changed:
             core.step()  # lets the worker drop aborted requests' state
             push.send(ipc.encode(ipc.CoreOutputs([], _load(core))))

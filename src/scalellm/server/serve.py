@@ -22,6 +22,7 @@ from scalellm.server.async_engine import AsyncEngine
 from scalellm.server.backend import EngineBackend
 from scalellm.server.core_client import CoreClient
 from scalellm.server.expert_metrics import ExpertLoadCollector
+from scalellm.server.phase_metrics import PhaseCollector
 
 logger = logging.getLogger("scalellm.serve")
 
@@ -51,6 +52,7 @@ def run_server(engine_config: EngineConfig, serve: ServeConfig, client: CoreClie
     tracing = Tracing("scalellm-replica", serve.otlp_endpoint) if serve.otlp_endpoint else None
     app = OpenAIApp(backend, api_key=serve.api_key, tracing=tracing)
     app.metrics.registry.register(ExpertLoadCollector(lambda: engine.client.expert_tokens))
+    app.metrics.registry.register(PhaseCollector(lambda: engine.client.load.phase_seconds))
     state: dict = {"exit_code": 0, "grpc": None, "stop": None}
 
     async def start() -> None:

@@ -5,8 +5,9 @@ Order of operations on the float32 logits [B, V]:
   2. min_tokens: EOS and stop tokens masked until enough tokens were produced,
   3. penalties: repetition (prompt + output), presence and frequency (output),
   4. greedy rows: argmax; other rows: temperature, top-k, top-p, min-p, then one
-     draw per row by the exponential race argmax(p / q), q ~ Exp(1). A seeded row
-     draws q from its own generator, so its tokens do not depend on the batch.
+     draw per row: by inverse CDF (one uniform from the engine's generator), or for
+     a seeded row by the exponential race argmax(p / q), q ~ Exp(1) drawn from its
+     own generator, so its tokens do not depend on the batch.
 
 Knows nothing of scheduling: it sees one row per sampling request.
 """
@@ -102,17 +103,25 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 
 
 def _draw(probs: torch.Tensor, rows: list[SamplingRow], generator: torch.Generator | None) -> torch.Tensor:
-    q = torch.empty_like(probs)
+    out = torch.empty(len(rows), dtype=torch.long)
     unseeded = [i for i, r in enumerate(rows) if r.generator is None]
     if unseeded:
-        if len(unseeded) == len(rows):
-            q.exponential_(generator=generator)
-        else:
-            q[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=generator)
+        # Inverse CDF: one uniform per row against the row's cumulative probabilities (in
+        # float64, so the buckets of tiny probabilities stay exact over a 150k vocab).
+        # NOTE: measured at 64 rows x 49,152: ~8 ms, where the exponential race below
+        # (one exponential draw per vocab entry) took 84 ms, 10% of a c=64 serving step.
+        sub = probs if len(unseeded) == len(rows) else probs[unseeded]
+        cdf = sub.to(torch.float64).cumsum_(dim=-1)
+        u = torch.rand(len(unseeded), 1, dtype=torch.float64, generator=generator) * cdf[:, -1:]
+        out[unseeded] = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+    # A seeded row races exponentials from its own generator, one per vocab entry: its
+    # tokens depend only on its seed, and a resumed stream replays the draws exactly
+    # (model_runner fast-forwards the generator by the tokens produced before).
     for i, row in enumerate(rows):
         if row.generator is not None:
-            q[i] = torch.empty(probs.shape[1]).exponential_(generator=row.generator)
-    return (probs / q).argmax(dim=-1)
+            q = torch.empty(probs.shape[1]).exponential_(generator=row.generator)
+            out[i] = (probs[i] / q).argmax()
+    return out
 
 
 def sample(
