@@ -366,7 +366,7 @@ def test_docs_example_config_loads(tmp_path):
     assert config.policy == "adaptive" and config.port == 8000 and config.otlp_endpoint == "http://127.0.0.1:4317"
     assert [r.pool for r in config.replicas] == ["latency"] + ["throughput"] * 4 + ["default"]
     policy = make_policy(config.policy, **config.policy_options)
-    assert policy.pool_for(15) == "latency" and policy.pool_for(16) == "throughput"
+    assert policy.pool_for(31) == "latency" and policy.pool_for(32) == "throughput"
     batch = next(k for k in config.safety.keys if k.key_id == "batch-team")
     assert batch.limits.max_concurrency == 64 and config.safety.default_key_limits.requests_per_min == 600
     assert config.safety.limits.max_tokens == 4096 and config.admission.max_queue == 1024

@@ -567,11 +567,19 @@ def _until(deadline_unix: float, items: AsyncIterator[Any]) -> AsyncIterator[Any
 
 
 async def _until_deadline(deadline_unix: float, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    # NOTE: the timeout covers only the waits for the next item, never the `yield`: one
+    # that fired while the consumer was writing to the client would cancel that write
+    # instead of ending this stream with TimeoutError (see grpc_service.Generate).
     try:
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout_at(loop.time() + max(deadline_unix - time.time(), 0.0)):
-            async for item in items:
-                yield item
+        deadline = asyncio.get_running_loop().time() + max(deadline_unix - time.time(), 0.0)
+        it = aiter(items)
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await anext(it)
+            except StopAsyncIteration:
+                return
+            yield item
     finally:
         await items.aclose()
 

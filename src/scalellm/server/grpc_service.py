@@ -123,11 +123,24 @@ class ReplicaService(pb_grpc.ReplicaServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        timeout = request.deadline_unix - time.time() if request.deadline_unix > 0 else None
+        # NOTE: the deadline guards only the waits for the engine, never a `yield`: a timeout
+        # that cancels this task while grpc.aio is writing the previous message (outside this
+        # frame) is not turned into TimeoutError here, and left the call hanging until the
+        # client's own timeout (seen as a flaky test_deadline).
+        deadline = (asyncio.get_running_loop().time() + request.deadline_unix - time.time()
+                    if request.deadline_unix > 0 else None)
         try:
-            async with asyncio.timeout(timeout):
-                async for chunk in stream:
-                    yield chunk_to_proto(chunk, request.include_prompt_text, received, request.include_prompt_token_ids)
+            it = aiter(stream)
+            while True:
+                try:
+                    if deadline is None:
+                        chunk = await anext(it)
+                    else:
+                        async with asyncio.timeout_at(deadline):
+                            chunk = await anext(it)
+                except StopAsyncIteration:
+                    break
+                yield chunk_to_proto(chunk, request.include_prompt_text, received, request.include_prompt_token_ids)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request deadline passed; aborted")
         except RequestAbortedError as e:
