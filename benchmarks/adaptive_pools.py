@@ -34,27 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 from scalellm.gateway.launcher import free_port
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _serving import stop_all, wait_ready  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLI = [sys.executable, "-m", "scalellm.entrypoints.cli"]
-
-
-def wait_ready(proc: subprocess.Popen, url: str, what: str, timeout: float = 300) -> float:
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=2) as r:
-                if r.status == 200:
-                    return time.perf_counter() - t0
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{what} not ready after {timeout:g} s")
 
 
 def build_model(path: str, hf_dir: str) -> str:
@@ -194,13 +181,7 @@ def main() -> int:
                 "adaptive_over_best": A[c]["e2e_ms_mean"] / min(L[c]["e2e_ms_mean"], T[c]["e2e_ms_mean"])}
             for c in levels if c in A}
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs[::-1])
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -22,32 +22,22 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 
 import psutil
 
 from scalellm.bench.stats import distribution
 from scalellm.gateway.launcher import free_port
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _serving import stop_all, wait_ready  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def start(args: list[str], port: int, timeout: float = 300) -> tuple[subprocess.Popen, float]:
-    t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "scalellm.entrypoints.cli", "serve", "--port", str(port), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"scalellm serve {args} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
-                if r.status == 200:
-                    return proc, time.perf_counter() - t0
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"scalellm serve {args} not ready after {timeout:g} s")
+    return proc, wait_ready(proc, f"http://127.0.0.1:{port}", f"scalellm serve {args}", timeout)
 
 
 def tree_cpu(proc: subprocess.Popen) -> dict[str, float]:
@@ -97,13 +87,7 @@ def main() -> int:
         subprocess.run(cmd, check=True)
         cpu1 = {"gateway_side": tree_cpu(gw), "direct_side": tree_cpu(direct)}
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
 
     doc = json.load(open(bench_out))
     runs = {r["endpoint"]: r for r in doc["runs"]}

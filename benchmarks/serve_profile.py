@@ -37,23 +37,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scalellm.gateway.launcher import free_port
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _serving import wait_ready  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLI = [sys.executable, "-m", "scalellm.entrypoints.cli"]
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready")
 
 
 def phases(url: str) -> dict[str, float]:
