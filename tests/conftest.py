@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -110,3 +112,11 @@ def tiny_moe_models(tmp_path_factory) -> dict[str, str]:
     out["qwen3_moe_norm"] = build_tiny_model(str(root / "qwen3_moe_norm"), "qwen3_moe", num_hidden_layers=3,
                                              decoder_sparse_step=2, norm_topk_prob=True)
     return out
+
+
+def assert_not_imported(setup: str, *forbidden: str) -> None:
+    """Run `setup` (Python statements) in a fresh interpreter; fail if any module named
+    `forbidden` or below it (e.g. "torch" covers torch.nn) was imported."""
+    code = (f"import sys\n{setup}\nbad = [m for m in sys.modules if m in {forbidden!r} "
+            f"or m.startswith(tuple(f + '.' for f in {forbidden!r}))]\nassert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

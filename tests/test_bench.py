@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import SMOLLM_GGUF, requires_smollm
+from conftest import SMOLLM_GGUF, assert_not_imported, requires_smollm
 
 from scalellm.bench import workload as wl
 from scalellm.bench.endpoint import Endpoint, EndpointConfig
@@ -340,10 +340,8 @@ def test_chunk_stamp_is_arrival_time_not_read_time(kernel_stamps):
 
 
 def test_bench_never_imports_torch():
-    code = ("import sys; import scalellm.bench.cli, scalellm.bench.runner, scalellm.bench.report, "
-            "scalellm.bench.plots, scalellm.bench.tokens; print('torch' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.stdout.strip() == "False", r.stderr
+    assert_not_imported("import scalellm.bench.cli, scalellm.bench.runner, scalellm.bench.report, "
+                        "scalellm.bench.plots, scalellm.bench.tokens", "torch")
 
 
 # -- against a real `scalellm serve` ------------------------------------------------------------------

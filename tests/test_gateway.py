@@ -83,10 +83,10 @@ def cluster(tiny_models):
 
 
 def test_gateway_never_imports_torch():
-    code = ("import sys; import scalellm.gateway.serve, scalellm.entrypoints.cli; "
-            "bad=[m for m in sys.modules if m.split('.')[0]=='torch' or m.startswith(('scalellm.engine','scalellm.server'))]; "
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    from conftest import assert_not_imported
+
+    assert_not_imported("import scalellm.gateway.serve, scalellm.entrypoints.cli",
+                        "torch", "scalellm.engine", "scalellm.server")
 
 
 def test_round_robin_spreads_and_matches_direct(cluster):

@@ -442,8 +442,6 @@ def test_missing_files_raise_model_load_error(tmp_path: Path) -> None:
 
 
 def test_no_torch_import() -> None:
-    import subprocess
-    import sys
+    from conftest import assert_not_imported
 
-    code = "import sys, scalellm.tokenizer; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert_not_imported("import scalellm.tokenizer", "torch")

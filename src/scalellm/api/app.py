@@ -32,8 +32,9 @@ from scalellm.api import responses as R
 from scalellm.api.errors import APIError, bad_request, from_exception, model_not_found, unavailable
 from scalellm.api.guard import Guard
 from scalellm.api.metrics import APIMetrics
-from scalellm.api.safety import ContentFilter, FilterHit, StreamFilter
+from scalellm.api.streams import merge, until
 from scalellm.api.tracing import RequestSpan, Tracing
+from scalellm.api.tracker import RequestTracker
 from scalellm.protocol.generation import GenerateCall, GenerateChunk
 from scalellm.protocol.openai import (
     ChatCompletionRequest,
@@ -220,7 +221,7 @@ class OpenAIApp:
         priority, deadline = _controls(scope, req)
         rid = f"cmpl-{uuid.uuid4().hex}"
         span = _describe_span(scope, req.model, rid) if self.tracing is not None else None
-        track = _Tracker(self.metrics, scope["scalellm.arrival"], len(prompts) * params.n, self.guard.output_filter,
+        track = RequestTracker(self.metrics, scope["scalellm.arrival"], len(prompts) * params.n, self.guard.output_filter,
                          span)
         traceparent = span.traceparent if span is not None else ""
         async with self.guard.admit(key, trace, priority):
@@ -229,7 +230,7 @@ class OpenAIApp:
                                   arrival_unix=track.arrival_unix, traceparent=traceparent)
                      for i, p in enumerate(prompts)]
             streams = [await self.backend.generate(c) for c in calls]  # input errors surface here, before any byte
-            items = track.relay(_until(deadline, _merge(streams, params.n)))
+            items = track.relay(until(deadline, merge(streams, params.n)))
             if req.stream:
                 status = await self._stream(send, receive, items,
                                             lambda chunk, first: self._completion_chunks(rid, req, chunk, first),
@@ -286,14 +287,14 @@ class OpenAIApp:
         priority, deadline = _controls(scope, req)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         span = _describe_span(scope, req.model, rid) if self.tracing is not None else None
-        track = _Tracker(self.metrics, scope["scalellm.arrival"], params.n, self.guard.output_filter, span)
+        track = RequestTracker(self.metrics, scope["scalellm.arrival"], params.n, self.guard.output_filter, span)
         async with self.guard.admit(key, trace, priority):
             call = GenerateCall(rid, req.model, params, messages=messages,
                                 add_generation_prompt=req.add_generation_prompt, priority=priority,
                                 deadline_unix=deadline, trace_id=trace, arrival_unix=track.arrival_unix,
                                 traceparent=span.traceparent if span is not None else "")
             stream = await self.backend.generate(call)
-            items = track.relay(_until(deadline, _merge([stream], params.n)))
+            items = track.relay(until(deadline, merge([stream], params.n)))
             if req.stream:
                 status = await self._stream(send, receive, items,
                                             lambda item, first: self._chat_chunks(rid, req, item, first),
@@ -313,14 +314,14 @@ class OpenAIApp:
         self._finish(key, track)
         return status
 
-    async def _send_result(self, send: Send, body: dict, track: _Tracker, trace: str) -> int:
+    async def _send_result(self, send: Send, body: dict, track: RequestTracker, trace: str) -> int:
         breakdown = track.finish()
         body["usage"] = {**R.usage(track.prompt_tokens, track.completion_tokens), "timings": breakdown}
         headers = {"server-timing": _server_timing(breakdown), "x-request-id": trace}
         await _send_json(send, 200, msgspec.json.encode(body), headers)
         return 200
 
-    def _finish(self, key: Any, track: _Tracker) -> None:
+    def _finish(self, key: Any, track: RequestTracker) -> None:
         self.metrics.tokens(track.prompt_tokens, track.completion_tokens)
         self.guard.charge(key, track.prompt_tokens + track.completion_tokens)
 
@@ -338,7 +339,7 @@ class OpenAIApp:
         return out
 
     async def _stream(self, send: Send, receive: Receive, items: AsyncIterator[tuple[int, GenerateChunk]],
-                      render: Callable, rid: str, req: Any, obj: str, track: _Tracker, trace: str) -> int:
+                      render: Callable, rid: str, req: Any, obj: str, track: RequestTracker, trace: str) -> int:
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
             (b"x-request-id", trace.encode())]})
@@ -402,124 +403,6 @@ class OpenAIApp:
             await items.aclose()
 
 
-# Stamps of a request's life, in path order; a segment is named by the stamp that ends it.
-# A hop that is absent (no gateway in front, say) merges into the next segment.
-_STAGES = (("routed_unix", "gateway"), ("received_unix", "network"), ("queued_unix", "tokenize"),
-           ("first_scheduled_unix", "queue"), ("first_token_unix", "prefill"), ("finished_unix", "decode"))
-
-
-class _Tracker:
-    """One request as the client sees it: TTFT, ITL, TPOT, e2e and token counts, output
-    filtering per choice, and the latency breakdown from the hops' timestamps."""
-
-    def __init__(self, metrics: APIMetrics, arrival: tuple[float, float], num_choices: int,
-                 output_filter: ContentFilter, span: RequestSpan | None = None) -> None:
-        self.metrics = metrics
-        self.span = span
-        self.t0, self.arrival_unix = arrival
-        self.num_choices = num_choices
-        self.streaming = False
-        self.first: float | None = None
-        self.last = 0.0
-        self.counts: dict[int, tuple[int, int]] = {}  # choice base -> (prompt, completion) tokens
-        self.timings: dict[str, float] = {}
-        self._filter = output_filter if output_filter else None
-        self._filters: dict[int, StreamFilter] = {}
-        self._filtered: set[int] = set()
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(p for p, _ in self.counts.values())
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(c for _, c in self.counts.values())
-
-    async def relay(self, items: AsyncIterator[tuple[int, GenerateChunk]]) -> AsyncIterator[tuple[int, GenerateChunk]]:
-        try:
-            async for base, chunk in items:
-                now = time.monotonic()
-                has_tokens = False
-                for c in chunk.choices:  # NOTE: a plain loop: any(genexpr) per chunk costs more
-                    if c.token_ids:
-                        has_tokens = True
-                        break
-                if has_tokens:
-                    if self.first is None:
-                        self.first = now
-                        self.metrics.ttft.observe(now - self.t0)
-                    elif self.streaming:
-                        self.metrics.itl.observe(now - self.last)
-                    self.last = now
-                self.counts[base] = (chunk.num_prompt_tokens, chunk.num_completion_tokens)
-                if chunk.finished:
-                    self.timings = chunk.timings
-                    if "queue" in chunk.timings:
-                        self.metrics.queue.observe(chunk.timings["queue"])
-                if self._filter is not None and self._apply_filter(base, chunk):
-                    yield base, chunk
-                    return  # every choice was cut by the filter: closing `items` aborts upstream
-                yield base, chunk
-        finally:
-            await items.aclose()
-
-    def _apply_filter(self, base: int, chunk: GenerateChunk) -> bool:
-        """Filter the chunk's text in place; True when no choice is left running."""
-        kept = []
-        for c in chunk.choices:
-            i = base + c.index
-            if i in self._filtered:
-                continue
-            sf = self._filters.get(i)
-            if sf is None:
-                sf = self._filters[i] = self._filter.stream()  # type: ignore[union-attr]
-            try:
-                text = sf.feed(c.text)
-                if c.finish_reason:
-                    text += sf.finish()
-            except FilterHit as hit:
-                text, c.finish_reason, c.stop_reason = hit.safe_text, "content_filter", None
-                self._filtered.add(i)
-                self.metrics.error("content_filter_output")
-            c.text = text
-            kept.append(c)
-        chunk.choices = kept
-        return len(self._filtered) == self.num_choices
-
-    def finish(self) -> dict[str, float]:
-        """Observe the request's metrics; returns its latency breakdown in milliseconds."""
-        now = time.monotonic()
-        e2e = now - self.t0
-        self.metrics.e2e.observe(e2e)
-        n = self.completion_tokens
-        if self.first is not None and n > 1:
-            self.metrics.tpot.observe((self.last - self.first) / (n - 1))
-        out: dict[str, float] = {}
-        prev = self.arrival_unix
-        for key, name in _STAGES:
-            t = self.timings.get(key)
-            if t:
-                out[name] = round(max(t - prev, 0.0) * 1e3, 3)
-                prev = t
-        end_unix = self.arrival_unix + e2e
-        out["return"] = round(max(end_unix - prev, 0.0) * 1e3, 3)
-        out["total"] = round(e2e * 1e3, 3)
-        if self.first is not None:
-            out["ttft"] = round((self.first - self.t0) * 1e3, 3)
-        for name, ms in out.items():
-            if name not in ("total", "ttft"):
-                self.metrics.stage.labels(name).observe(ms / 1e3)
-        received, finished = self.timings.get("received_unix"), self.timings.get("finished_unix")
-        if received and finished and "routed_unix" in self.timings:  # behind a gateway
-            overhead = max(e2e - (finished - received), 0.0)
-            out["overhead"] = round(overhead * 1e3, 3)
-            self.metrics.overhead.observe(overhead)
-        if self.span is not None:
-            self.span.usage(self.prompt_tokens, self.completion_tokens)
-            self.span.latency(out)
-        return out
-
-
 def _describe_span(scope: Scope, model: str, rid: str) -> RequestSpan | None:
     span = scope.get("scalellm.span")
     if span is not None:
@@ -558,68 +441,6 @@ def _controls(scope: Scope, req: Any) -> tuple[int, float]:
     if deadline_ms is not None and deadline_ms <= 0:
         raise bad_request(f"deadline_ms must be > 0, got {deadline_ms}", "deadline_ms")
     return priority, (time.time() + deadline_ms / 1000 if deadline_ms else 0.0)
-
-
-def _until(deadline_unix: float, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """`items`, or with a deadline a relay of them that raises TimeoutError past it
-    (closing `items` aborts upstream). No deadline: no extra generator per chunk."""
-    return _until_deadline(deadline_unix, items) if deadline_unix else items
-
-
-async def _until_deadline(deadline_unix: float, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    # NOTE: the timeout covers only the waits for the next item, never the `yield`: one
-    # that fired while the consumer was writing to the client would cancel that write
-    # instead of ending this stream with TimeoutError (see grpc_service.Generate).
-    try:
-        deadline = asyncio.get_running_loop().time() + max(deadline_unix - time.time(), 0.0)
-        it = aiter(items)
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    item = await anext(it)
-            except StopAsyncIteration:
-                return
-            yield item
-    finally:
-        await items.aclose()
-
-
-async def _merge(streams: list[AsyncIterator[GenerateChunk]], n: int) -> AsyncIterator[tuple[int, GenerateChunk]]:
-    """Interleave several prompts' streams; yields (choice index base, chunk)."""
-    if len(streams) == 1:
-        try:
-            async for chunk in streams[0]:
-                yield 0, chunk
-        finally:
-            await streams[0].aclose()
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, s: AsyncIterator[GenerateChunk]) -> None:
-        try:
-            async for chunk in s:
-                await queue.put((i * n, chunk))
-        except Exception as e:  # noqa: BLE001
-            await queue.put(e)
-        finally:
-            await queue.put(None)
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item
-    finally:
-        for t in tasks:
-            t.cancel()
-        for s in streams:
-            await s.aclose()
 
 
 async def _collect(receive: Receive, items: AsyncIterator[tuple[int, GenerateChunk]],

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from scalellm.api.streams import until
 from scalellm.api.tracing import Tracing
 from scalellm.protocol.errors import InvalidParameterError
 from scalellm.protocol.generation import GenerateCall, GenerateChunk
@@ -123,23 +124,10 @@ class ReplicaService(pb_grpc.ReplicaServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        # NOTE: the deadline guards only the waits for the engine, never a `yield`: a timeout
-        # that cancels this task while grpc.aio is writing the previous message (outside this
-        # frame) is not turned into TimeoutError here, and left the call hanging until the
-        # client's own timeout (seen as a flaky test_deadline).
-        deadline = (asyncio.get_running_loop().time() + request.deadline_unix - time.time()
-                    if request.deadline_unix > 0 else None)
+        # NOTE: the deadline guards only the waits for the engine, never a `yield` (see until_deadline)
+        chunks = until(max(request.deadline_unix, 0.0), stream)
         try:
-            it = aiter(stream)
-            while True:
-                try:
-                    if deadline is None:
-                        chunk = await anext(it)
-                    else:
-                        async with asyncio.timeout_at(deadline):
-                            chunk = await anext(it)
-                except StopAsyncIteration:
-                    break
+            async for chunk in chunks:
                 yield chunk_to_proto(chunk, request.include_prompt_text, received, request.include_prompt_token_ids)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request deadline passed; aborted")
@@ -148,7 +136,7 @@ class ReplicaService(pb_grpc.ReplicaServicer):
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
-            await stream.aclose()
+            await chunks.aclose()  # closes `stream` too
 
     async def _generate_traced(self, request: pb.GenerateRequest,
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
