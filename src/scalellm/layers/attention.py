@@ -9,8 +9,10 @@ A step's tokens are laid out decodes first, then prefill chunks:
 
     | d0 | d1 | ... | d(Bd-1) | prefill 0 (q_len0) | prefill 1 (q_len1) | ...
 
-Decodes (one query token each) run as one batched SDPA call over K/V gathered
-through their block tables and padded to the longest context (masked). Each
+Decodes (one query token each) run, on CPU with a float32 cache, as one fused
+kernel that reads K/V where they lie (`paged_attention_cpu`, numba); otherwise
+as one batched SDPA call over K/V gathered through their slots and padded to
+the longest context (masked). Each
 prefill chunk runs its own causal SDPA call; a chunk that continues a cached
 context gathers its earlier K/V through its block table.
 
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from scalellm.layers import paged_attention_cpu
 
 _HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -42,6 +46,7 @@ class AttentionMetadata:
     num_decode_tokens: int  # Bd: the first Bd tokens are single-token decodes
     decode_slots: torch.Tensor | None  # [Bd, Lmax] context slots per decode, padded with 0
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] True where a key is attended
+    decode_lens: torch.Tensor | None = None  # [Bd] context length per decode (the fused kernel's)
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -77,6 +82,10 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
+def _fused_decode(k_flat: torch.Tensor) -> bool:
+    return k_flat.device.type == "cpu" and k_flat.dtype == torch.float32 and paged_attention_cpu.available()
+
+
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_idx: int) -> None:
         super().__init__()
@@ -97,7 +106,10 @@ class Attention(nn.Module):
 
         out = torch.empty_like(q)
         bd = md.num_decode_tokens
-        if bd:
+        if bd and md.decode_lens is not None and _fused_decode(k_flat):
+            out[:bd] = paged_attention_cpu.decode_attention(q[:bd], k_flat, v_flat, md.decode_slots,
+                                                            md.decode_lens, self.scale)
+        elif bd:
             qd = q[:bd].unsqueeze(2)  # [Bd, H, 1, D]
             # NOTE: index_select over flat slots is ~5x faster than advanced indexing on CPU.
             flat_slots = md.decode_slots.view(-1)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from scalellm.layers import paged_attention_cpu
 from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk
 from scalellm.models.args import ModelArgs
 from scalellm.protocol.sampling_params import SamplingParams
@@ -89,6 +90,8 @@ class ModelRunner:
         self.timings = StepTimings()
         shape = (2, num_blocks, block_size, model.model.layers[0].self_attn.num_kv_heads, args.head_dim)
         self.kv_caches = [lazy_zeros(shape, dtype, device) for _ in range(args.num_layers)]
+        if device.type == "cpu" and dtype == torch.float32:
+            paged_attention_cpu.warm_up_in_background()  # compiled before the first decode needs it
 
     # -- state -----------------------------------------------------------------
     def _add(self, data: NewRequestData) -> None:
@@ -229,8 +232,9 @@ class ModelRunner:
             if end == len(state.token_ids):
                 sample_ids.append(request_id)
                 sample_rows.append(len(input_ids) - 1)
-        decode_slots = decode_mask = None
+        decode_slots = decode_mask = decode_lens_t = None
         if decode_tables:
+            decode_lens_t = torch.tensor(decode_lens, device=dev)
             slots, mask = self._context_slots(decode_tables, decode_lens)
             decode_slots = slots.to(dev)  # [Bd, Lmax]
             decode_mask = mask.view(len(decode_tables), 1, 1, -1).to(dev)  # [Bd, 1, 1, Lmax]
@@ -239,6 +243,7 @@ class ModelRunner:
             num_decode_tokens=len(decode_tables),
             decode_slots=decode_slots,
             decode_mask=decode_mask,
+            decode_lens=decode_lens_t,
             prefills=prefills,
         )
         batch = ForwardBatch(attn=md, kv_caches=self.kv_caches)
