@@ -85,3 +85,34 @@ def test_prefix_cache_reuse_gives_same_tokens(tiny_models):
     assert llm.engine.stats().prefix_cache_hits > 0
     nocache = LLM(path, dtype="float32", block_size=4, enable_prefix_caching=False)
     assert nocache.generate(base, params)[0].outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_bf16_on_cpu_without_bf16_units_keeps_bf16_numerics(tiny_models, monkeypatch):
+    """On a CPU without bf16 units, bf16 GEMMs run in float32 on the bf16 values: the
+    log-probabilities match torch's own (emulated, slow) bf16 GEMMs and transformers' bf16
+    model to within bf16's rounding noise."""
+    import transformers
+
+    from scalellm.layers.linear import LinearBase
+    from scalellm.worker import worker
+
+    path = tiny_models["llama"]
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(1, 200, (n,), generator=g).tolist() for n in (5, 17, 33)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
+    runs = {}
+    for fast in (False, True):
+        monkeypatch.setattr(worker, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        llm = LLM(path, dtype="bfloat16", block_size=4)
+        linears = [m for m in llm.engine.core.executor.model.modules() if isinstance(m, LinearBase)]
+        assert linears and all((m.weight32 is None) == fast for m in linears)
+        runs[fast] = llm.generate(prompts, params)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).eval()
+    for p, emulated, native in zip(prompts, runs[False], runs[True]):
+        toks = emulated.outputs[0].token_ids
+        assert native.outputs[0].token_ids == toks
+        with torch.inference_mode():
+            lp = ref(torch.tensor([p + toks])).logits[0].float().log_softmax(-1)
+        for i, (t, e, n) in enumerate(zip(toks, emulated.outputs[0].logprobs, native.outputs[0].logprobs)):
+            assert abs(e[t] - n[t]) < 0.01
+            assert abs(e[t] - float(lp[len(p) - 1 + i][t])) < 0.05

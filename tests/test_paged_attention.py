@@ -44,11 +44,15 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     return out
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(9, 3), (4, 4), (8, 1)])
-def test_fused_decode_matches_dense(num_heads: int, num_kv_heads: int) -> None:
+@pytest.mark.parametrize("num_heads,num_kv_heads,dtype", [(9, 3, torch.float32), (4, 4, torch.float32),
+                                                          (8, 1, torch.float32), (9, 3, torch.bfloat16)])
+def test_fused_decode_matches_dense(num_heads: int, num_kv_heads: int, dtype: torch.dtype) -> None:
     head_dim, block_size = 64, 16
     lengths = [1, 2, 15, 16, 17, 100, 257]
     cache, seqs = _paged_cache(lengths, num_kv_heads, head_dim, block_size, seed=num_heads)
+    # a bfloat16 cache holds rounded values: the reference reads the same rounded values
+    cache = cache.to(dtype)
+    seqs = [(s, k.to(dtype).float(), v.to(dtype).float()) for s, k, v in seqs]
     lmax = max(lengths)
     slots = torch.zeros(len(lengths), lmax, dtype=torch.long)
     for i, (s, _, _) in enumerate(seqs):
@@ -59,6 +63,7 @@ def test_fused_decode_matches_dense(num_heads: int, num_kv_heads: int) -> None:
     k_flat = cache[0].view(-1, num_kv_heads, head_dim)
     v_flat = cache[1].view(-1, num_kv_heads, head_dim)
     out = paged_attention_cpu.decode_attention(q, k_flat, v_flat, slots, torch.tensor(lengths), scale)
+    assert out.dtype == torch.float32
     for i, (_, k, v) in enumerate(seqs):
         torch.testing.assert_close(out[i], _dense(q[i], k, v, scale), atol=2e-5, rtol=1e-4)
 

@@ -9,7 +9,7 @@ A step's tokens are laid out decodes first, then prefill chunks:
 
     | d0 | d1 | ... | d(Bd-1) | prefill 0 (q_len0) | prefill 1 (q_len1) | ...
 
-Decodes (one query token each) run, on CPU with a float32 cache, as one fused
+Decodes (one query token each) run, on CPU, as one fused
 kernel that reads K/V where they lie (`paged_attention_cpu`, numba); otherwise
 as one batched SDPA call over K/V gathered through their slots and padded to
 the longest context (masked). Each
@@ -82,10 +82,6 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
-def _fused_decode(k_flat: torch.Tensor) -> bool:
-    return k_flat.device.type == "cpu" and k_flat.dtype == torch.float32 and paged_attention_cpu.available()
-
-
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_idx: int) -> None:
         super().__init__()
@@ -106,7 +102,7 @@ class Attention(nn.Module):
 
         out = torch.empty_like(q)
         bd = md.num_decode_tokens
-        if bd and md.decode_lens is not None and _fused_decode(k_flat):
+        if bd and md.decode_lens is not None and paged_attention_cpu.supports(k_flat):
             out[:bd] = paged_attention_cpu.decode_attention(q[:bd], k_flat, v_flat, md.decode_slots,
                                                             md.decode_lens, self.scale)
         elif bd:

@@ -53,13 +53,25 @@ class ParallelLMHead(VocabParallelEmbedding):
     # Candidates re-scored in float32 when the weights are 16-bit or int8 (see compute_logits).
     num_rescored: int = 32
     qweight: Int8Weight | None = None  # set by set_int8(); `weight` stays (it may be the tied embedding)
+    weight32: torch.Tensor | None = None  # set by set_fp32_compute(); `weight` stays (as for int8)
 
     def set_int8(self, act_amax: torch.Tensor | None = None) -> int:
         """Compute logits with an int8 copy of the weight; the top candidates are re-scored exactly."""
         self.qweight = Int8Weight(self.weight, act_amax)
         return -self.qweight.nbytes  # the float weight stays for re-scoring (and the tied embedding)
 
+    def set_fp32_compute(self) -> int:
+        """Logits from a float32 copy of the bf16 weight's values (see LinearBase.set_fp32_compute):
+        exact float32 logits, so no re-scoring. Returns the bytes added."""
+        self.weight32 = self.weight.detach().float()
+        return self.weight32.numel() * 4
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.weight32 is not None:
+            logits = F.linear(hidden.float(), self.weight32)  # [B, V/tp] float32, exact on bf16 values
+            if self.tp_size > 1:
+                logits = tensor_parallel_all_gather(logits, dim=-1)
+            return logits[:, : self.vocab_size]
         if self.qweight is not None:
             logits = self.qweight(hidden.float())  # [B, V/tp] float32
         else:

@@ -90,8 +90,8 @@ class ModelRunner:
         self.timings = StepTimings()
         shape = (2, num_blocks, block_size, model.model.layers[0].self_attn.num_kv_heads, args.head_dim)
         self.kv_caches = [lazy_zeros(shape, dtype, device) for _ in range(args.num_layers)]
-        if device.type == "cpu" and dtype == torch.float32:
-            paged_attention_cpu.warm_up_in_background()  # compiled before the first decode needs it
+        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+            paged_attention_cpu.warm_up_in_background(dtype)  # compiled before the first decode needs it
 
     # -- state -----------------------------------------------------------------
     def _add(self, data: NewRequestData) -> None:

@@ -104,6 +104,10 @@ def build_model_runner(
 
         saved = quantize_int8(model, lambda: _calibration_forward(model, args, dtype, device))
         logger.info("int8 linears: %.0f MB of weights freed", saved / 2**20)
+    elif dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
+        added = sum(m.set_fp32_compute() for m in model.modules() if hasattr(m, "set_fp32_compute"))
+        logger.info("bf16 on a CPU without bf16 units: GEMMs in float32 on the bf16 values "
+                    "(bf16 numerics with fp32 accumulation; +%.0f MB)", added / 2**20)
     _release_load_memory()
     logger.info("loaded %s (%s) in %.1fs", source.name, args.architecture, time.perf_counter() - t0)
     return ModelRunner(
