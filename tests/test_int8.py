@@ -79,3 +79,29 @@ def test_quantization_option_is_validated():
 
     with pytest.raises(InvalidParameterError, match="quantization"):
         EngineConfig(quantization="int4")
+
+
+def test_calibration_is_cached_on_disk(tiny_models, tmp_path, monkeypatch):
+    """A second start of the same model reads the calibration statistics from the cache
+    instead of running the calibration pass, and quantizes to the very same weights."""
+    from scalellm import LLM
+    from scalellm.quant import calibration_cache
+    from scalellm.worker import worker
+
+    monkeypatch.setenv("SCALELLM_CACHE_DIR", str(tmp_path))
+    passes = []
+    real = worker._calibration_forward
+    monkeypatch.setattr(worker, "_calibration_forward", lambda *a, **k: passes.append(1) or real(*a, **k))
+    ids = list(range(3, 120, 5))
+    first = LLM(tiny_models["llama"], dtype="float32", quantization="int8")
+    assert passes == [1] and len(list(tmp_path.glob("int8-calibration-*.safetensors"))) == 1
+    second = LLM(tiny_models["llama"], dtype="float32", quantization="int8")
+    assert passes == [1]
+    assert torch.equal(_all_logits(first, ids), _all_logits(second, ids))
+    # another dtype is another key; a damaged file is ignored (and recalibrated)
+    assert calibration_cache.cache_key(tiny_models["llama"], dtype=torch.float32) != \
+        calibration_cache.cache_key(tiny_models["llama"], dtype=torch.bfloat16)
+    for f in tmp_path.glob("int8-calibration-*.safetensors"):
+        f.write_bytes(b"not safetensors")
+    LLM(tiny_models["llama"], dtype="float32", quantization="int8")
+    assert passes == [1, 1]

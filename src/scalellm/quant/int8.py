@@ -55,12 +55,15 @@ class Int8Weight:
             w = w * c
             self.inv_smooth = 1.0 / c
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [N]
+        # NOTE: rounding by hand is 2.3x faster than torch.quantize_per_channel (0.34 vs 0.77 s
+        # for SmolLM2's linears at start-up) and equal to it up to ties (82 of 134 M values).
+        q = torch.round(w / scales.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
         with warnings.catch_warnings():
             # NOTE: torch marks its quantized tensor types deprecated; fbgemm's kernels remain
             # the only fast int8 GEMM on AVX2 CPUs in torch. int8_available() guards the call.
             warnings.simplefilter("ignore")
-            qw = torch.quantize_per_channel(w, scales.double(), torch.zeros(w.shape[0], dtype=torch.long), 0,
-                                            torch.qint8)
+            qw = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros(w.shape[0], dtype=torch.long),
+                                                          0)
             self.packed = torch.ops.quantized.linear_prepack(qw, None)
         self.out_features, self.in_features = w.shape
         self.nbytes = w.numel() + 4 * w.shape[0]
@@ -79,26 +82,34 @@ class Int8Weight:
         return y if dtype == torch.float32 else y.to(dtype)
 
 
-def quantize_int8(model: nn.Module, calibrate: Callable[[], None] | None = None) -> int:
-    """Swap every layer that supports it (`set_int8(act_amax)`) to int8. `calibrate` runs
-    forward passes over calibration tokens; the max |input| per channel it shows each
-    layer sets that layer's smoothing. Returns the bytes freed."""
+def calibrate_act_amax(model: nn.Module, calibrate: Callable[[], None]) -> dict[str, torch.Tensor]:
+    """Run `calibrate` (forward passes over calibration tokens) with every int8-capable
+    layer's input watched: module name -> max |input| per input channel ([K] float32)."""
+    names = {m: name for name, m in model.named_modules() if getattr(m, "set_int8", None) is not None}
+    amax: dict[str, torch.Tensor] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()  # [K]
+        key = names[module]
+        amax[key] = torch.maximum(amax[key], a) if key in amax else a
+
+    hooks = [m.register_forward_pre_hook(record) for m in names]
+    try:
+        calibrate()
+    finally:
+        for h in hooks:
+            h.remove()
+    return amax
+
+
+def quantize_int8(model: nn.Module, act_amax: dict[str, torch.Tensor] | None = None) -> int:
+    """Swap every layer that supports it (`set_int8(act_amax)`) to int8, smoothed by its
+    calibrated max |input| per channel when `act_amax` (from `calibrate_act_amax`) has
+    it. Returns the bytes freed."""
     if not int8_available():
         raise InvalidParameterError(
             "quantization", "int8 needs torch's fbgemm/x86 quantized engine, which this torch build lacks; "
             "run without --quantization")
-    targets = [m for m in model.modules() if getattr(m, "set_int8", None) is not None]
-    amax: dict[nn.Module, torch.Tensor] = {}
-    if calibrate is not None:
-
-        def record(module: nn.Module, args: tuple) -> None:
-            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()  # [K]
-            amax[module] = torch.maximum(amax[module], a) if module in amax else a
-
-        hooks = [m.register_forward_pre_hook(record) for m in targets]
-        try:
-            calibrate()
-        finally:
-            for h in hooks:
-                h.remove()
-    return sum(m.set_int8(amax.get(m)) for m in targets)
+    act_amax = act_amax or {}
+    return sum(m.set_int8(act_amax.get(name)) for name, m in model.named_modules()
+               if getattr(m, "set_int8", None) is not None)

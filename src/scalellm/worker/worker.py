@@ -17,6 +17,8 @@ from scalellm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
+CALIBRATION_TOKENS = 512  # random tokens of the int8 calibration pass
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -102,7 +104,7 @@ def build_model_runner(
             raise InvalidParameterError("quantization", "int8 (fbgemm W8A8) runs on CPU only")
         from scalellm.quant.int8 import quantize_int8
 
-        saved = quantize_int8(model, lambda: _calibration_forward(model, args, dtype, device))
+        saved = quantize_int8(model, _int8_calibration(model, args, source, dtype, device))
         logger.info("int8 linears: %.0f MB of weights freed", saved / 2**20)
     elif dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
         added = sum(m.set_fp32_compute() for m in model.modules() if hasattr(m, "set_fp32_compute"))
@@ -134,8 +136,32 @@ def _release_load_memory() -> None:
 
 
 @torch.inference_mode()
+def _int8_calibration(model: torch.nn.Module, args: ModelArgs, source: ModelSource, dtype: torch.dtype,
+                      device: torch.device) -> dict[str, torch.Tensor]:
+    """The int8 smoothing statistics: from the on-disk cache when this model was calibrated
+    before, else from a calibration pass (then cached). Tensor-parallel ranks always
+    calibrate: the pass runs collectives, so every rank must take the same road."""
+    from scalellm.distributed.parallel_state import get_parallel_state
+    from scalellm.quant import calibration_cache
+    from scalellm.quant.int8 import calibrate_act_amax
+
+    t0 = time.perf_counter()
+    cacheable = get_parallel_state().tp_size == 1
+    key = calibration_cache.cache_key(source.path, dtype=dtype, tokens=CALIBRATION_TOKENS, seed=0,
+                                      arch=args.architecture) if cacheable else ""
+    stats = calibration_cache.load(key) if cacheable else None
+    if stats is not None:
+        logger.info("int8 calibration from cache (%.2fs)", time.perf_counter() - t0)
+        return stats
+    stats = calibrate_act_amax(model, lambda: _calibration_forward(model, args, dtype, device))
+    if cacheable:
+        calibration_cache.save(key, stats)
+    logger.info("int8 calibration pass: %.2fs", time.perf_counter() - t0)
+    return stats
+
+
 def _calibration_forward(model: torch.nn.Module, args: ModelArgs, dtype: torch.dtype, device: torch.device,
-                         num_tokens: int = 512, seed: int = 0) -> None:
+                         num_tokens: int = CALIBRATION_TOKENS, seed: int = 0) -> None:
     """One prefill over seeded random tokens, with a throw-away KV cache: shows the int8
     calibration each layer's input channels (their outliers are structural: measured on
     SmolLM2, random tokens smooth as well as real text, perplexity 28.2 vs 28.0)."""
