@@ -94,8 +94,8 @@ def test_attention_layer_uses_fused_path_and_agrees_with_gather(monkeypatch: pyt
         return layer(q, k_new, v_new, ForwardBatch(attn=md, kv_caches=[cache.clone()]))
 
     calls = []
-    real = paged_attention_cpu.decode_attention
-    monkeypatch.setattr(paged_attention_cpu, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    real = paged_attention_cpu.run
+    monkeypatch.setattr(paged_attention_cpu, "run", lambda *a: calls.append(1) or real(*a))
     fused, gathered = run(True), run(False)
     assert calls == [1]
     torch.testing.assert_close(fused, gathered, atol=2e-5, rtol=1e-4)

@@ -47,6 +47,7 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None  # [Bd, Lmax] context slots per decode, padded with 0
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] True where a key is attended
     decode_lens: torch.Tensor | None = None  # [Bd] context length per decode (the fused kernel's)
+    fused_index: paged_attention_cpu.DecodeIndex | None = None  # made by the first layer of a step
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -90,6 +91,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.layer_idx = layer_idx
+        self._views: tuple[int, tuple] | None = None  # (cache data_ptr, numpy views) for the fused kernel
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D]  ->  out: [T, H*D]
@@ -103,8 +105,12 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         bd = md.num_decode_tokens
         if bd and md.decode_lens is not None and paged_attention_cpu.supports(k_flat):
-            out[:bd] = paged_attention_cpu.decode_attention(q[:bd], k_flat, v_flat, md.decode_slots,
-                                                            md.decode_lens, self.scale)
+            if md.fused_index is None:
+                md.fused_index = paged_attention_cpu.prepare(md.decode_slots, md.decode_lens)
+            views = self._views
+            if views is None or views[0] != kv_cache.data_ptr():
+                views = self._views = (kv_cache.data_ptr(), paged_attention_cpu.cache_views(k_flat, v_flat))
+            out[:bd] = paged_attention_cpu.run(q[:bd], views[1], md.fused_index, self.scale)
         elif bd:
             qd = q[:bd].unsqueeze(2)  # [Bd, H, 1, D]
             # NOTE: index_select over flat slots is ~5x faster than advanced indexing on CPU.

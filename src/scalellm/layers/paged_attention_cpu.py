@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -87,28 +88,49 @@ def _load_locked() -> bool:
     return True
 
 
-def decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor,
-                     lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [B, H, D] (any float dtype); k_flat, v_flat: [N*S, Hkv, D] float32 or bfloat16 cache
-    views; slots: [B, Lmax] (entries past a row's length are ignored); lens: [B] -> [B, H, D]
-    in q's dtype."""
+@dataclass(slots=True)
+class DecodeIndex:
+    """One step's decode slots and lengths as the kernels take them (int64, C-contiguous
+    numpy views), made once per step and shared by every layer."""
+
+    slots: np.ndarray  # [B, Lmax]
+    lens: np.ndarray  # [B]
+
+
+def prepare(slots: torch.Tensor, lens: torch.Tensor) -> DecodeIndex:
+    """slots: [B, Lmax] (entries past a row's length are ignored); lens: [B]. Also sets this
+    thread's numba thread count to torch's (a tensor-parallel rank runs with fewer)."""
     if not _load():
         raise RuntimeError("numba is not installed: the fused CPU decode attention is unavailable")
-    kernel = _kernels.get(k_flat.dtype)
-    if kernel is None:
+    _set_num_threads(max(1, min(torch.get_num_threads(), _max_threads)))  # numba's setting is per thread
+    # NOTE: one layout for every call (C-contiguous, int64 indices): numba compiles once per
+    # distinct argument type, and a strided view would cost another compilation.
+    return DecodeIndex(slots.to(torch.int64).contiguous().numpy(), lens.to(torch.int64).contiguous().numpy())
+
+
+def cache_views(k_flat: torch.Tensor, v_flat: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """numpy views of a layer's [N*S, Hkv, D] K and V caches (bfloat16 as its int16 bits)."""
+    if k_flat.dtype not in _kernels:
         raise TypeError(f"no fused CPU decode attention for a {k_flat.dtype} cache")
-    # NOTE: one layout for every call (C-contiguous, float32 q, int64 indices): numba compiles
-    # once per distinct argument type, and a strided view would cost another compilation.
+    if k_flat.dtype == torch.bfloat16:
+        return k_flat.view(torch.int16).numpy(), v_flat.view(torch.int16).numpy()
+    return k_flat.numpy(), v_flat.numpy()
+
+
+def run(q: torch.Tensor, views: tuple[np.ndarray, np.ndarray], index: DecodeIndex, scale: float) -> torch.Tensor:
+    """q: [B, H, D] (any float dtype) -> [B, H, D] in q's dtype."""
+    k_np, v_np = views
+    kernel = _kernels[torch.bfloat16 if k_np.dtype == np.int16 else torch.float32]
     q32 = q.to(torch.float32).contiguous()
     out = torch.empty_like(q32)
-    slots = slots.to(torch.int64).contiguous()
-    lens = lens.to(torch.int64).contiguous()
-    if k_flat.dtype == torch.bfloat16:
-        k_np, v_np = k_flat.view(torch.int16).numpy(), v_flat.view(torch.int16).numpy()
-    else:
-        k_np, v_np = k_flat.numpy(), v_flat.numpy()
-    # the same thread count as torch's ops (a tensor-parallel rank runs with fewer); numba's
-    # setting is per calling thread
-    _set_num_threads(max(1, min(torch.get_num_threads(), _max_threads)))
-    kernel(q32.numpy(), k_np, v_np, slots.numpy(), lens.numpy(), np.float32(scale), out.numpy())
+    kernel(q32.numpy(), k_np, v_np, index.slots, index.lens, np.float32(scale), out.numpy())
     return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor,
+                     lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One call: q: [B, H, D]; k_flat, v_flat: [N*S, Hkv, D] float32 or bfloat16 cache views;
+    slots: [B, Lmax]; lens: [B] -> [B, H, D] in q's dtype. (The model's layers use
+    prepare / cache_views / run to do the per-step and per-layer work once.)"""
+    index = prepare(slots, lens)
+    return run(q, cache_views(k_flat, v_flat), index, scale)

@@ -42,6 +42,11 @@ def compute_inv_freq(rotary_dim: int, base: float, scaling: dict | None) -> torc
 
 
 class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding (rotate the two halves of each head).
+
+    One instance serves every layer of a model (`get_rope`), so the cos/sin rows of a
+    step's positions are looked up once per step, not once per layer."""
+
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
@@ -50,15 +55,36 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)  # [P, D/2]
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [T, H, D]; cos/sin: [T, 1, D/2]
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        last = self._last
+        if last is not None and last[0] is positions:
+            return last[1], last[2]
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
+        sin = self.sin[positions].unsqueeze(1)
+        self._last = (positions, cos, sin)
+        return cos, sin
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D] (any heads: q and k side by side rotate in one call) -> rotated copy."""
+        cos, sin = self._cos_sin(positions)
         x32 = x.float()
         x1, x2 = x32.chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        out = torch.cat((torch.addcmul(x1 * cos, x2, sin, value=-1.0), torch.addcmul(x2 * cos, x1, sin)), dim=-1)
         return out.to(x.dtype)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        return self.rotate(positions, q), self.rotate(positions, k)
+
+
+_ROPES: dict[tuple, RotaryEmbedding] = {}
+
+
+def get_rope(head_dim: int, max_position: int, base: float, scaling: dict | None = None) -> RotaryEmbedding:
+    """The shared RotaryEmbedding for these settings (built once per process)."""
+    key = (head_dim, max_position, base, repr(sorted((scaling or {}).items())), torch.get_default_device())
+    rope = _ROPES.get(key)
+    if rope is None:
+        rope = _ROPES[key] = RotaryEmbedding(head_dim, max_position, base, scaling)
+    return rope

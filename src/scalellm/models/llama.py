@@ -19,7 +19,7 @@ from scalellm.layers.attention import Attention, ForwardBatch
 from scalellm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from scalellm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from scalellm.layers.norm import RMSNorm
-from scalellm.layers.rotary import RotaryEmbedding
+from scalellm.layers.rotary import get_rope
 from scalellm.models.args import ModelArgs
 from scalellm.protocol.errors import ModelLoadError
 
@@ -33,7 +33,7 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = d
         self.o_proj = RowParallelLinear(args.num_heads * d, args.hidden_size, args.o_bias, dtype)
-        self.rotary = RotaryEmbedding(d, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
+        self.rotary = get_rope(d, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
         self.q_norm = RMSNorm(d, args.rms_norm_eps, dtype) if args.qk_norm else None
         self.k_norm = RMSNorm(d, args.rms_norm_eps, dtype) if args.qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, d, d**-0.5, layer_idx)
@@ -41,14 +41,15 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        v = qkv[:, (h + hkv) * d:].reshape(t, hkv, d)  # [T, Hkv, D]
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            q, k = qkv[:, : h * d].reshape(t, h, d), qkv[:, h * d: (h + hkv) * d].reshape(t, hkv, d)
+            q, k = self.rotary(positions, self.q_norm(q), self.k_norm(k))
+        else:
+            # q and k lie side by side in qkv: one rotary call for both
+            qk = self.rotary.rotate(positions, qkv[:, : (h + hkv) * d].reshape(t, h + hkv, d))
+            q, k = qk[:, :h], qk[:, h:]  # [T, H, D], [T, Hkv, D]
         return self.o_proj(self.attn(q, k, v, batch))  # [T, E]
 
 
