@@ -48,7 +48,7 @@ def warm_up_in_background(dtype: torch.dtype = torch.float32) -> None:
     """Import numba and compile (or load from the disk cache) the kernel for a `dtype` cache
     on a daemon thread, so that the first decode step does not pay for it."""
 
-    def run() -> None:
+    def warm() -> None:
         t0 = time.monotonic()
         if not available() or dtype not in _kernels:
             return
@@ -57,7 +57,7 @@ def warm_up_in_background(dtype: torch.dtype = torch.float32) -> None:
         decode_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), 1.0)
         logger.debug("fused CPU decode attention (%s cache) ready in %.2fs", dtype, time.monotonic() - t0)
 
-    threading.Thread(target=run, name="numba-warm-up", daemon=True).start()
+    threading.Thread(target=warm, name="numba-warm-up", daemon=True).start()
 
 
 def _load() -> bool:
