@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from scalellm.memory import trim_heap
+
 logger = logging.getLogger(__name__)
 
 _kernels: dict[torch.dtype, Any] = {}  # cache dtype -> numba kernel, once numba is imported
@@ -55,6 +57,7 @@ def warm_up_in_background(dtype: torch.dtype = torch.float32) -> None:
         q = torch.zeros(1, 1, 4)  # [B=1, H=1, D=4]; the cache views have the same layout
         cache = torch.zeros(1, 1, 4, dtype=dtype)
         decode_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), 1.0)
+        trim_heap()  # compiling left this thread's malloc arena holding freed memory
         logger.debug("fused CPU decode attention (%s cache) ready in %.2fs", dtype, time.monotonic() - t0)
 
     threading.Thread(target=warm, name="numba-warm-up", daemon=True).start()

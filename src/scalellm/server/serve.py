@@ -18,6 +18,7 @@ from scalellm.api.tracing import Tracing
 from scalellm.api.uvicorn_server import DrainingServer
 from scalellm.engine.builder import resolve_model_info
 from scalellm.engine.config import EngineConfig
+from scalellm.memory import trim_heap
 from scalellm.server.async_engine import AsyncEngine
 from scalellm.server.backend import EngineBackend
 from scalellm.server.core_client import CoreClient
@@ -67,6 +68,7 @@ def run_server(engine_config: EngineConfig, serve: ServeConfig, client: CoreClie
         where += [f"grpc://{serve.host}:{serve.grpc_port}"] if serve.grpc_port is not None else []
         logger.warning("ready: serving %s on %s in %.1fs", backend.model_names[0], ", ".join(where),
                        time.monotonic() - t0)
+        trim_heap()  # building the tokenizer (GGUF vocabulary parse) left freed pages in the heap
 
     async def watch_engine() -> None:
         while engine.is_ready:

@@ -122,17 +122,11 @@ def _release_load_memory() -> None:
     """Hand back what loading used and the model does not keep: the GGUF memory maps
     (every weight page was read once) and the freed dequantization buffers, which glibc
     keeps in its heap until told to trim."""
-    import ctypes
-    import gc
-
     from scalellm.loader.gguf_loader import release_readers
+    from scalellm.memory import trim_heap
 
     release_readers()
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+    trim_heap()
 
 
 @torch.inference_mode()
