@@ -47,6 +47,15 @@ class VocabParallelEmbedding(nn.Module):
         return tensor_parallel_all_reduce(out)
 
 
+def _logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden [B, E] @ weight[V, E].T in float32 -> [B, V] (contiguous)."""
+    if weight.device.type == "cpu" and hidden.shape[0] > 1:
+        # NOTE: on CPU, torch 2.13's F.linear with this tall weight (49k x 576) ran 1.6-2.3x
+        # slower than W @ h.T (64 rows: 71-86 vs 37-45 ms incl. the transpose copy; 1 row: same).
+        return torch.mm(weight, hidden.t()).t().contiguous()
+    return F.linear(hidden, weight)
+
+
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits over the full vocabulary (float32)."""
 
@@ -68,12 +77,14 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.weight32 is not None:
-            logits = F.linear(hidden.float(), self.weight32)  # [B, V/tp] float32, exact on bf16 values
+            logits = _logits_fp32(hidden.float(), self.weight32)  # [B, V/tp] float32, exact on bf16 values
             if self.tp_size > 1:
                 logits = tensor_parallel_all_gather(logits, dim=-1)
             return logits[:, : self.vocab_size]
         if self.qweight is not None:
             logits = self.qweight(hidden.float())  # [B, V/tp] float32
+        elif self.weight.dtype == torch.float32:
+            logits = _logits_fp32(hidden.float(), self.weight)  # [B, V/tp]
         else:
             logits = F.linear(hidden.to(self.weight.dtype), self.weight).float()  # [B, V/tp]
         if (self.weight.dtype != torch.float32 or self.qweight is not None) and logits.shape[0] > 0:
