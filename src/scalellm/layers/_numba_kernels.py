@@ -5,15 +5,16 @@ Decode attention for each sequence b, in parallel, over the paged cache:
     s[g, j] = scale * q[b, h*G+g] . K[slot[b, j], h]        j < len[b], g < G (query heads per KV head)
     out[b, h*G+g] = softmax(s[g, :]) @ V[slot[b, :len[b]], h]
 
-float32 arithmetic, two passes (scores, then one read of V).
-Two cache layouts: float32, and bfloat16 stored as its 16 raw bits (an int16 view:
-numba has no bfloat16; widening is a 16-bit shift into a float32's high half).
+float32 arithmetic, two passes (scores, then one read of V). One kernel, compiled
+per cache layout: float32, or bfloat16 stored as its 16 raw bits (an int16 view:
+numba has no bfloat16; `_row` widens each row it reads).
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.extending import overload
 
 _OPTS = {"parallel": True, "fastmath": True, "cache": True, "nogil": True, "error_model": "numpy"}
 
@@ -64,12 +65,26 @@ def _accumulate_token(acc, scores, j, row, group):  # pragma: no cover - numba
             acc[hh, d] += p * row[h, d]
 
 
-@numba.njit(inline="always")
-def _widen_bf16(bits, buf_u32):  # pragma: no cover - numba
-    # bfloat16 is the high half of a float32: shift the 16 stored bits up. bits, buf: [Hkv, D]
-    for h in range(bits.shape[0]):
-        for d in range(bits.shape[1]):
-            buf_u32[h, d] = np.uint32(np.uint16(bits[h, d])) << np.uint32(16)
+def _row(cache, slot, buf):  # pragma: no cover - replaced by the overload below inside numba
+    raise NotImplementedError
+
+
+@overload(_row, inline="always")
+def _row_impl(cache, slot, buf):  # pragma: no cover - numba
+    """One token's [Hkv, D] row as float32: the cache's own row, or for a bfloat16 cache (its
+    16 raw bits in an int16 array) the row widened into `buf` (bfloat16 is a float32's high
+    half: shift the bits up)."""
+    if cache.dtype == numba.types.float32:
+        return lambda cache, slot, buf: cache[slot]
+
+    def widen(cache, slot, buf):
+        bits = cache[slot]
+        for h in range(bits.shape[0]):
+            for d in range(bits.shape[1]):
+                buf[h, d] = np.uint32(np.uint16(bits[h, d])) << np.uint32(16)
+        return buf.view(np.float32)
+
+    return widen
 
 
 # NOTE: one work item per sequence, all heads: a token's K (and V) row of all KV heads is
@@ -79,41 +94,21 @@ def _widen_bf16(bits, buf_u32):  # pragma: no cover - numba
 
 
 @numba.njit(**_OPTS)
-def decode_attention_f32(q, k_cache, v_cache, slots, lens, scale, out):  # pragma: no cover - numba
-    # q, out: [B, H, D] f32; k_cache, v_cache: [N*S, Hkv, D] f32; slots: [B, Lmax]; lens: [B]
+def decode_attention(q, k_cache, v_cache, slots, lens, scale, out):  # pragma: no cover - numba
+    # q, out: [B, H, D] f32; k_cache, v_cache: [N*S, Hkv, D] float32, or int16 (bfloat16's raw
+    # bits); slots: [B, Lmax]; lens: [B]
     num_seqs, num_heads, head_dim = q.shape
-    group = num_heads // k_cache.shape[1]
-    for b in numba.prange(num_seqs):
-        length = lens[b]
-        qs = _scaled_queries(q, b, scale)
-        scores = np.empty((num_heads, length), dtype=np.float32)
-        for j in range(length):
-            _score_token(qs, k_cache[slots[b, j]], group, scores, j)
-        _softmax_rows(scores, length)
-        acc = np.zeros((num_heads, head_dim), dtype=np.float32)
-        for j in range(length):
-            _accumulate_token(acc, scores, j, v_cache[slots[b, j]], group)
-        out[b] = acc
-
-
-@numba.njit(**_OPTS)
-def decode_attention_bf16(q, k_bits, v_bits, slots, lens, scale, out):  # pragma: no cover - numba
-    # as decode_attention_f32, with k_bits, v_bits: [N*S, Hkv, D] int16 (bfloat16's raw bits)
-    num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = k_bits.shape[1]
+    num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
     for b in numba.prange(num_seqs):
         length = lens[b]
         qs = _scaled_queries(q, b, scale)
         scores = np.empty((num_heads, length), dtype=np.float32)
-        buf_u32 = np.empty((num_kv_heads, head_dim), dtype=np.uint32)
-        row = buf_u32.view(np.float32)
+        buf = np.empty((num_kv_heads, head_dim), dtype=np.uint32)  # widening buffer (bfloat16 caches)
         for j in range(length):
-            _widen_bf16(k_bits[slots[b, j]], buf_u32)
-            _score_token(qs, row, group, scores, j)
+            _score_token(qs, _row(k_cache, slots[b, j], buf), group, scores, j)
         _softmax_rows(scores, length)
         acc = np.zeros((num_heads, head_dim), dtype=np.float32)
         for j in range(length):
-            _widen_bf16(v_bits[slots[b, j]], buf_u32)
-            _accumulate_token(acc, scores, j, row, group)
+            _accumulate_token(acc, scores, j, _row(v_cache, slots[b, j], buf), group)
         out[b] = acc

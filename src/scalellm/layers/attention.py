@@ -91,7 +91,6 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.layer_idx = layer_idx
-        self._views: tuple[int, tuple] | None = None  # (cache data_ptr, numpy views) for the fused kernel
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D]  ->  out: [T, H*D]
@@ -107,10 +106,7 @@ class Attention(nn.Module):
         if bd and md.decode_lens is not None and paged_attention_cpu.supports(k_flat):
             if md.fused_index is None:
                 md.fused_index = paged_attention_cpu.prepare(md.decode_slots, md.decode_lens)
-            views = self._views
-            if views is None or views[0] != kv_cache.data_ptr():
-                views = self._views = (kv_cache.data_ptr(), paged_attention_cpu.cache_views(k_flat, v_flat))
-            out[:bd] = paged_attention_cpu.run(q[:bd], views[1], md.fused_index, self.scale)
+            out[:bd] = paged_attention_cpu.run(q[:bd], k_flat, v_flat, md.fused_index, self.scale)
         elif bd:
             qd = q[:bd].unsqueeze(2)  # [Bd, H, 1, D]
             # NOTE: index_select over flat slots is ~5x faster than advanced indexing on CPU.

@@ -76,26 +76,24 @@ class ParallelLMHead(VocabParallelEmbedding):
         return self.weight32.numel() * 4
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        exact = True  # float32 logits of the float32 (or bf16-valued, weight32) weight
         if self.weight32 is not None:
-            logits = _logits_fp32(hidden.float(), self.weight32)  # [B, V/tp] float32, exact on bf16 values
-            if self.tp_size > 1:
-                logits = tensor_parallel_all_gather(logits, dim=-1)
-            return logits[:, : self.vocab_size]
-        if self.qweight is not None:
-            logits = self.qweight(hidden.float())  # [B, V/tp] float32
+            logits = _logits_fp32(hidden.float(), self.weight32)  # [B, V/tp]
+        elif self.qweight is not None:
+            logits, exact = self.qweight(hidden.float()), False  # [B, V/tp] float32
         elif self.weight.dtype == torch.float32:
             logits = _logits_fp32(hidden.float(), self.weight)  # [B, V/tp]
         else:
-            logits = F.linear(hidden.to(self.weight.dtype), self.weight).float()  # [B, V/tp]
-        if (self.weight.dtype != torch.float32 or self.qweight is not None) and logits.shape[0] > 0:
+            logits, exact = F.linear(hidden.to(self.weight.dtype), self.weight).float(), False  # [B, V/tp]
+        if not exact and logits.shape[0] > 0:
             # NOTE: a bf16 (or int8) GEMM rounds its outputs to 8 mantissa bits: ~0.1 at a logit of 25,
             # enough to flip greedy picks (seen on SmolLM2: 25.33 vs 25.24 both became 25.375).
             # Re-scoring the top candidates in float32 costs B*k*E MACs and makes the top of
             # the distribution, where greedy and top-k/top-p act, exact.
             k = min(self.num_rescored, logits.shape[1])
             idx = logits.topk(k, dim=-1).indices  # [B, k]
-            exact = torch.einsum("be,bke->bk", hidden.float(), self.weight[idx].float())
-            logits.scatter_(1, idx, exact)
+            rescored = torch.einsum("be,bke->bk", hidden.float(), self.weight[idx].float())
+            logits.scatter_(1, idx, rescored)
         if self.tp_size > 1:
             logits = tensor_parallel_all_gather(logits, dim=-1)
         return logits[:, : self.vocab_size]  # [B, V] float32

@@ -2,15 +2,15 @@
 
 The torch path gathers every decode's K/V through its slots into a padded
 [Bd, Hkv, Lmax, D] copy and runs one masked SDPA over it: at 64 decodes that
-copy is most of the attention's memory traffic. The kernels (`_numba_kernels`)
-read each key and value once, where it lies in the cache, for all query heads of
+copy is most of the attention's memory traffic. The kernel (`_numba_kernels`)
+reads each key and value once, where it lies in the cache, for all query heads of
 its KV group, in float32; caches may be float32 or bfloat16.
 
-numba compiles each kernel once per installation (cached on disk where it can
-write; ~4 s cold, ~0.8 s to load from the cache): `warm_up_in_background` does
-that off the engine's critical path. `supports(cache)` says whether a cache can
-use the fused path; callers fall back to the torch path otherwise (no numba, or
-SCALELLM_NO_NUMBA=1). Knows nothing of requests or scheduling.
+numba compiles the kernel once per cache dtype and installation (cached on disk
+where it can write; ~4 s cold, ~0.8 s to load from the cache):
+`warm_up_in_background` does that off the engine's critical path. `supports(cache)`
+says whether a cache can use the fused path; callers fall back to the torch path
+otherwise (no numba, or SCALELLM_NO_NUMBA=1). Knows nothing of requests or scheduling.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from scalellm.memory import trim_heap
 
 logger = logging.getLogger(__name__)
 
-_kernels: dict[torch.dtype, Any] = {}  # cache dtype -> numba kernel, once numba is imported
+_kernel: Any = None  # the numba kernel, once numba is imported
 _set_num_threads: Any = None
 _max_threads = 1
 _import_failed = False
@@ -52,7 +52,7 @@ def warm_up_in_background(dtype: torch.dtype = torch.float32) -> None:
 
     def warm() -> None:
         t0 = time.monotonic()
-        if not available() or dtype not in _kernels:
+        if not supports(torch.empty(0, dtype=dtype)):
             return
         q = torch.zeros(1, 1, 4)  # [B=1, H=1, D=4]; the cache views have the same layout
         cache = torch.zeros(1, 1, 4, dtype=dtype)
@@ -64,16 +64,16 @@ def warm_up_in_background(dtype: torch.dtype = torch.float32) -> None:
 
 
 def _load() -> bool:
-    if _kernels or _import_failed:
-        return bool(_kernels)
+    if _kernel is not None or _import_failed:
+        return _kernel is not None
     with _lock:
         return _load_locked()
 
 
 def _load_locked() -> bool:
-    global _import_failed, _set_num_threads, _max_threads
-    if _kernels or _import_failed:
-        return bool(_kernels)
+    global _kernel, _import_failed, _set_num_threads, _max_threads
+    if _kernel is not None or _import_failed:
+        return _kernel is not None
     if os.environ.get("SCALELLM_NO_NUMBA"):
         _import_failed = True
         return False
@@ -86,8 +86,7 @@ def _load_locked() -> bool:
         return False
     _set_num_threads = numba.set_num_threads
     _max_threads = int(numba.config.NUMBA_NUM_THREADS)
-    _kernels[torch.bfloat16] = _numba_kernels.decode_attention_bf16
-    _kernels[torch.float32] = _numba_kernels.decode_attention_f32
+    _kernel = _numba_kernels.decode_attention
     return True
 
 
@@ -111,29 +110,20 @@ def prepare(slots: torch.Tensor, lens: torch.Tensor) -> DecodeIndex:
     return DecodeIndex(slots.to(torch.int64).contiguous().numpy(), lens.to(torch.int64).contiguous().numpy())
 
 
-def cache_views(k_flat: torch.Tensor, v_flat: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """numpy views of a layer's [N*S, Hkv, D] K and V caches (bfloat16 as its int16 bits)."""
-    if k_flat.dtype not in _kernels:
-        raise TypeError(f"no fused CPU decode attention for a {k_flat.dtype} cache")
-    if k_flat.dtype == torch.bfloat16:
-        return k_flat.view(torch.int16).numpy(), v_flat.view(torch.int16).numpy()
-    return k_flat.numpy(), v_flat.numpy()
-
-
-def run(q: torch.Tensor, views: tuple[np.ndarray, np.ndarray], index: DecodeIndex, scale: float) -> torch.Tensor:
-    """q: [B, H, D] (any float dtype) -> [B, H, D] in q's dtype."""
-    k_np, v_np = views
-    kernel = _kernels[torch.bfloat16 if k_np.dtype == np.int16 else torch.float32]
+def run(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, index: DecodeIndex, scale: float) -> torch.Tensor:
+    """q: [B, H, D] (any float dtype); k_flat, v_flat: a layer's [N*S, Hkv, D] K and V caches
+    (float32 or bfloat16) -> [B, H, D] in q's dtype."""
+    if k_flat.dtype == torch.bfloat16:  # numba has no bfloat16: the kernel widens the raw bits
+        k_flat, v_flat = k_flat.view(torch.int16), v_flat.view(torch.int16)
     q32 = q.to(torch.float32).contiguous()
     out = torch.empty_like(q32)
-    kernel(q32.numpy(), k_np, v_np, index.slots, index.lens, np.float32(scale), out.numpy())
+    _kernel(q32.numpy(), k_flat.numpy(), v_flat.numpy(), index.slots, index.lens, np.float32(scale), out.numpy())
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
 def decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor,
                      lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One call: q: [B, H, D]; k_flat, v_flat: [N*S, Hkv, D] float32 or bfloat16 cache views;
-    slots: [B, Lmax]; lens: [B] -> [B, H, D] in q's dtype. (The model's layers use
-    prepare / cache_views / run to do the per-step and per-layer work once.)"""
-    index = prepare(slots, lens)
-    return run(q, cache_views(k_flat, v_flat), index, scale)
+    slots: [B, Lmax]; lens: [B] -> [B, H, D] in q's dtype. (The model's layers call
+    `prepare` once per step and `run` per layer.)"""
+    return run(q, k_flat, v_flat, prepare(slots, lens), scale)

@@ -139,17 +139,20 @@ def _int8_calibration(model: torch.nn.Module, args: ModelArgs, source: ModelSour
     from scalellm.quant import calibration_cache
     from scalellm.quant.int8 import calibrate_act_amax
 
+    def calibrate() -> dict[str, torch.Tensor]:
+        return calibrate_act_amax(model, lambda: _calibration_forward(model, args, dtype, device))
+
+    if get_parallel_state().tp_size > 1:
+        return calibrate()
     t0 = time.perf_counter()
-    cacheable = get_parallel_state().tp_size == 1
     key = calibration_cache.cache_key(source.path, dtype=dtype, tokens=CALIBRATION_TOKENS, seed=0,
-                                      arch=args.architecture) if cacheable else ""
-    stats = calibration_cache.load(key) if cacheable else None
+                                      arch=args.architecture)
+    stats = calibration_cache.load(key)
     if stats is not None:
         logger.info("int8 calibration from cache (%.2fs)", time.perf_counter() - t0)
         return stats
-    stats = calibrate_act_amax(model, lambda: _calibration_forward(model, args, dtype, device))
-    if cacheable:
-        calibration_cache.save(key, stats)
+    stats = calibrate()
+    calibration_cache.save(key, stats)
     logger.info("int8 calibration pass: %.2fs", time.perf_counter() - t0)
     return stats
 
