@@ -69,8 +69,8 @@ def test_fused_decode_matches_dense(num_heads: int, num_kv_heads: int, dtype: to
 
 
 def test_attention_layer_uses_fused_path_and_agrees_with_gather(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The layer's decode path: fused kernel and the gather + SDPA fallback give the same rows,
-    and the new tokens' K/V are written to the cache before either reads it."""
+    """The layer's decode path: fused kernel (once compiled) and the gather + SDPA fallback
+    give the same rows, and the new tokens' K/V are written to the cache before either reads it."""
     num_heads, num_kv_heads, head_dim, block_size = 9, 3, 64, 16
     lengths = [5, 40, 33]  # context after this step, the last token of each is new
     cache, seqs = _paged_cache(lengths, num_kv_heads, head_dim, block_size, seed=7)
@@ -96,8 +96,15 @@ def test_attention_layer_uses_fused_path_and_agrees_with_gather(monkeypatch: pyt
     calls = []
     real = paged_attention_cpu.run
     monkeypatch.setattr(paged_attention_cpu, "run", lambda *a: calls.append(1) or real(*a))
+    # not compiled yet: the layer takes the torch path instead of waiting for numba
+    monkeypatch.setattr(paged_attention_cpu, "_compiled", set())
+    before_compiled = run(True)
+    assert calls == []
+    assert paged_attention_cpu.warm_up(torch.float32)
+    calls.clear()  # (warm_up ran the kernel once)
     fused, gathered = run(True), run(False)
     assert calls == [1]
+    torch.testing.assert_close(before_compiled, gathered)
     torch.testing.assert_close(fused, gathered, atol=2e-5, rtol=1e-4)
     # and against the dense reference with the new token in place
     for i, (_, k, v) in enumerate(seqs):

@@ -9,8 +9,8 @@ its KV group, in float32; caches may be float32 or bfloat16.
 numba compiles the kernel once per cache dtype and installation (cached on disk
 where it can write; ~4 s cold, ~0.8 s to load from the cache):
 `warm_up_in_background` does that off the engine's critical path. `supports(cache)`
-says whether a cache can use the fused path; callers fall back to the torch path
-otherwise (no numba, or SCALELLM_NO_NUMBA=1). Knows nothing of requests or scheduling.
+says whether the kernel is ready for a cache; callers take the torch path otherwise
+(not compiled yet, no numba, or SCALELLM_NO_NUMBA=1). Knows nothing of requests or scheduling.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from scalellm.memory import trim_heap
 logger = logging.getLogger(__name__)
 
 _kernel: Any = None  # the numba kernel, once numba is imported
+_compiled: set[torch.dtype] = set()  # cache dtypes the kernel is compiled for (warm_up)
 _set_num_threads: Any = None
 _max_threads = 1
 _import_failed = False
@@ -42,23 +43,33 @@ def available() -> bool:
 
 
 def supports(cache: torch.Tensor) -> bool:
-    """Whether the fused kernel can read this cache (CPU, float32 or bfloat16)."""
-    return cache.device.type == "cpu" and cache.dtype in (torch.float32, torch.bfloat16) and _load()
+    """Whether the fused kernel is compiled for this cache (CPU, float32 or bfloat16; see
+    `warm_up`). Until it is, callers take the torch path: a decode step never waits for
+    numba's compiler (~4 s on a fresh installation)."""
+    return cache.dtype in _compiled and cache.device.type == "cpu"
 
 
-def warm_up_in_background(dtype: torch.dtype = torch.float32) -> None:
-    """Import numba and compile (or load from the disk cache) the kernel for a `dtype` cache
-    on a daemon thread, so that the first decode step does not pay for it."""
-
-    def warm() -> None:
+def warm_up(dtype: torch.dtype) -> bool:
+    """Import numba and compile (or load from its disk cache) the kernel for a `dtype` cache;
+    from then on `supports` says yes for it. Returns whether the kernel is usable."""
+    if dtype not in (torch.float32, torch.bfloat16) or not available():
+        return False
+    if dtype not in _compiled:
         t0 = time.monotonic()
-        if not supports(torch.empty(0, dtype=dtype)):
-            return
         q = torch.zeros(1, 1, 4)  # [B=1, H=1, D=4]; the cache views have the same layout
         cache = torch.zeros(1, 1, 4, dtype=dtype)
         decode_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), 1.0)
-        trim_heap()  # compiling left this thread's malloc arena holding freed memory
+        _compiled.add(dtype)
         logger.debug("fused CPU decode attention (%s cache) ready in %.2fs", dtype, time.monotonic() - t0)
+    return True
+
+
+def warm_up_in_background(dtype: torch.dtype = torch.float32) -> None:
+    """`warm_up` on a daemon thread, then hand the compiler's freed memory back."""
+
+    def warm() -> None:
+        if warm_up(dtype):
+            trim_heap()  # compiling left this thread's malloc arena holding freed memory
 
     threading.Thread(target=warm, name="numba-warm-up", daemon=True).start()
 
