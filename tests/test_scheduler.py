@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from scalellm.engine.config import SchedulerConfig
 from scalellm.engine.kv_cache_manager import KVCacheManager
 from scalellm.engine.request import Request, RequestStatus
-from scalellm.engine.scheduler import Scheduler
+from scalellm.engine.scheduler import MIN_PREFILL_TOKENS, Scheduler
+from scalellm.engine.step_cost import StepCostModel
 from scalellm.protocol.sampling_params import SamplingParams
 from scalellm.protocol.step import ModelRunnerOutput, SchedulerOutput
 
@@ -265,35 +268,95 @@ def test_stop_token_ids_and_counts():
     assert req.status == RequestStatus.FINISHED_STOPPED
 
 
+def exact_cost_model(a_ms: float, b_ms: float, c_ms: float) -> StepCostModel:
+    """A cost model fitted (without a prior) to steps of a known cost a + b*decodes + c*prefill."""
+    m = StepCostModel(ridge=0.0)
+    for d, p in [(1, 0), (8, 0), (16, 32), (4, 100), (32, 7)]:
+        m.observe(d, p, (a_ms + b_ms * d + c_ms * p) / 1e3)
+    return m
+
+
 def test_target_step_ms_caps_steps_with_decodes_by_measured_cost():
     kv = KVCacheManager(256, 4, False)  # no prefix hits: the counts below are all computed
     s = Scheduler(SchedulerConfig(512, 64, 256, target_step_ms=100.0), kv)
     w = FakeWorker(s)
     for i in range(8):
         s.add_request(make_request(f"d{i}", prompt_len=6, max_tokens=50))
-    out, _ = w.step()  # no cost known yet and nobody decoding: the full budget
+    out, _ = w.step()  # no cost known yet: the full budget
     assert out.total_num_scheduled_tokens == 48
-    s.observe_step(48, 0.048)  # 1 ms per token
+    s.step_cost = exact_cost_model(20.0, 2.0, 1.0)  # 8 decodes: 36 ms; 64 prefill tokens fit
     for i in range(4):
         s.add_request(make_request(f"p{i}", prompt_len=100, max_tokens=5))
     out, _ = w.step()
-    # 8 decodes + prefill up to 100 ms / 1 ms = 100 tokens in all
-    assert out.total_num_scheduled_tokens == 100
     assert sum(n for r, n in out.num_scheduled_tokens.items() if r.startswith("d")) == 8
-    s.observe_step(100, 0.4)  # a slow step: 4 ms/token, EWMA -> 1.6 ms/token
+    assert out.total_num_scheduled_tokens == 8 + 64
+    s.step_cost = exact_cost_model(20.0, 2.0, 3.0)  # prefill dearer: (100 - 20 - 16) / 3 = 21 tokens
     out, _ = w.step()
-    assert out.total_num_scheduled_tokens == 8 + 54  # floor(100 / 1.6) = 62 tokens
-    s.observe_step(62, 62 * 0.050)  # very slow: the cap bottoms out at decodes + MIN_PREFILL_TOKENS
+    assert out.total_num_scheduled_tokens == 8 + 21
+    s.step_cost = exact_cost_model(20.0, 2.0, 20.0)  # room for 3 tokens: below the floor
     out, _ = w.step()
-    from scalellm.engine.scheduler import MIN_PREFILL_TOKENS
-
-    assert out.total_num_scheduled_tokens == 9 + MIN_PREFILL_TOKENS  # p0 decodes now too
+    assert out.total_num_scheduled_tokens == 8 + MIN_PREFILL_TOKENS  # the floor: prefills still progress
 
 
 def test_target_step_ms_leaves_prefill_only_steps_at_full_budget():
     kv = KVCacheManager(256, 4, True)
     s = Scheduler(SchedulerConfig(64, 64, 256, target_step_ms=10.0), kv)
-    s.observe_step(64, 1.0)  # 15.6 ms per token: far over the target
+    s.step_cost = exact_cost_model(5.0, 1.0, 1.0)  # far over the target
     s.add_request(make_request("a", prompt_len=200, max_tokens=2))
     out = s.schedule()
     assert out.total_num_scheduled_tokens == 64  # nobody is decoding: no cap
+
+
+def test_target_step_ms_admits_only_what_keeps_steps_within_target():
+    kv = KVCacheManager(1024, 4, False)
+    s = Scheduler(SchedulerConfig(512, 64, 256, target_step_ms=50.0), kv)
+    # 10 ms + 2 ms per decode + 0.1 ms per prefill token: n decodes + an 8-token slice fit 50 ms for n <= 19
+    s.step_cost = exact_cost_model(10.0, 2.0, 0.1)
+    w = FakeWorker(s)
+    for i in range(30):
+        s.add_request(make_request(f"r{i}", prompt_len=4, max_tokens=100))
+    out, _ = w.step()
+    assert MIN_PREFILL_TOKENS == 8
+    assert len(out.num_scheduled_tokens) == 19 and s.num_waiting == 11
+    for _ in range(5):
+        out, _ = w.step()  # 19 decodes each: nobody else starts
+        assert len(out.num_scheduled_tokens) == 19 and s.num_waiting == 11
+    s.abort_requests(["r0", "r1"])  # two leave: two start
+    out, _ = w.step()
+    assert len(out.num_scheduled_tokens) == 19 and s.num_waiting == 9
+    assert {"r19", "r20"} <= set(out.num_scheduled_tokens)
+
+
+def test_target_step_ms_out_of_reach_leaves_admission_open():
+    kv = KVCacheManager(1024, 4, False)
+    # even MIN_RUNNING decodes + a prefill slice take 18.8 ms > 15: the target cannot be met,
+    # so it must not throttle the batch (that would only cost throughput)
+    s = Scheduler(SchedulerConfig(512, 64, 256, target_step_ms=15.0), kv)
+    s.step_cost = exact_cost_model(10.0, 2.0, 0.1)
+    for i in range(30):
+        s.add_request(make_request(f"r{i}", prompt_len=4, max_tokens=100))
+    out = s.schedule()
+    assert len(out.num_scheduled_tokens) == 30 and s.num_waiting == 0
+
+
+def test_step_cost_model_fits_steps_and_errs_on_the_safe_side():
+    truth = (0.046, 0.0025, 0.0017)  # SmolLM2 int8 on 2 cores: per step, per decode row, per prefill token
+    m = StepCostModel()
+    for i in range(60):
+        d, p = 8 + (i * 7) % 57, (0, 32, 128)[i % 3]
+        m.observe(d, p, truth[0] + truth[1] * d + truth[2] * p)
+    a, b, c = m.coefficients
+    for d, p in [(1, 0), (32, 32), (64, 0), (20, 128)]:
+        exact = truth[0] + truth[1] * d + truth[2] * p
+        assert abs(m.predict(d, p) - exact) < 0.05 * exact
+    # steps of one size cannot split the fixed cost from the per-row one: the prior puts it
+    # on the rows, so a larger batch is predicted no cheaper than it is
+    m = StepCostModel()
+    for _ in range(30):
+        m.observe(30, 0, truth[0] + truth[1] * 30)
+    assert m.predict(30, 0) == pytest.approx(truth[0] + truth[1] * 30, rel=0.05)
+    assert m.predict(40, 0) >= truth[0] + truth[1] * 40
+    # decode-only steps say nothing of prefill: a prefill token is priced as a row
+    _, b, c = m.coefficients
+    assert c == pytest.approx(b, rel=0.05)
+    assert m.max_prefill_tokens(m.predict(30, 0) + 10 * b, 30) in (9, 10)

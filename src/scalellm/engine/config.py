@@ -13,9 +13,10 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # running requests at most
     max_model_len: int = 8192  # prompt + output of one request
     decode_first: bool = True  # give running decodes budget before running prefills
-    # While requests are decoding, cap a step's tokens so its predicted time (from the
-    # measured cost per token) stays near this many ms: it bounds inter-token latency at
-    # the price of slower prefill for newcomers. None: always the full token budget.
+    # Inter-token latency goal: while requests decode, cap a step's tokens so its predicted
+    # time (a cost model fitted to the measured steps) stays near this many ms, and start
+    # waiting requests only while that still holds. Bounds ITL at the price of queueing
+    # newcomers. None: always the full token budget, admission limited only by max_num_seqs.
     target_step_ms: float | None = None
 
     def __post_init__(self) -> None:

@@ -89,7 +89,7 @@ class EngineCore:
             return []
         result = self.executor.execute(sched)
         t1 = time.perf_counter()
-        self.scheduler.observe_step(sched.total_num_scheduled_tokens, t1 - t0)
+        self.scheduler.observe_step(sched, t1 - t0)
         outputs = self.scheduler.update_from_output(sched, result)
         self.update_seconds += time.perf_counter() - t1
         self.num_steps += 1

@@ -12,11 +12,17 @@ target `num_tokens` (prompt + outputs so far); each step hands out a budget of
    as long as budget, sequence slots and blocks last. A prompt longer than the
    remaining budget is prefilled in chunks over several steps.
 
-With `target_step_ms`, the budget of a step that carries decodes shrinks to what the
-measured cost per token (an EWMA fed by `observe_step`) says fits the target, but
-never below the decodes plus `MIN_PREFILL_TOKENS`: decodes keep flowing at the
-target's pace while prefills still progress. Steps with no decodes use the full
-budget: nobody waits on them for a token.
+With `target_step_ms` (an inter-token latency goal), a cost model fitted to the measured
+steps (`step_cost`, fed by `observe_step`) decides two things:
+- the budget of a step that carries decodes: what the model says fits the target, never
+  below the decodes plus `MIN_PREFILL_TOKENS` (decodes keep flowing at the target's pace
+  while prefills still progress). Steps with no decodes use the full budget: nobody waits
+  on them for a token;
+- admission: a waiting request starts only while a step with one more decode (and a
+  `MIN_PREFILL_TOKENS` slice) is predicted to fit the target. Running requests are
+  never cut to meet it, so a burst queues instead of slowing every stream down. Below
+  `MIN_RUNNING` requests, or when even that many cannot meet the target (a model too
+  slow for it), admission is open: the target is then out of reach and throughput wins.
 
 Knows nothing of tensors or text. Stop strings are the frontend's: it aborts.
 """
@@ -30,6 +36,7 @@ from collections.abc import Iterable
 from scalellm.engine.config import SchedulerConfig
 from scalellm.engine.kv_cache_manager import KVCacheManager
 from scalellm.engine.request import Request, RequestStatus
+from scalellm.engine.step_cost import StepCostModel
 from scalellm.protocol.step import (
     CachedRequestData,
     EngineCoreOutput,
@@ -39,8 +46,11 @@ from scalellm.protocol.step import (
 )
 
 
-MIN_PREFILL_TOKENS = 32  # prefill tokens a capped step still takes (when prefills wait)
-_COST_EWMA = 0.2  # weight of the newest step in the cost-per-token estimate
+# Prefill tokens a capped step still takes when prefills wait (progress for newcomers), and
+# the slice admission reserves for a newcomer. Small: on CPU a prefill token in a small chunk
+# costs about as much as a decode row, so every reserved token is a decode stream fewer.
+MIN_PREFILL_TOKENS = 8
+MIN_RUNNING = 4  # requests admitted whatever the target says
 
 
 class Scheduler:
@@ -55,7 +65,7 @@ class Scheduler:
         self._known_by_worker: set[str] = set()  # has worker state (kept across preemption)
         self.num_preemptions = 0
         self.seed_offsets: dict[str, int] = {}
-        self.seconds_per_token: float | None = None  # measured step cost (EWMA), for target_step_ms
+        self.step_cost = StepCostModel()  # measured steps -> predicted step time, for target_step_ms
 
     # -- intake ------------------------------------------------------------------
     def add_request(self, request: Request, seed_offset: int = 0) -> None:
@@ -107,25 +117,45 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -- step cost ---------------------------------------------------------------
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """The executor's time for a step of `num_tokens` tokens (feeds target_step_ms)."""
-        if num_tokens < 8:
-            return  # fixed per-step costs dominate tiny steps; they say little per token
-        per_token = seconds / num_tokens
-        old = self.seconds_per_token
-        self.seconds_per_token = per_token if old is None else old + _COST_EWMA * (per_token - old)
+    def observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
+        """The executor's time for the step `sched` (call before `update_from_output`)."""
+        num_decodes = num_prefill = 0
+        for request_id, n in sched.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            if n == 1 and (request is None or request.num_tokens - request.num_computed_tokens == 1):
+                num_decodes += 1
+            else:
+                num_prefill += n
+        if num_decodes or num_prefill:
+            self.step_cost.observe(num_decodes, num_prefill, seconds)
+
+    def _target_seconds(self) -> float | None:
+        target = self.config.target_step_ms
+        return None if target is None or not self.step_cost.is_fitted else target / 1000.0
 
     def step_budget(self) -> int:
         """This step's token budget (see the module docstring)."""
         full = self.config.max_num_batched_tokens
-        target = self.config.target_step_ms
-        if target is None or self.seconds_per_token is None:
+        target = self._target_seconds()
+        if target is None:
             return full
         decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
         if decoding == 0:
             return full
-        fits = int(target / 1000.0 / self.seconds_per_token)
-        return min(full, max(fits, decoding + MIN_PREFILL_TOKENS))
+        prefill = self.step_cost.max_prefill_tokens(target, decoding)
+        return min(full, decoding + max(prefill, MIN_PREFILL_TOKENS))
+
+    def admission_open(self) -> bool:
+        """May one more waiting request start (see the module docstring)?"""
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        target = self._target_seconds()
+        if target is None or len(self.running) < MIN_RUNNING:
+            return True
+        predict = self.step_cost.predict
+        if predict(MIN_RUNNING, MIN_PREFILL_TOKENS) > target:
+            return True  # out of reach at any useful batch: do not starve throughput for it
+        return predict(len(self.running) + 1, MIN_PREFILL_TOKENS) <= target
 
     # -- one step ----------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -167,7 +197,7 @@ class Scheduler:
                 new_reqs.append(self._new_request_data(request, self.kv_cache.block_ids(request.request_id)))
 
         # Waiting requests only when nothing was preempted: they would take the blocks back.
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and not preempted and self.admission_open():
             request = self.waiting[0]
             hits, num_hit_tokens = ([], 0)
             if request.num_computed_tokens == 0:
