@@ -45,7 +45,7 @@ def role(p: psutil.Process, top: int) -> str:
     cmd = " ".join(p.cmdline())
     if p.pid == top:
         return "gateway"
-    if "spawn_main" in cmd or "multiprocessing" in cmd:
+    if "core_process" in cmd or "spawn_main" in cmd or "multiprocessing" in cmd:
         return "engine_core"
     if " replica" in cmd:
         return "replica_frontend"

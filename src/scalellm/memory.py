@@ -14,3 +14,33 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+
+
+_MADV_DONTNEED = 4
+_MADV_PAGEOUT = 21  # Linux 5.4+
+
+
+def drop_library_pages(name_fragment: str) -> int:
+    """Drop this process's resident pages of the read-only mappings (code, constants) of
+    shared libraries whose path contains `name_fragment`; returns the bytes of the ranges
+    advised. Clean file pages only: nothing is lost, a page touched again is read back from
+    the page cache (a minor fault). For a library needed at start-up only (LLVM, once numba's
+    kernels are compiled); a no-op off Linux."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    advised = 0
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or name_fragment not in parts[5] or "w" in parts[1]:
+            continue  # NOTE: never writable mappings: their private pages may hold modified data
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        if libc.madvise(start, end - start, _MADV_PAGEOUT) != 0 and \
+                libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
+            continue
+        advised += end - start
+    return advised

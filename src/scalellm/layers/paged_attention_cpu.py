@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scalellm.memory import trim_heap
+from scalellm.memory import drop_library_pages, trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ def warm_up_in_background(dtype: torch.dtype = torch.float32) -> None:
     def warm() -> None:
         if warm_up(dtype):
             trim_heap()  # compiling left this thread's malloc arena holding freed memory
+            # LLVM's code pages (~65 MiB resident) serve compiling and loading kernels only;
+            # calls to a loaded kernel do not touch them
+            drop_library_pages("libllvmlite")
 
     threading.Thread(target=warm, name="numba-warm-up", daemon=True).start()
 

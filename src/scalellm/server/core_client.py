@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing as mp
 import os
+import pickle
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 
@@ -21,7 +23,6 @@ import zmq.asyncio
 from scalellm.engine.config import EngineConfig
 from scalellm.protocol import ipc
 from scalellm.protocol.step import CoreRequest
-from scalellm.server.core_process import run_engine_core_process
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class CoreClient:
         self.output_addr = f"ipc://{os.path.join(self._dir, 'out')}"
         self._push.bind(self.input_addr)
         self._pull.bind(self.output_addr)
-        self.proc: mp.process.BaseProcess | None = None
+        self.proc: subprocess.Popen | None = None
         self.load = ipc.EngineLoad()
         self.expert_tokens: dict[int, list[int]] = {}  # MoE: tokens routed per expert per layer, since start
         self.dead_reason: str | None = None
@@ -53,7 +54,17 @@ class CoreClient:
 
     @property
     def is_alive(self) -> bool:
-        return self.dead_reason is None and self.proc is not None and self.proc.is_alive()
+        return self.dead_reason is None and self._proc_alive()
+
+    def _proc_alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _join(self, timeout: float | None = None) -> None:
+        assert self.proc is not None
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
 
     def bind(self, on_outputs: Callable[[ipc.CoreOutputs], None], on_death: Callable[[str], None]) -> None:
         """Who gets the core's outputs and its death (set before start())."""
@@ -64,23 +75,26 @@ class CoreClient:
         before importing its HTTP/gRPC frontend, so the core's torch import and weight
         loading overlap the frontend's own start-up; its ready message waits in ZMQ."""
         if self.proc is None:
-            ctx = mp.get_context("spawn")
-            self.proc = ctx.Process(target=run_engine_core_process, name="scalellm-engine-core",
-                                    args=(self.config, self.input_addr, self.output_addr, self._log_level),
-                                    daemon=True)
-            self.proc.start()
+            # NOTE: a plain subprocess, not multiprocessing's "spawn": that also starts a
+            # resource-tracker process (12 MiB) nothing here needs. The core notices its
+            # parent's death itself (see core_process).
+            self.proc = subprocess.Popen([sys.executable, "-c", "from scalellm.server.core_process import main; main()"],
+                                         stdin=subprocess.PIPE)
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(pickle.dumps((self.config, self.input_addr, self.output_addr, self._log_level)))
+            self.proc.stdin.close()
 
     async def start(self, timeout: float = 600.0) -> None:
         self.spawn()
         assert self.proc is not None
         loop = asyncio.get_running_loop()
-        death = loop.run_in_executor(None, self.proc.join)
+        death = loop.run_in_executor(None, self._join)
         ready = asyncio.ensure_future(self._pull.recv())
         done, _ = await asyncio.wait({ready, death}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if ready not in done:
             ready.cancel()
             self.close()
-            raise EngineDeadError(f"engine core exited with code {self.proc.exitcode} before it was ready")
+            raise EngineDeadError(f"engine core exited with code {self.proc.returncode} before it was ready")
         msg = ipc.decode_from_core(ready.result())
         if isinstance(msg, ipc.CoreFailed):
             self.close()
@@ -108,7 +122,7 @@ class CoreClient:
 
     async def _watch(self, death: asyncio.Future) -> None:
         await death
-        self._died(f"engine core process exited with code {self.proc.exitcode if self.proc else None}")
+        self._died(f"engine core process exited with code {self.proc.returncode if self.proc else None}")
 
     def _died(self, reason: str) -> None:
         if self.dead_reason is None:
@@ -128,7 +142,7 @@ class CoreClient:
     async def shutdown(self, timeout: float = 5.0) -> None:
         for t in self._tasks:
             t.cancel()
-        if self.proc is not None and self.proc.is_alive():
+        if self._proc_alive():
             if self.dead_reason is None:
                 # NOTE: never block here: a core that is exiting on its own has closed its
                 # socket, and a PUSH with no peer would wait forever.
@@ -136,14 +150,15 @@ class CoreClient:
                     await self._push.send(ipc.encode(ipc.Shutdown()), flags=zmq.NOBLOCK)
                 except zmq.Again:
                     pass
-            await asyncio.get_running_loop().run_in_executor(None, self.proc.join, timeout)
-            if self.proc.is_alive():
+            await asyncio.get_running_loop().run_in_executor(None, self._join, timeout)
+            if self._proc_alive():
                 self.proc.terminate()
         self.close()
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.is_alive():
+        if self.proc is not None and self._proc_alive():
             self.proc.kill()
+            self.proc.wait()
         self._push.close(linger=0)
         self._pull.close(linger=0)
         self._ctx.term()

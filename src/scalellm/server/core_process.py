@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
 import time
 
@@ -82,6 +83,13 @@ def run_engine_core_process(config: EngineConfig, input_addr: str, output_addr: 
         push.close(linger=500)
         pull.close(linger=0)
         ctx.term()
+
+
+def main() -> None:
+    """Entry of `python -c` (CoreClient.spawn): the arguments of `run_engine_core_process`
+    arrive pickled on stdin."""
+    args = pickle.load(sys.stdin.buffer)
+    run_engine_core_process(*args)
 
 
 class _ExpertLoadReport:
