@@ -21,8 +21,12 @@ steps (`step_cost`, fed by `observe_step`) decides two things:
 - admission: a waiting request starts only while a step with one more decode (and a
   `MIN_PREFILL_TOKENS` slice) is predicted to fit the target. Running requests are
   never cut to meet it, so a burst queues instead of slowing every stream down. Below
-  `MIN_RUNNING` requests, or when even that many cannot meet the target (a model too
-  slow for it), admission is open: the target is then out of reach and throughput wins.
+  `MIN_RUNNING` requests admission is always open.
+When even `MIN_RUNNING` decodes and a slice cannot fit the target (a model or precision
+too slow for it), the target is out of reach; the scheduler then aims at `RELAX` times
+that smallest useful step instead: steps stay bounded while the batch stays big enough
+to pay (ignoring the target would bring back whole-budget prefill steps; holding to it
+would starve throughput and TTFT behind tiny steps).
 
 Knows nothing of tensors or text. Stop strings are the frontend's: it aborts.
 """
@@ -51,6 +55,7 @@ from scalellm.protocol.step import (
 # costs about as much as a decode row, so every reserved token is a decode stream fewer.
 MIN_PREFILL_TOKENS = 8
 MIN_RUNNING = 4  # requests admitted whatever the target says
+RELAX = 2.0  # an out-of-reach target becomes this many times the smallest useful step
 
 
 class Scheduler:
@@ -130,8 +135,13 @@ class Scheduler:
             self.step_cost.observe(num_decodes, num_prefill, seconds)
 
     def _target_seconds(self) -> float | None:
+        """The step time aimed at: target_step_ms, or RELAX x the smallest useful step when
+        that is out of reach; None without a target or before the first step is measured."""
         target = self.config.target_step_ms
-        return None if target is None or not self.step_cost.is_fitted else target / 1000.0
+        if target is None or not self.step_cost.is_fitted:
+            return None
+        smallest = self.step_cost.predict(MIN_RUNNING, MIN_PREFILL_TOKENS)
+        return max(target / 1000.0, RELAX * smallest) if smallest > target / 1000.0 else target / 1000.0
 
     def step_budget(self) -> int:
         """This step's token budget (see the module docstring)."""
@@ -152,10 +162,7 @@ class Scheduler:
         target = self._target_seconds()
         if target is None or len(self.running) < MIN_RUNNING:
             return True
-        predict = self.step_cost.predict
-        if predict(MIN_RUNNING, MIN_PREFILL_TOKENS) > target:
-            return True  # out of reach at any useful batch: do not starve throughput for it
-        return predict(len(self.running) + 1, MIN_PREFILL_TOKENS) <= target
+        return self.step_cost.predict(len(self.running) + 1, MIN_PREFILL_TOKENS) <= target
 
     # -- one step ----------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
