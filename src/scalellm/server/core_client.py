@@ -1,8 +1,8 @@
 """Starts the engine-core process and talks to it over ZMQ from asyncio.
 
 The frontend binds both sockets in a private temp directory (ipc://); the core
-connects. A watcher notices the core's death within a poll interval and fails
-everything in flight.
+connects. A thread waiting on the core's process notices its death at once, and
+everything in flight fails.
 """
 
 from __future__ import annotations
