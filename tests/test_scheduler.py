@@ -7,7 +7,7 @@ import pytest
 from scalellm.engine.config import SchedulerConfig
 from scalellm.engine.kv_cache_manager import KVCacheManager
 from scalellm.engine.request import Request, RequestStatus
-from scalellm.engine.scheduler import MIN_PREFILL_TOKENS, MIN_RUNNING, RELAX, Scheduler
+from scalellm.engine.scheduler import MIN_BATCH, MIN_PREFILL_TOKENS, Scheduler
 from scalellm.engine.step_cost import StepCostModel
 from scalellm.protocol.sampling_params import SamplingParams
 from scalellm.protocol.step import ModelRunnerOutput, SchedulerOutput
@@ -293,9 +293,21 @@ def test_target_step_ms_caps_steps_with_decodes_by_measured_cost():
     s.step_cost = exact_cost_model(20.0, 2.0, 3.0)  # prefill dearer: (100 - 20 - 16) / 3 = 21 tokens
     out, _ = w.step()
     assert out.total_num_scheduled_tokens == 8 + 21
-    s.step_cost = exact_cost_model(20.0, 2.0, 8.5)  # room for 7 tokens: below the floor
+
+
+def test_target_step_ms_keeps_a_prefill_floor_when_decodes_fill_the_step():
+    kv = KVCacheManager(1024, 4, False)
+    s = Scheduler(SchedulerConfig(512, 64, 256, target_step_ms=100.0), kv)
+    w = FakeWorker(s)
+    for i in range(24):
+        s.add_request(make_request(f"d{i}", prompt_len=4, max_tokens=50))
+    w.step()  # 24 decoding from now on
+    s.step_cost = exact_cost_model(20.0, 3.5, 3.0)  # 24 decodes: 104 ms, over the target
+    s.add_request(make_request("late", prompt_len=100, max_tokens=5))
+    s.waiting[0].status = RequestStatus.RUNNING  # as if admitted earlier, mid-prefill
+    s.running.append(s.waiting.pop(0))
     out, _ = w.step()
-    assert out.total_num_scheduled_tokens == 8 + MIN_PREFILL_TOKENS  # the floor: prefills still progress
+    assert out.num_scheduled_tokens["late"] == MIN_PREFILL_TOKENS  # prefills still progress
 
 
 def test_target_step_ms_leaves_prefill_only_steps_at_full_budget():
@@ -327,21 +339,20 @@ def test_target_step_ms_admits_only_what_keeps_steps_within_target():
     assert {"r19", "r20"} <= set(out.num_scheduled_tokens)
 
 
-def test_target_step_ms_out_of_reach_aims_at_twice_the_smallest_useful_step():
+def test_target_step_ms_never_asks_for_batches_below_min_batch():
     kv = KVCacheManager(1024, 4, False)
-    # even MIN_RUNNING decodes + a prefill slice take 18.8 ms > 15: the target cannot be met;
-    # holding to it would run tiny steps, dropping it whole-budget ones: aim at 2 x 18.8 ms
-    s = Scheduler(SchedulerConfig(512, 64, 256, target_step_ms=15.0), kv)
+    # 16 decodes + a slice take 42.8 ms > 30: the target cannot be met by a useful batch;
+    # holding to it would run tiny steps, dropping it whole-budget ones: aim at 42.8 ms
+    s = Scheduler(SchedulerConfig(512, 64, 256, target_step_ms=30.0), kv)
     s.step_cost = exact_cost_model(10.0, 2.0, 0.1)
     w = FakeWorker(s)
     for i in range(30):
         s.add_request(make_request(f"r{i}", prompt_len=4, max_tokens=100))
     out, _ = w.step()
-    # n + 1 decodes + an 8-token slice within 37.6 ms: n + 1 <= 13.4
-    assert len(out.num_scheduled_tokens) == 13 and s.num_waiting == 17
-    out, _ = w.step()  # 13 decodes (36 ms) and nobody else starts
-    assert out.total_num_scheduled_tokens == 13 and s.num_waiting == 17
-    assert RELAX == 2.0 and MIN_RUNNING == 4
+    assert MIN_BATCH == 16
+    assert len(out.num_scheduled_tokens) == MIN_BATCH and s.num_waiting == 30 - MIN_BATCH
+    out, _ = w.step()  # 16 decodes (42 ms) and nobody else starts
+    assert out.total_num_scheduled_tokens == MIN_BATCH and s.num_waiting == 30 - MIN_BATCH
 
 
 def test_step_cost_model_fits_steps_and_errs_on_the_safe_side():

@@ -20,13 +20,13 @@ steps (`step_cost`, fed by `observe_step`) decides two things:
   on them for a token;
 - admission: a waiting request starts only while a step with one more decode (and a
   `MIN_PREFILL_TOKENS` slice) is predicted to fit the target. Running requests are
-  never cut to meet it, so a burst queues instead of slowing every stream down. Below
-  `MIN_RUNNING` requests admission is always open.
-When even `MIN_RUNNING` decodes and a slice cannot fit the target (a model or precision
-too slow for it), the target is out of reach; the scheduler then aims at `RELAX` times
-that smallest useful step instead: steps stay bounded while the batch stays big enough
-to pay (ignoring the target would bring back whole-budget prefill steps; holding to it
-would starve throughput and TTFT behind tiny steps).
+  never cut to meet it, so a burst queues instead of slowing every stream down.
+The target never asks for batches below `MIN_BATCH` decodes: where even that many (and a
+slice) take longer than the target (a model or precision too slow for it, or a machine
+slowed down), the step aims at that batch's time instead. Continuous in the estimates, so
+a noisy fit moves steps a little, not between regimes; ignoring the target would bring
+back whole-budget prefill steps, holding to it would starve throughput and TTFT behind
+tiny steps.
 
 Knows nothing of tensors or text. Stop strings are the frontend's: it aborts.
 """
@@ -54,8 +54,7 @@ from scalellm.protocol.step import (
 # the slice admission reserves for a newcomer. Small: on CPU a prefill token in a small chunk
 # costs about as much as a decode row, so every reserved token is a decode stream fewer.
 MIN_PREFILL_TOKENS = 8
-MIN_RUNNING = 4  # requests admitted whatever the target says
-RELAX = 2.0  # an out-of-reach target becomes this many times the smallest useful step
+MIN_BATCH = 16  # decodes a step may always carry, whatever the target says
 
 
 class Scheduler:
@@ -135,13 +134,12 @@ class Scheduler:
             self.step_cost.observe(num_decodes, num_prefill, seconds)
 
     def _target_seconds(self) -> float | None:
-        """The step time aimed at: target_step_ms, or RELAX x the smallest useful step when
-        that is out of reach; None without a target or before the first step is measured."""
+        """The step time aimed at: target_step_ms, or the time of MIN_BATCH decodes and a
+        slice where that is longer; None without a target or before a step is measured."""
         target = self.config.target_step_ms
         if target is None or not self.step_cost.is_fitted:
             return None
-        smallest = self.step_cost.predict(MIN_RUNNING, MIN_PREFILL_TOKENS)
-        return max(target / 1000.0, RELAX * smallest) if smallest > target / 1000.0 else target / 1000.0
+        return max(target / 1000.0, self.step_cost.predict(MIN_BATCH, MIN_PREFILL_TOKENS))
 
     def step_budget(self) -> int:
         """This step's token budget (see the module docstring)."""
@@ -160,7 +158,7 @@ class Scheduler:
         if len(self.running) >= self.config.max_num_seqs:
             return False
         target = self._target_seconds()
-        if target is None or len(self.running) < MIN_RUNNING:
+        if target is None:
             return True
         return self.step_cost.predict(len(self.running) + 1, MIN_PREFILL_TOKENS) <= target
 
