@@ -1,0 +1,114 @@
+"""What `--target-step-ms` does to a c=64 burst, in-process (no serving stack): every step's
+shape (decodes, prefill tokens) and time, the cost model's prediction for it, and the
+inter-token latency each request sees.
+
+64 requests of 128 random prompt tokens and 128 output tokens (greedy, ignore_eos) arrive
+at once; the engine steps until all finish. Per target: output tok/s, ITL p50/p90/p99,
+actual/predicted step time percentiles, the fitted cost terms, the steps' running counts.
+
+    flock /work/cpu.lock python benchmarks/itl_target.py --targets 0,150,100 --quantization int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+
+from scalellm import LLM, SamplingParams
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[int(q * (len(xs) - 1))] if xs else float("nan")
+
+
+def run(target: float, args: argparse.Namespace) -> dict:
+    llm = LLM(None, quantization=args.quantization, dtype=args.dtype, target_step_ms=target or None)
+    engine = llm.engine
+    sched = engine.core.scheduler
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    steps: list[dict] = []
+    predicted: list[float | None] = [None]
+
+    def shape(out) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+        d = sum(1 for rid, n in out.num_scheduled_tokens.items()
+                if n == 1 and sched.requests[rid].num_tokens - sched.requests[rid].num_computed_tokens == 1)
+        return d, out.total_num_scheduled_tokens - d
+
+    schedule, observe = sched.schedule, sched.observe_step
+
+    def timed_schedule():  # type: ignore[no-untyped-def]
+        out = schedule()
+        d, p = shape(out)
+        predicted[0] = sched.step_cost.predict(d, p) if sched.step_cost.is_fitted and (d or p) else None
+        steps.append({"decodes": d, "prefill": p, "running": len(sched.running)})
+        return out
+
+    def timed_observe(out, seconds: float) -> None:  # type: ignore[no-untyped-def]
+        steps[-1]["ms"] = seconds * 1e3
+        if predicted[0] is not None:
+            steps[-1]["predicted_ms"] = predicted[0] * 1e3
+        observe(out, seconds)
+
+    sched.schedule, sched.observe_step = timed_schedule, timed_observe  # type: ignore[method-assign]
+    for i in range(args.concurrency):
+        engine.add_request(f"r{i}", [rng.randrange(100, 40000) for _ in range(args.input_len)], params)
+    last: dict[str, float] = {}
+    itl: list[float] = []
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            if o.request_id in last:
+                itl.append((now - last[o.request_id]) * 1e3)
+            last[o.request_id] = now
+    wall = time.perf_counter() - t0
+    llm.shutdown()
+    ratios = [s["ms"] / s["predicted_ms"] for s in steps if "predicted_ms" in s and "ms" in s]
+    coef = sched.step_cost.coefficients
+    return {
+        "target_step_ms": target,
+        "output_tok_s": args.concurrency * args.output_len / wall,
+        "itl_ms": {q: pct(itl, f) for q, f in (("p50", .5), ("p90", .9), ("p99", .99), ("max", 1.0))},
+        "actual_over_predicted": {q: pct(ratios, f) for q, f in (("p10", .1), ("p50", .5), ("p90", .9), ("p99", .99))},
+        "cost_terms_ms": {"per_step": coef[0] * 1e3, "per_decode": coef[1] * 1e3, "per_prefill_token": coef[2] * 1e3}
+        if coef else None,
+        "running_median": statistics.median(s["running"] for s in steps if s.get("decodes")),
+        "steps": steps,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--targets", default="0,150,100", help="target_step_ms values (0: off)")
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "itl_target.json"))
+    args = ap.parse_args()
+    results = []
+    for target in (float(t) for t in args.targets.split(",")):
+        r = run(target, args)
+        print(f"target {target:g} ms: {r['output_tok_s']:.1f} out tok/s, ITL p50/p90/p99 "
+              f"{r['itl_ms']['p50']:.0f}/{r['itl_ms']['p90']:.0f}/{r['itl_ms']['p99']:.0f} ms, running (median) "
+              f"{r['running_median']:g}, actual/predicted p50/p99 {r['actual_over_predicted']['p50']:.2f}/"
+              f"{r['actual_over_predicted']['p99']:.2f}, cost terms {r['cost_terms_ms']}", flush=True)
+        results.append(r)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"config": vars(args), "runs": results}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
