@@ -319,14 +319,18 @@ def test_target_step_ms_leaves_prefill_only_steps_at_full_budget():
     assert out.total_num_scheduled_tokens == 64  # nobody is decoding: no cap
 
 
-def test_target_step_ms_admits_only_what_keeps_steps_within_target():
-    kv = KVCacheManager(1024, 4, False)
-    s = Scheduler(SchedulerConfig(512, 64, 256, target_step_ms=50.0), kv)
-    # 10 ms + 2 ms per decode + 0.1 ms per prefill token: n decodes + an 8-token slice fit 50 ms for n <= 19
+def burst_of_30(target_ms: float) -> tuple[Scheduler, FakeWorker]:
+    """30 short requests waiting on a scheduler whose steps cost 10 ms + 2 ms per decode
+    + 0.1 ms per prefill token."""
+    s = Scheduler(SchedulerConfig(512, 64, 256, target_step_ms=target_ms), KVCacheManager(1024, 4, False))
     s.step_cost = exact_cost_model(10.0, 2.0, 0.1)
-    w = FakeWorker(s)
     for i in range(30):
         s.add_request(make_request(f"r{i}", prompt_len=4, max_tokens=100))
+    return s, FakeWorker(s)
+
+
+def test_target_step_ms_admits_only_what_keeps_steps_within_target():
+    s, w = burst_of_30(50.0)  # n decodes + an 8-token slice fit 50 ms for n <= 19
     out, _ = w.step()
     assert MIN_PREFILL_TOKENS == 8
     assert len(out.num_scheduled_tokens) == 19 and s.num_waiting == 11
@@ -340,14 +344,9 @@ def test_target_step_ms_admits_only_what_keeps_steps_within_target():
 
 
 def test_target_step_ms_never_asks_for_batches_below_min_batch():
-    kv = KVCacheManager(1024, 4, False)
     # 16 decodes + a slice take 42.8 ms > 30: the target cannot be met by a useful batch;
     # holding to it would run tiny steps, dropping it whole-budget ones: aim at 42.8 ms
-    s = Scheduler(SchedulerConfig(512, 64, 256, target_step_ms=30.0), kv)
-    s.step_cost = exact_cost_model(10.0, 2.0, 0.1)
-    w = FakeWorker(s)
-    for i in range(30):
-        s.add_request(make_request(f"r{i}", prompt_len=4, max_tokens=100))
+    s, w = burst_of_30(30.0)
     out, _ = w.step()
     assert MIN_BATCH == 16
     assert len(out.num_scheduled_tokens) == MIN_BATCH and s.num_waiting == 30 - MIN_BATCH
