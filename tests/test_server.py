@@ -277,6 +277,22 @@ def test_engine_phase_seconds(server, client):
     assert 0 < busy < wall + 0.5
 
 
+def test_step_cost_and_target_metrics(server, client):
+    """The scheduler's fitted step cost and the step time it aims at (serve's default goal,
+    100 ms, or the 16-decode floor's time where that is longer) are exported."""
+    client.completions.create(model="tiny", prompt="hello there", max_tokens=8, extra_body={"ignore_eos": True})
+    text = httpx.get(f"{server.url}/metrics").text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    cost = {s.labels["term"]: s.value for s in fams["scalellm_engine_step_cost_ms"].samples}
+    assert set(cost) == {"per_step", "per_decode", "per_prefill_token"}
+    assert all(v >= 0 for v in cost.values()) and cost["per_decode"] + cost["per_prefill_token"] > 0
+    target = fams["scalellm_engine_step_target_ms"].samples[0].value
+    from scalellm.engine.scheduler import MIN_BATCH, MIN_PREFILL_TOKENS
+
+    floor = cost["per_step"] + MIN_BATCH * cost["per_decode"] + MIN_PREFILL_TOKENS * cost["per_prefill_token"]
+    assert target == pytest.approx(max(100.0, floor), rel=1e-6)
+
+
 def test_tokenize_detokenize(server):
     ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "The quick brown fox"}).json()["tokens"]
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"] == "The quick brown fox"

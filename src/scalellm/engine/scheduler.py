@@ -133,7 +133,7 @@ class Scheduler:
         if num_decodes or num_prefill:
             self.step_cost.observe(num_decodes, num_prefill, seconds)
 
-    def _target_seconds(self) -> float | None:
+    def target_seconds(self) -> float | None:
         """The step time aimed at: target_step_ms, or the time of MIN_BATCH decodes and a
         slice where that is longer; None without a target or before a step is measured."""
         target = self.config.target_step_ms
@@ -144,7 +144,7 @@ class Scheduler:
     def step_budget(self) -> int:
         """This step's token budget (see the module docstring)."""
         full = self.config.max_num_batched_tokens
-        target = self._target_seconds()
+        target = self.target_seconds()
         if target is None:
             return full
         decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
@@ -157,7 +157,7 @@ class Scheduler:
         """May one more waiting request start (see the module docstring)?"""
         if len(self.running) >= self.config.max_num_seqs:
             return False
-        target = self._target_seconds()
+        target = self.target_seconds()
         if target is None:
             return True
         return self.step_cost.predict(len(self.running) + 1, MIN_PREFILL_TOKENS) <= target

@@ -24,6 +24,10 @@ class EngineLoad(msgspec.Struct):
     num_tokens_in_flight: int = 0
     # cumulative seconds of the engine-core process per phase, in CORE_PHASES order
     phase_seconds: list[float] = []
+    # the scheduler's fitted step cost in ms: (per step, per decode, per prefill token); empty before a step
+    step_cost_ms: list[float] = []
+    # the step time the scheduler aims at in ms (target_step_ms or the 16-decode floor's); 0: no target
+    step_target_ms: float = 0.0
 
 
 # Where the engine-core process's wall time goes: the model runner's prepare (step ->

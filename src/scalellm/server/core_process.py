@@ -49,9 +49,12 @@ def _load(core) -> ipc.EngineLoad:  # type: ignore[no-untyped-def]
     s = core.stats()
     sched = core.scheduler
     in_flight = sum(r.num_tokens for r in sched.running)
+    coef = sched.step_cost.coefficients
+    target = sched.target_seconds()
     return ipc.EngineLoad(s.num_running, s.num_waiting, s.num_kv_blocks_used, s.num_kv_blocks_total,
                           s.num_preemptions, s.prefix_cache_queries, s.prefix_cache_hits, s.num_steps, in_flight,
-                          _PHASES.seconds(core))
+                          _PHASES.seconds(core), [c * 1e3 for c in coef] if coef else [],
+                          target * 1e3 if target is not None else 0.0)
 
 
 def run_engine_core_process(config: EngineConfig, input_addr: str, output_addr: str, log_level: str = "WARNING") -> None:

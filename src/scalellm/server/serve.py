@@ -53,7 +53,7 @@ def run_server(engine_config: EngineConfig, serve: ServeConfig, client: CoreClie
     tracing = Tracing("scalellm-replica", serve.otlp_endpoint) if serve.otlp_endpoint else None
     app = OpenAIApp(backend, api_key=serve.api_key, tracing=tracing)
     app.metrics.registry.register(ExpertLoadCollector(lambda: engine.client.expert_tokens))
-    app.metrics.registry.register(PhaseCollector(lambda: engine.client.load.phase_seconds))
+    app.metrics.registry.register(PhaseCollector(lambda: engine.client.load))
     state: dict = {"exit_code": 0, "grpc": None, "stop": None}
 
     async def start() -> None:
