@@ -37,16 +37,11 @@ def run(target: float, args: argparse.Namespace) -> dict:
     steps: list[dict] = []
     predicted: list[float | None] = [None]
 
-    def shape(out) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-        d = sum(1 for rid, n in out.num_scheduled_tokens.items()
-                if n == 1 and sched.requests[rid].num_tokens - sched.requests[rid].num_computed_tokens == 1)
-        return d, out.total_num_scheduled_tokens - d
-
     schedule, observe = sched.schedule, sched.observe_step
 
     def timed_schedule():  # type: ignore[no-untyped-def]
         out = schedule()
-        d, p = shape(out)
+        d, p = sched.step_shape(out)
         predicted[0] = sched.step_cost.predict(d, p) if sched.step_cost.is_fitted and (d or p) else None
         steps.append({"decodes": d, "prefill": p, "running": len(sched.running)})
         return out

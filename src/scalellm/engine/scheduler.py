@@ -121,8 +121,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -- step cost ---------------------------------------------------------------
-    def observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
-        """The executor's time for the step `sched` (call before `update_from_output`)."""
+    def step_shape(self, sched: SchedulerOutput) -> tuple[int, int]:
+        """(decodes, prefill tokens) of the step `sched`, before `update_from_output`."""
         num_decodes = num_prefill = 0
         for request_id, n in sched.num_scheduled_tokens.items():
             request = self.requests.get(request_id)
@@ -130,6 +130,11 @@ class Scheduler:
                 num_decodes += 1
             else:
                 num_prefill += n
+        return num_decodes, num_prefill
+
+    def observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
+        """The executor's time for the step `sched` (call before `update_from_output`)."""
+        num_decodes, num_prefill = self.step_shape(sched)
         if num_decodes or num_prefill:
             self.step_cost.observe(num_decodes, num_prefill, seconds)
 

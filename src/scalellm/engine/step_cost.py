@@ -32,7 +32,6 @@ class StepCostModel:
         self._xx = [[0.0] * 3 for _ in range(3)]
         self._xt = [0.0] * 3
         self._coef: tuple[float, float, float] | None = None  # (a, b, c) in seconds, per row / token
-        self.num_observed = 0
 
     @property
     def is_fitted(self) -> bool:
@@ -49,7 +48,6 @@ class StepCostModel:
             self._xt[i] = self.decay * self._xt[i] + x[i] * seconds
             for j in range(3):
                 self._xx[i][j] = self.decay * self._xx[i][j] + x[i] * x[j]
-        self.num_observed += 1
         self._coef = self._fit()
 
     def predict(self, num_decodes: int, num_prefill_tokens: int) -> float:

@@ -156,7 +156,7 @@ class CoreClient:
         self.close()
 
     def close(self) -> None:
-        if self.proc is not None and self._proc_alive():
+        if self._proc_alive():
             self.proc.kill()
             self.proc.wait()
         self._push.close(linger=0)
