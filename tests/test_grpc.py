@@ -107,10 +107,7 @@ def test_cancel_and_abort_free_blocks(replica):
     next(call)
     assert stub.Load(pb.LoadRequest()).kv_blocks_used > 0
     call.cancel()
-    deadline = time.monotonic() + 5
-    while stub.Load(pb.LoadRequest()).kv_blocks_used and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert stub.Load(pb.LoadRequest()).kv_blocks_used == 0
+    _wait_idle(stub)
     # explicit Abort by id
     call = stub.Generate(pb.GenerateRequest(request_id="long2", model="tiny", prompt="Once upon a time",
                                             params=_params(max_tokens=240, ignore_eos=True)), timeout=60)
@@ -121,10 +118,7 @@ def test_cancel_and_abort_free_blocks(replica):
         for _ in call:
             pass
     assert e.value.code() == grpc.StatusCode.ABORTED and time.monotonic() - t0 < 5
-    deadline = time.monotonic() + 5
-    while stub.Load(pb.LoadRequest()).kv_blocks_used and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert stub.Load(pb.LoadRequest()).kv_blocks_used == 0
+    _wait_idle(stub)
 
 
 def test_deadline(replica):
@@ -137,10 +131,23 @@ def test_deadline(replica):
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert e.value.details() == "request deadline passed; aborted"  # the server's, not the client's timeout
     assert time.monotonic() - t0 < 5
+    _wait_idle(stub)  # the engine drops the expired request (asynchronously, within a step or two)
+
+
+def _wait_idle(stub, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        load = stub.Load(pb.LoadRequest())
+        if load.num_running == 0 and load.kv_blocks_used == 0:
+            return
+        time.sleep(0.05)
+    load = stub.Load(pb.LoadRequest())
+    assert load.num_running == 0 and load.kv_blocks_used == 0, load
 
 
 def test_load_models_health(replica):
     stub, _ = replica
+    _wait_idle(stub)
     load = stub.Load(pb.LoadRequest())
     assert load.kv_blocks_total > 0 and load.num_running == 0
     stream = stub.StreamLoad(pb.LoadRequest(interval_ms=20), timeout=5)
