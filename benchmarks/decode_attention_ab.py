@@ -44,7 +44,7 @@ def main() -> None:
 
     use_fused = {"on": True}
     real_supports = paged_attention_cpu.supports
-    attention.paged_attention_cpu.supports = lambda cache: use_fused["on"] and real_supports(cache)  # type: ignore
+    attention.paged_attention_cpu.supports = lambda cache, heads: use_fused["on"] and real_supports(cache, heads)  # type: ignore
     attn_time = {"s": 0.0}
     real_forward = attention.Attention.forward
 

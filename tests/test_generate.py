@@ -35,7 +35,7 @@ def _reference(path: str, prompts: list[list[int]]) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_batched_greedy_equals_transformers(tiny_models, arch):
+def test_batched_greedy_equals_transformers(tiny_models, arch, cpu_kernels):
     path = tiny_models[arch]
     # 2 layers * 2 KV heads * 16 dims * 2 (K, V) * 4 bytes = 512 B/token; blocks of 4 tokens = 2 KiB.
     llm = LLM(path, dtype="float32", block_size=4, max_num_batched_tokens=24, max_num_seqs=6,
@@ -87,7 +87,7 @@ def test_prefix_cache_reuse_gives_same_tokens(tiny_models):
     assert nocache.generate(base, params)[0].outputs[0].token_ids == first.outputs[0].token_ids
 
 
-def test_bf16_on_cpu_without_bf16_units_keeps_bf16_numerics(tiny_models, monkeypatch):
+def test_bf16_on_cpu_without_bf16_units_keeps_bf16_numerics(tiny_models, monkeypatch, cpu_kernels):
     """On a CPU without bf16 units, bf16 GEMMs run in float32 on the bf16 values: the
     log-probabilities match torch's own (emulated, slow) bf16 GEMMs and transformers' bf16
     model to within bf16's rounding noise."""

@@ -29,7 +29,7 @@ def _prefill_logits(model, args, ids: list[int]) -> torch.Tensor:
         return model.compute_logits(model(torch.tensor(ids), torch.arange(t), batch))
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_logits_match_transformers(tiny_models, arch):
+def test_logits_match_transformers(tiny_models, arch, cpu_kernels):
     import transformers
 
     path = tiny_models[arch]

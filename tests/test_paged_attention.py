@@ -100,7 +100,7 @@ def test_attention_layer_uses_fused_path_and_agrees_with_gather(monkeypatch: pyt
     monkeypatch.setattr(paged_attention_cpu, "_compiled", set())
     before_compiled = run(True)
     assert calls == []
-    assert paged_attention_cpu.warm_up(torch.float32)
+    assert paged_attention_cpu.warm_up(torch.float32, head_dim, num_heads, num_kv_heads)
     calls.clear()  # (warm_up ran the kernel once)
     fused, gathered = run(True), run(False)
     assert calls == [1]

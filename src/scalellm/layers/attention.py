@@ -16,6 +16,10 @@ the longest context (masked). Each
 prefill chunk runs its own causal SDPA call; a chunk that continues a cached
 context gathers its earlier K/V through its block table.
 
+`forward_qkv` takes a QKV projection's output as it is: on CPU one fused pass (numba,
+`fused_cpu`) rotates q and k in place and writes K/V to the cache, and the decode kernel
+reads its queries from those rows.
+
 Knows nothing of requests or scheduling: only slots, lengths and block tables.
 """
 
@@ -27,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalellm.layers import paged_attention_cpu
+from scalellm.layers import fused_cpu, paged_attention_cpu
+from scalellm.layers.rotary import RotaryEmbedding
 
 _HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -94,19 +99,50 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D]  ->  out: [T, H*D]
+        k_flat, v_flat = self._cache_views(batch)
+        k_flat.index_copy_(0, batch.attn.slot_mapping, k.to(k_flat.dtype))
+        v_flat.index_copy_(0, batch.attn.slot_mapping, v.to(v_flat.dtype))
+        return self._attend(q, k, v, k_flat, v_flat, batch.attn, None)
+
+    def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                    batch: ForwardBatch) -> torch.Tensor:
+        """qkv: [T, (H + 2 Hkv) D], a QKV projection's output (q heads, k heads, v heads):
+        rotary on q and k, K/V written to the cache, attention -> [T, H*D]. On CPU, once the
+        fused kernels are compiled, the rotation and the cache write are one pass over qkv
+        (in place) and decode attention reads its queries from qkv as they lie."""
+        t, h, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        k_flat, v_flat = self._cache_views(batch)
         md = batch.attn
+        if (fused_cpu.supports(qkv) and qkv.is_contiguous() and k_flat.dtype == qkv.dtype
+                and positions.dtype == torch.long and md.slot_mapping.dtype == torch.long):
+            fused_cpu.rope_write_kv(qkv, h, hkv, d, positions, rotary.cos, rotary.sin, md.slot_mapping, k_flat, v_flat)
+            q = qkv[:, : h * d].view(t, h, d)
+            k = qkv[:, h * d: (h + hkv) * d].view(t, hkv, d)
+            v = qkv[:, (h + hkv) * d:].view(t, hkv, d)
+            return self._attend(q, k, v, k_flat, v_flat, md, qkv)
+        v = qkv[:, (h + hkv) * d:].reshape(t, hkv, d)
+        qk = rotary.rotate(positions, qkv[:, : (h + hkv) * d].reshape(t, h + hkv, d))  # one call for both
+        return self.forward(qk[:, :h], qk[:, h:], v, batch)
+
+    def _cache_views(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         kv_cache = batch.kv_caches[self.layer_idx]
         k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [N*S, Hkv, D]
         v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
-        k_flat.index_copy_(0, md.slot_mapping, k.to(k_flat.dtype))
-        v_flat.index_copy_(0, md.slot_mapping, v.to(v_flat.dtype))
+        return k_flat, v_flat
 
-        out = torch.empty_like(q)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_flat: torch.Tensor,
+                v_flat: torch.Tensor, md: AttentionMetadata, q_rows: torch.Tensor | None) -> torch.Tensor:
+        # K/V already in the cache. q_rows: C-contiguous rows whose first H*D columns are q (or None)
+        out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
         bd = md.num_decode_tokens
-        if bd and md.decode_lens is not None and paged_attention_cpu.supports(k_flat):
+        if bd and md.decode_lens is not None and paged_attention_cpu.supports(k_flat, self.num_heads):
             if md.fused_index is None:
                 md.fused_index = paged_attention_cpu.prepare(md.decode_slots, md.decode_lens)
-            out[:bd] = paged_attention_cpu.run(q[:bd], k_flat, v_flat, md.fused_index, self.scale)
+            if q_rows is not None and q.dtype == k_flat.dtype:
+                paged_attention_cpu.run_rows(q_rows[:bd], self.num_heads, k_flat, v_flat, md.fused_index,
+                                             self.scale, out[:bd])
+            else:
+                out[:bd] = paged_attention_cpu.run(q[:bd], k_flat, v_flat, md.fused_index, self.scale).flatten(1)
         elif bd:
             qd = q[:bd].unsqueeze(2)  # [Bd, H, 1, D]
             # NOTE: index_select over flat slots is ~5x faster than advanced indexing on CPU.
@@ -114,7 +150,7 @@ class Attention(nn.Module):
             kd = k_flat.index_select(0, flat_slots).view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
             vd = v_flat.index_select(0, flat_slots).view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
             # [Bd, Lmax, Hkv, D] -> [Bd, Hkv, Lmax, D]
-            out[:bd] = _sdpa(qd, kd, vd, md.decode_mask, False, self.scale).squeeze(2)
+            out[:bd] = _sdpa(qd, kd, vd, md.decode_mask, False, self.scale).squeeze(2).flatten(1)
         for chunk in md.prefills:
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
@@ -131,5 +167,5 @@ class Attention(nn.Module):
                 kj = torch.arange(chunk.ctx_len, device=q.device).unsqueeze(0)
                 mask = (kj <= qi + offset).view(1, 1, chunk.q_len, chunk.ctx_len)
                 res = _sdpa(qp, kp, vp, mask, False, self.scale)
-            out[rows] = res.squeeze(0).transpose(0, 1)
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+            out[rows] = res.squeeze(0).transpose(0, 1).flatten(1)
+        return out

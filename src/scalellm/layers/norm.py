@@ -1,11 +1,13 @@
 """RMSNorm, computed in float32 like the reference implementations, with an
-optional fused residual add: `norm(x, residual)` returns (normed, x + residual)."""
+optional fused residual add: `norm(x, residual)` returns (normed, x + residual).
+On CPU the whole chain is one numba pass (`fused_cpu`) once its kernels are compiled."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from scalellm.layers import fused_cpu
 from scalellm.layers.linear import default_weight_loader
 
 
@@ -30,6 +32,9 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if (fused_cpu.supports(x) and x.dim() == 2 and x.is_contiguous() and self.weight.dtype == x.dtype
+                and (residual is None or (residual.dtype == x.dtype and residual.is_contiguous()))):
+            return fused_cpu.rms_norm(x, self.weight, self.eps, residual, self.output_float32)
         if residual is None:
             return self._norm(x)
         x = x + residual

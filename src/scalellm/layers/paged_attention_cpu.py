@@ -8,7 +8,7 @@ its KV group, in float32; caches may be float32 or bfloat16.
 
 numba compiles the kernel once per cache dtype and installation (cached on disk
 where it can write; ~4 s cold, ~0.8 s to load from the cache):
-`warm_up_in_background` does that off the engine's critical path. `supports(cache)`
+`fused_cpu.warm_up_in_background` does that off the engine's critical path. `supports(cache)`
 says whether the kernel is ready for a cache; callers take the torch path otherwise
 (not compiled yet, no numba, or SCALELLM_NO_NUMBA=1). Knows nothing of requests or scheduling.
 """
@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from scalellm.memory import drop_library_pages, trim_heap
 
 logger = logging.getLogger(__name__)
 
-_kernel: Any = None  # the numba kernel, once numba is imported
-_compiled: set[torch.dtype] = set()  # cache dtypes the kernel is compiled for (warm_up)
+_make_kernel: Any = None  # _numba_kernels.make_decode_attention, once numba is imported
+_kernels: dict[tuple[int, int], Any] = {}  # (head_dim, group) -> its specialised kernel
+_compiled: set[tuple[torch.dtype, int, int]] = set()  # (cache dtype, head_dim, group) warmed up
 _set_num_threads: Any = None
 _max_threads = 1
 _import_failed = False
@@ -42,52 +42,57 @@ def available() -> bool:
     return _load()
 
 
-def supports(cache: torch.Tensor) -> bool:
-    """Whether the fused kernel is compiled for this cache (CPU, float32 or bfloat16; see
-    `warm_up`). Until it is, callers take the torch path: a decode step never waits for
-    numba's compiler (~4 s on a fresh installation)."""
-    return cache.dtype in _compiled and cache.device.type == "cpu"
+def _key(cache: torch.Tensor, num_heads: int) -> tuple[torch.dtype, int, int]:
+    # cache: a layer's [N*S, Hkv, D] view
+    return cache.dtype, cache.shape[-1], num_heads // cache.shape[-2]
 
 
-def warm_up(dtype: torch.dtype) -> bool:
-    """Import numba and compile (or load from its disk cache) the kernel for a `dtype` cache;
-    from then on `supports` says yes for it. Returns whether the kernel is usable."""
-    if dtype not in (torch.float32, torch.bfloat16) or not available():
+def supports(cache: torch.Tensor, num_heads: int) -> bool:
+    """Whether the fused kernel is compiled for this cache ([N*S, Hkv, D] view, CPU, float32
+    or bfloat16) and `num_heads` query heads (see `warm_up`). Until it is, callers take the
+    torch path: a decode step never waits for numba's compiler (seconds on a fresh installation)."""
+    return _key(cache, num_heads) in _compiled and cache.device.type == "cpu"
+
+
+def warm_up(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
+    """Import numba and compile (or load from its disk cache) the kernel for a `dtype` cache
+    and these head counts (per rank); from then on `supports` says yes for them. Returns
+    whether the kernel is usable."""
+    if dtype not in (torch.float32, torch.bfloat16) or not available() or num_heads % num_kv_heads:
         return False
-    if dtype not in _compiled:
+    key = (dtype, head_dim, num_heads // num_kv_heads)
+    if key not in _compiled:
         t0 = time.monotonic()
-        q = torch.zeros(1, 1, 4)  # [B=1, H=1, D=4]; the cache views have the same layout
-        cache = torch.zeros(1, 1, 4, dtype=dtype)
+        # queries, cache and output all in the model's dtype (its layout at run time)
+        q = torch.zeros(1, num_heads, head_dim, dtype=dtype)
+        cache = torch.zeros(1, num_kv_heads, head_dim, dtype=dtype)
         decode_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), 1.0)
-        _compiled.add(dtype)
-        logger.debug("fused CPU decode attention (%s cache) ready in %.2fs", dtype, time.monotonic() - t0)
+        _compiled.add(key)
+        logger.debug("fused CPU decode attention %s ready in %.2fs", key, time.monotonic() - t0)
     return True
 
 
-def warm_up_in_background(dtype: torch.dtype = torch.float32) -> None:
-    """`warm_up` on a daemon thread, then hand the compiler's freed memory back."""
-
-    def warm() -> None:
-        if warm_up(dtype):
-            trim_heap()  # compiling left this thread's malloc arena holding freed memory
-            # LLVM's code pages (~65 MiB resident) serve compiling and loading kernels only;
-            # calls to a loaded kernel do not touch them
-            drop_library_pages("libllvmlite")
-
-    threading.Thread(target=warm, name="numba-warm-up", daemon=True).start()
+def _kernel_for(head_dim: int, group: int) -> Any:
+    kernel = _kernels.get((head_dim, group))
+    if kernel is None:
+        with _lock:
+            kernel = _kernels.get((head_dim, group))
+            if kernel is None:
+                kernel = _kernels[(head_dim, group)] = _make_kernel(head_dim, group)
+    return kernel
 
 
 def _load() -> bool:
-    if _kernel is not None or _import_failed:
-        return _kernel is not None
+    if _make_kernel is not None or _import_failed:
+        return _make_kernel is not None
     with _lock:
         return _load_locked()
 
 
 def _load_locked() -> bool:
-    global _kernel, _import_failed, _set_num_threads, _max_threads
-    if _kernel is not None or _import_failed:
-        return _kernel is not None
+    global _make_kernel, _import_failed, _set_num_threads, _max_threads
+    if _make_kernel is not None or _import_failed:
+        return _make_kernel is not None
     if os.environ.get("SCALELLM_NO_NUMBA"):
         _import_failed = True
         return False
@@ -100,7 +105,7 @@ def _load_locked() -> bool:
         return False
     _set_num_threads = numba.set_num_threads
     _max_threads = int(numba.config.NUMBA_NUM_THREADS)
-    _kernel = _numba_kernels.decode_attention
+    _make_kernel = _numba_kernels.make_decode_attention
     return True
 
 
@@ -124,15 +129,32 @@ def prepare(slots: torch.Tensor, lens: torch.Tensor) -> DecodeIndex:
     return DecodeIndex(slots.to(torch.int64).contiguous().numpy(), lens.to(torch.int64).contiguous().numpy())
 
 
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A numpy view for the kernel: bfloat16 as its raw bits (numba has no bfloat16)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def run_rows(q_rows: torch.Tensor, num_heads: int, k_flat: torch.Tensor, v_flat: torch.Tensor,
+             index: DecodeIndex, scale: float, out: torch.Tensor) -> None:
+    """Decode attention written into `out` [B, H*D], queries read in place: q_rows is [B, W]
+    (C-contiguous rows, e.g. a qkv projection's) whose first H*D columns are the B queries'
+    heads. q_rows and out are float32 or bfloat16; k_flat, v_flat: a layer's [N*S, Hkv, D]
+    caches (float32 or bfloat16)."""
+    width = k_flat.shape[-2] * k_flat.shape[-1]
+    kernel = _kernel_for(k_flat.shape[-1], num_heads // k_flat.shape[-2])
+    kernel(_bits(q_rows), num_heads, _bits(k_flat.view(-1, width)), _bits(v_flat.view(-1, width)),
+           index.slots, index.lens, np.float32(scale), _bits(out))
+
+
 def run(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, index: DecodeIndex, scale: float) -> torch.Tensor:
     """q: [B, H, D] (any float dtype); k_flat, v_flat: a layer's [N*S, Hkv, D] K and V caches
     (float32 or bfloat16) -> [B, H, D] in q's dtype."""
-    if k_flat.dtype == torch.bfloat16:  # numba has no bfloat16: the kernel widens the raw bits
-        k_flat, v_flat = k_flat.view(torch.int16), v_flat.view(torch.int16)
-    q32 = q.to(torch.float32).contiguous()
-    out = torch.empty_like(q32)
-    _kernel(q32.numpy(), k_flat.numpy(), v_flat.numpy(), index.slots, index.lens, np.float32(scale), out.numpy())
-    return out if q.dtype == torch.float32 else out.to(q.dtype)
+    b, h, d = q.shape
+    if q.dtype not in (torch.float32, torch.bfloat16):
+        return run(q.float(), k_flat, v_flat, index, scale).to(q.dtype)
+    out = torch.empty(b, h * d, dtype=q.dtype)
+    run_rows(q.reshape(b, h * d).contiguous(), h, k_flat, v_flat, index, scale, out)
+    return out.view(b, h, d)
 
 
 def decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor,

@@ -39,17 +39,13 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, d, d**-0.5, layer_idx)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
-        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.q_norm is None or self.k_norm is None:
+            return self.o_proj(self.attn.forward_qkv(qkv, positions, self.rotary, batch))  # [T, E]
+        t, h, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         v = qkv[:, (h + hkv) * d:].reshape(t, hkv, d)  # [T, Hkv, D]
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = qkv[:, : h * d].reshape(t, h, d), qkv[:, h * d: (h + hkv) * d].reshape(t, hkv, d)
-            q, k = self.rotary(positions, self.q_norm(q), self.k_norm(k))
-        else:
-            # q and k lie side by side in qkv: one rotary call for both
-            qk = self.rotary.rotate(positions, qkv[:, : (h + hkv) * d].reshape(t, h + hkv, d))
-            q, k = qk[:, :h], qk[:, h:]  # [T, H, D], [T, Hkv, D]
+        q, k = qkv[:, : h * d].reshape(t, h, d), qkv[:, h * d: (h + hkv) * d].reshape(t, hkv, d)
+        q, k = self.rotary(positions, self.q_norm(q), self.k_norm(k))
         return self.o_proj(self.attn(q, k, v, batch))  # [T, E]
 
 

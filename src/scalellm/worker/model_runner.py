@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scalellm.layers import paged_attention_cpu
+from scalellm.layers import fused_cpu
 from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk
 from scalellm.models.args import ModelArgs
 from scalellm.protocol.sampling_params import SamplingParams
@@ -91,7 +91,8 @@ class ModelRunner:
         shape = (2, num_blocks, block_size, model.model.layers[0].self_attn.num_kv_heads, args.head_dim)
         self.kv_caches = [lazy_zeros(shape, dtype, device) for _ in range(args.num_layers)]
         if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-            paged_attention_cpu.warm_up_in_background(dtype)  # compiled before the first decode needs it
+            attn = model.model.layers[0].self_attn  # head counts per rank
+            fused_cpu.warm_up_in_background(dtype, args.head_dim, attn.num_heads, attn.num_kv_heads)
 
     # -- state -----------------------------------------------------------------
     def _add(self, data: NewRequestData) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from scalellm.layers import fused_cpu
 from scalellm.protocol.sampling_params import SamplingParams
 from scalellm.protocol.step import SampledLogprobs
 
@@ -111,9 +112,13 @@ def _draw(probs: torch.Tensor, rows: list[SamplingRow], generator: torch.Generat
         # NOTE: measured at 64 rows x 49,152: ~8 ms, where the exponential race below
         # (one exponential draw per vocab entry) took 84 ms, 10% of a c=64 serving step.
         sub = probs if len(unseeded) == len(rows) else probs[unseeded]
-        cdf = sub.to(torch.float64).cumsum_(dim=-1)
-        u = torch.rand(len(unseeded), 1, dtype=torch.float64, generator=generator) * cdf[:, -1:]
-        out[unseeded] = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+        u = torch.rand(len(unseeded), 1, dtype=torch.float64, generator=generator)
+        if fused_cpu.draw_ready() and sub.device.type == "cpu" and sub.dtype == torch.float32:
+            # one numba pass per row (block sums, then a walk): no [B, V] float64 copy
+            out[unseeded] = fused_cpu.inverse_cdf_draw(sub, u.view(-1))
+        else:
+            cdf = sub.to(torch.float64).cumsum_(dim=-1)
+            out[unseeded] = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
     # A seeded row races exponentials from its own generator, one per vocab entry: its
     # tokens depend only on its seed, and a resumed stream replays the draws exactly
     # (model_runner fast-forwards the generator by the tokens produced before).
@@ -138,7 +143,9 @@ def sample(
     greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
     random = [i for i, r in enumerate(rows) if not r.params.is_greedy]
     if greedy:
-        tokens[greedy] = logits[greedy].argmax(dim=-1) if len(greedy) < len(rows) else logits.argmax(dim=-1)
+        # NOTE: max(dim).indices, not argmax: the same first-maximum index, 2.6x faster on CPU
+        # (64 x 49,152 float32: 0.9 vs 2.4 ms)
+        tokens[greedy] = (logits[greedy] if len(greedy) < len(rows) else logits).max(dim=-1).indices
     if random:
         sub_rows = [rows[i] for i in random]
         sub = logits if len(random) == len(rows) else logits[random]

@@ -1,0 +1,110 @@
+"""The fused CPU kernels (numba) against the torch paths they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scalellm.layers import fused_cpu, paged_attention_cpu
+from scalellm.layers.activation import SiluAndMul
+from scalellm.layers.norm import RMSNorm
+from scalellm.layers.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(not paged_attention_cpu.available(), reason="numba not installed")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _compiled():
+    for dtype in DTYPES:
+        assert fused_cpu.warm_up(dtype)
+
+
+def _torch_only(fn, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(fused_cpu, "_compiled", set())
+        return fn()
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference in units of the dtype's last place at that magnitude."""
+    eps = torch.finfo(a.dtype).eps
+    return float(((a.float() - b.float()).abs() / (b.float().abs().clamp_min(1e-3) * eps)).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+@pytest.mark.parametrize("out_float32", [False, True])
+def test_rms_norm_matches_torch(dtype, tokens, out_float32, monkeypatch):
+    g = torch.Generator().manual_seed(tokens)
+    norm = RMSNorm(576, 1e-5, dtype, output_float32=out_float32)
+    norm.weight.data = (torch.rand(576, generator=g) + 0.5).to(dtype)
+    x = torch.randn(tokens, 576, generator=g).to(dtype) * 3
+    res = torch.randn(tokens, 576, generator=g).to(dtype)
+    normed, total = norm(x, res)
+    ref_normed, ref_total = _torch_only(lambda: norm(x, res), monkeypatch)
+    assert normed.dtype == ref_normed.dtype == (torch.float32 if out_float32 else dtype)
+    assert torch.equal(total, ref_total)  # x + residual: the same single rounding
+    # the sum of squares is summed in another order and 1/sqrt is not torch's rsqrt: a few
+    # float32 ulp, which rounding to bfloat16 almost always hides
+    limit = 4.0 if normed.dtype == torch.float32 else 1.0
+    assert _ulps(normed, ref_normed) <= limit
+    alone = norm(x)
+    assert _ulps(alone, _torch_only(lambda: norm(x), monkeypatch)) <= limit
+    assert not torch.equal(x, total)  # inputs untouched: the sum is a new tensor
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_torch(dtype, monkeypatch):
+    x = (torch.randn(9, 2 * 1536, generator=torch.Generator().manual_seed(0)) * 6).to(dtype)
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # saturated exponentials
+    act = SiluAndMul()
+    got = act(x)
+    ref = _torch_only(lambda: act(x), monkeypatch)
+    assert got.shape == (9, 1536) and got.dtype == dtype
+    # fast_exp is within ~2 ulp of float32's exp: bfloat16 results agree after rounding
+    # (rarely off by one bfloat16 ulp), float32 within a few ulp
+    assert _ulps(got, ref) <= (1.0 if dtype == torch.bfloat16 else 8.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_write_kv_matches_rotary_and_index_copy(dtype, monkeypatch):
+    heads, kv_heads, dim, tokens = 9, 3, 64, 6
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
+    positions = torch.tensor([0, 1, 7, 100, 2047, 5])
+    slots = torch.tensor([3, 0, 17, 9, 30, 31])
+    rope = RotaryEmbedding(dim, 2048, 10000.0)
+    cache = torch.zeros(2, 32, kv_heads, dim, dtype=dtype)
+
+    ref_qk = rope.rotate(positions, qkv[:, : (heads + kv_heads) * dim].reshape(tokens, heads + kv_heads, dim))
+    ref_cache = cache.clone()
+    ref_cache[0].index_copy_(0, slots, ref_qk[:, heads:])
+    ref_cache[1].index_copy_(0, slots, qkv[:, (heads + kv_heads) * dim:].reshape(tokens, kv_heads, dim))
+
+    got = qkv.clone()
+    fused_cpu.rope_write_kv(got, heads, kv_heads, dim, positions, rope.cos, rope.sin, slots, cache[0], cache[1])
+    got_qk = got[:, : (heads + kv_heads) * dim].reshape(tokens, heads + kv_heads, dim)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(got_qk, ref_qk, **tol)
+    torch.testing.assert_close(cache, ref_cache, **tol)
+    assert torch.equal(got[:, (heads + kv_heads) * dim:], qkv[:, (heads + kv_heads) * dim:])  # v untouched
+    untouched = [s for s in range(32) if s not in slots.tolist()]
+    assert not cache[:, untouched].any()
+
+
+def test_inverse_cdf_draw_matches_cumsum_searchsorted():
+    g = torch.Generator().manual_seed(0)
+    probs = (torch.randn(64, 49152, generator=g) * 3).softmax(-1)
+    probs[:, 100:200] = 0
+    probs[:3] *= 7.0  # rows need not be normalised
+    u = torch.rand(64, dtype=torch.float64, generator=g)
+    u[:2] = torch.tensor([0.0, 1.0 - 2**-53])
+    got = fused_cpu.inverse_cdf_draw(probs, u)
+    cdf = probs.double().cumsum(-1)
+    ref = torch.searchsorted(cdf, u.unsqueeze(1) * cdf[:, -1:], right=True).squeeze(1)
+    last = int(torch.nonzero(probs[1]).max())
+    ref[1] = min(int(ref[1]), last)  # the very end: the last token with mass, not past it
+    assert torch.equal(got, ref)
+    assert bool((probs[torch.arange(64), got] > 0).all())
