@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scalellm.layers import fused_cpu, paged_attention_cpu
+from scalellm.layers import fused_cpu, linear, paged_attention_cpu
 from scalellm.layers.activation import SiluAndMul
 from scalellm.layers.norm import RMSNorm
 from scalellm.layers.rotary import RotaryEmbedding
@@ -108,3 +108,20 @@ def test_inverse_cdf_draw_matches_cumsum_searchsorted():
     ref[1] = min(int(ref[1]), last)  # the very end: the last token with mass, not past it
     assert torch.equal(got, ref)
     assert bool((probs[torch.arange(64), got] > 0).all())
+
+
+@pytest.mark.skipif(not linear.onednn_packing_available(), reason="no oneDNN bf16 linear on this CPU")
+@pytest.mark.parametrize("rows", [1, 3, 64, 200])
+def test_packed_bf16_linear_matches_f_linear(rows):
+    g = torch.Generator().manual_seed(rows)
+    layer = linear.ReplicatedLinear(576, 960, bias=True, dtype=torch.bfloat16)
+    layer.weight.data = (torch.randn(960, 576, generator=g) * 0.05).bfloat16()
+    layer.bias.data = torch.randn(960, generator=g).bfloat16()
+    x = torch.randn(rows, 576, generator=g).bfloat16()
+    ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    layer.set_packed()
+    assert layer.weight.numel() == 0  # the plain copy is freed
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 960)
+    # the same bf16 products; oneDNN may sum in another order: within a bf16 ulp or two
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=1.6e-2)

@@ -12,6 +12,7 @@ from scalellm.distributed.parallel_state import (
     tensor_parallel_all_gather,
     tensor_parallel_all_reduce,
 )
+from scalellm.layers.linear import linear_packed, pack_onednn
 from scalellm.protocol.errors import ModelLoadError
 from scalellm.quant.int8 import Int8Weight
 
@@ -63,6 +64,13 @@ class ParallelLMHead(VocabParallelEmbedding):
     num_rescored: int = 32
     qweight: Int8Weight | None = None  # set by set_int8(); `weight` stays (it may be the tied embedding)
     weight32: torch.Tensor | None = None  # set by set_fp32_compute(); `weight` stays (as for int8)
+    packed: torch.Tensor | None = None  # set by set_packed(); `weight` stays (embedding, re-scoring)
+
+    def set_packed(self) -> int:
+        """Logits from a oneDNN-prepacked copy of the bf16 weight (see LinearBase.set_packed);
+        returns the bytes added."""
+        self.packed = pack_onednn(self.weight)
+        return self.packed.numel() * self.packed.element_size()
 
     def set_int8(self, act_amax: torch.Tensor | None = None) -> int:
         """Compute logits with an int8 copy of the weight; the top candidates are re-scored exactly."""
@@ -83,6 +91,8 @@ class ParallelLMHead(VocabParallelEmbedding):
             logits, exact = self.qweight(hidden.float()), False  # [B, V/tp] float32
         elif self.weight.dtype == torch.float32:
             logits = _logits_fp32(hidden.float(), self.weight)  # [B, V/tp]
+        elif self.packed is not None:
+            logits, exact = linear_packed(hidden.to(self.weight.dtype), self.packed, None).float(), False
         else:
             logits, exact = F.linear(hidden.to(self.weight.dtype), self.weight).float(), False  # [B, V/tp]
         if not exact and logits.shape[0] > 0:
