@@ -125,3 +125,40 @@ def test_packed_bf16_linear_matches_f_linear(rows):
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 960)
     # the same bf16 products; oneDNN may sum in another order: within a bf16 ulp or two
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=1.6e-2)
+
+
+def test_softmax_draw_matches_the_distribution_and_the_torch_draw():
+    g = torch.Generator().manual_seed(5)
+    # frequencies over many rows of one small distribution, with a banned (-inf) token
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf"), 3.0])
+    temps = torch.full((40000,), 0.7)
+    draws = fused_cpu.softmax_draw(logits.expand(40000, -1).contiguous(), temps,
+                                   torch.rand(40000, dtype=torch.float64, generator=g))
+    freq = torch.bincount(draws, minlength=6).double() / 40000
+    expected = (logits.double() / 0.7).softmax(-1)
+    assert freq[4] == 0
+    assert (freq - expected).abs().max() < 0.01  # ~4 standard errors at 40k draws
+    # row by row against softmax + float64 cumsum + searchsorted with the same uniforms
+    big = torch.randn(64, 49152, generator=g) * 4
+    t = torch.rand(64, generator=g) + 0.3
+    u = torch.rand(64, dtype=torch.float64, generator=g)
+    got = fused_cpu.softmax_draw(big, t, u)
+    cdf = (big / t.unsqueeze(1)).softmax(-1).double().cumsum(-1)
+    ref = torch.searchsorted(cdf, u.unsqueeze(1) * cdf[:, -1:], right=True).squeeze(1)
+    assert int((got != ref).sum()) <= 1  # exp within 2 ulp: a boundary may fall differently
+
+
+def test_rescore_near_max_makes_the_maximum_exact():
+    g = torch.Generator().manual_seed(9)
+    weight = (torch.randn(4096, 64, generator=g) * 0.3).bfloat16()
+    hidden = torch.randn(256, 64, generator=g) * 3
+    # near-ties: rows whose best two tokens are closer than bf16 can tell apart
+    weight[7] = weight[3]
+    weight[7, 0] = weight[3, 0] + 2.0**-6
+    exact = hidden @ weight.float().t()
+    logits = torch.nn.functional.linear(hidden.bfloat16(), weight).float()
+    assert int((logits.argmax(-1) != exact.argmax(-1)).sum()) > 0  # bf16 rounding flips some
+    fused_cpu.rescore_near_max(logits, hidden, weight, 2.0**-6, 1e-3)
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    top = exact.argmax(-1)
+    torch.testing.assert_close(logits.gather(1, top.unsqueeze(1)), exact.gather(1, top.unsqueeze(1)), rtol=1e-6, atol=1e-5)

@@ -10,6 +10,8 @@ torch's own chain rounds, so results match the torch path bit for bit or within 
     rope_write_kv q and k heads of a qkv row rotated in place, then k and v copied to
                   the paged cache at the token's slot
     inverse_cdf   one draw per row from unnormalised probabilities (the sampler's)
+    sample_softmax  one draw per row from softmax(logits / temperature), never materialised
+    rescore_near_max  exact float32 logits for the tokens near each row's maximum
 """
 
 from __future__ import annotations
@@ -120,5 +122,68 @@ def inverse_cdf(probs, u, out):  # pragma: no cover - numba
         if pick < 0:  # rounding left the target at the very end: the last token with mass
             pick = vocab - 1
             while pick > 0 and probs[b, pick] <= 0:
+                pick -= 1
+        out[b] = pick
+
+
+@numba.njit(**_OPTS)
+def rescore_near_max(logits, hidden, weight, rel_margin, abs_margin):  # pragma: no cover - numba
+    # logits: [B, V] float32 from a GEMM whose outputs were rounded (bfloat16: each within
+    # |exact| * 2^-8); hidden: [B, E] float32; weight: [V, E] (float32 or bfloat16 bits).
+    # Every token within rel_margin * |max| + abs_margin of its row's maximum is recomputed
+    # exactly (float32 dot product), in place: the row's true maximum is among them.
+    num_rows, vocab = logits.shape
+    hidden_size = hidden.shape[1]
+    for b in numba.prange(num_rows):
+        best = np.float32(-np.inf)
+        for v in range(vocab):
+            best = max(best, logits[b, v])
+        threshold = best - (abs(best) * rel_margin + abs_margin)
+        for v in range(vocab):
+            if logits[b, v] >= threshold:
+                acc = np.float32(0.0)
+                for e in range(hidden_size):
+                    acc += hidden[b, e] * ld(weight, v, e)
+                logits[b, v] = acc
+
+
+@numba.njit(**_OPTS)
+def sample_softmax(logits, inv_temps, u, out):  # pragma: no cover - numba
+    # logits: [B, V] float32; inv_temps: [B] float32; u: [B] float64 in [0, 1) -> out[b]: one
+    # draw from softmax(logits[b] * inv_temps[b]) by inverse CDF (float64 block sums, as
+    # inverse_cdf). -inf logits (banned tokens) have probability exactly 0.
+    num_rows, vocab = logits.shape
+    num_blocks = (vocab + _CDF_BLOCK - 1) // _CDF_BLOCK
+    for b in numba.prange(num_rows):
+        best = np.float32(-np.inf)
+        for v in range(vocab):
+            best = max(best, logits[b, v])
+        scale = inv_temps[b]
+        sums = np.empty(num_blocks, dtype=np.float64)
+        total = 0.0
+        for k in range(num_blocks):
+            acc = 0.0
+            for v in range(k * _CDF_BLOCK, min(vocab, (k + 1) * _CDF_BLOCK)):
+                x = (logits[b, v] - best) * scale
+                acc += fast_exp(x) if x > np.float32(-80.0) else np.float32(0.0)
+            sums[k] = acc
+            total += acc
+        target = u[b] * total
+        run = 0.0
+        k = 0
+        while k < num_blocks - 1 and run + sums[k] <= target:
+            run += sums[k]
+            k += 1
+        pick = -1
+        for v in range(k * _CDF_BLOCK, min(vocab, (k + 1) * _CDF_BLOCK)):
+            x = (logits[b, v] - best) * scale
+            p = fast_exp(x) if x > np.float32(-80.0) else np.float32(0.0)
+            run += p
+            if run > target and p > 0:
+                pick = v
+                break
+        if pick < 0:  # rounding left the target at the very end: the last token with mass
+            pick = vocab - 1
+            while pick > 0 and not (logits[b, pick] - best) * scale > np.float32(-80.0):
                 pick -= 1
         out[b] = pick

@@ -71,6 +71,8 @@ def warm_up(dtype: torch.dtype) -> bool:
         pos = torch.zeros(1, dtype=torch.long)
         rope_write_kv(qkv, 1, 1, 4, pos, table, table, pos, cache, cache)
         inverse_cdf_draw(torch.ones(1, 4), torch.zeros(1, dtype=torch.float64))
+        softmax_draw(torch.zeros(1, 4), torch.ones(1), torch.zeros(1, dtype=torch.float64))
+        rescore_near_max(torch.zeros(1, 4), torch.zeros(1, 8), torch.zeros(4, 8, dtype=dtype), 0.0, 0.0)
         _draw_ready = True
         _compiled.add(dtype)
         logger.debug("fused CPU kernels (%s) ready in %.2fs", dtype, time.monotonic() - t0)
@@ -139,3 +141,22 @@ def inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     out = torch.empty(probs.shape[0], dtype=torch.long)
     _kernels.inverse_cdf(probs.contiguous().numpy(), u.contiguous().numpy(), out.numpy())
     return out
+
+
+def softmax_draw(logits: torch.Tensor, temperatures: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """logits: [B, V] float32; temperatures: [B] (> 0); u: [B] float64 uniforms in [0, 1)
+    -> [B] int64: one draw per row from softmax(logits / temperature) by inverse CDF, in one
+    numba pass per row (no [B, V] probabilities); -inf logits are never drawn."""
+    out = torch.empty(logits.shape[0], dtype=torch.long)
+    inv = (1.0 / temperatures.to(torch.float32)).contiguous()
+    _kernels.sample_softmax(logits.contiguous().numpy(), inv.numpy(), u.contiguous().numpy(), out.numpy())
+    return out
+
+
+def rescore_near_max(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                     rel_margin: float, abs_margin: float) -> None:
+    """In place: logits [B, V] (float32, contiguous) within rel_margin * |row max| + abs_margin
+    of their row's maximum are recomputed exactly as hidden [B, E] (float32) . weight[v]
+    ([V, E], float32 or bfloat16)."""
+    _kernels.rescore_near_max(logits.numpy(), hidden.contiguous().numpy(), _bits(weight),
+                              np.float32(rel_margin), np.float32(abs_margin))
