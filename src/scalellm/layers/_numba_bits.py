@@ -98,3 +98,25 @@ def fast_exp(x):  # pragma: no cover - numba (inlined)
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
     return p * bits_to_f32(np.uint32(np.int32(n) + np.int32(127)) << np.uint32(23))
+
+
+@register_jitable(inline="always")
+def max_range(a, r, lo, hi, lanes):  # pragma: no cover - numba (inlined)
+    """max of a[r, lo:hi] (float32; -inf if empty). lanes: a float32 scratch array of 16.
+
+    NOTE: numba's max() over a loop is a scalar compare-and-select chain that LLVM does not
+    vectorise (1.9 ms for 64 x 49,152); sixteen independent running maxima do (0.47 ms)."""
+    for i in range(16):
+        lanes[i] = -np.inf
+    full = lo + (hi - lo) // 16 * 16
+    for v0 in range(lo, full, 16):
+        for i in range(16):
+            x = a[r, v0 + i]
+            lanes[i] = lanes[i] if lanes[i] > x else x
+    best = np.float32(-np.inf)
+    for i in range(16):
+        best = best if best > lanes[i] else lanes[i]
+    for v in range(full, hi):
+        x = a[r, v]
+        best = best if best > x else x
+    return best

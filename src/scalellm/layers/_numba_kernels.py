@@ -27,17 +27,15 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-from scalellm.layers._numba_bits import fast_exp, ld, st
+from scalellm.layers._numba_bits import fast_exp, ld, max_range, st
 
 _OPTS = {"parallel": True, "fastmath": True, "cache": True, "nogil": True, "error_model": "numpy"}
 
 
 @numba.njit(inline="always", fastmath=True)
-def _softmax_rows(scores, length):  # pragma: no cover - numba
+def _softmax_rows(scores, length, lanes):  # pragma: no cover - numba
     for g in range(scores.shape[0]):
-        best = np.float32(-np.inf)
-        for j in range(length):
-            best = max(best, scores[g, j])
+        best = max_range(scores, g, 0, length, lanes)
         total = np.float32(0.0)
         for j in range(length):
             e = fast_exp(scores[g, j] - best)
@@ -74,6 +72,7 @@ def make_decode_attention(head_dim: int, group: int) -> Callable:
                 for d in range(hd):
                     qs[hh, d] = ld(q, b, hh * hd + d) * scale
             scores = np.empty((num_heads, length), dtype=np.float32)
+            lanes = np.empty(16, dtype=np.float32)
             for j in range(length):
                 slot = slots[b, j]
                 for h in range(num_kv_heads):
@@ -82,7 +81,7 @@ def make_decode_attention(head_dim: int, group: int) -> Callable:
                         for d in range(hd):
                             acc += qs[h * grp + g, d] * ld(k_cache, slot, h * hd + d)
                         scores[h * grp + g, j] = acc
-            _softmax_rows(scores, length)
+            _softmax_rows(scores, length, lanes)
             acc2 = np.zeros((num_heads, hd), dtype=np.float32)
             for j in range(length):
                 slot = slots[b, j]
