@@ -78,7 +78,7 @@ def main() -> int:
         gurl = f"http://127.0.0.1:{gw_port}"
         wait_ready(gateway, gurl)
         front = psutil.Process(replica.pid)
-        core = next(c for c in front.children(recursive=True) if c.cmdline() and "spawn" in " ".join(c.cmdline()))
+        core = next(c for c in front.children(recursive=True) if "core_process" in " ".join(c.cmdline() or []))
         gw = psutil.Process(gateway.pid)
         out_json = a.out.replace(".json", "_bench.json")
         cmd = [*CLI, "bench", "--url", gurl, "--concurrency", str(a.concurrency), "--num-requests",
