@@ -2,8 +2,8 @@
 report (streamed), the gateway's own count of requests in flight, a circuit breaker
 fed by passive errors and active health probes, and its pool.
 
-`healthy` (may take new requests) = the Load stream is up, the breaker is closed and
-the replica is not being removed.
+`healthy` (may take new requests) = the Load stream is up, a Health probe has said
+ready once (not starting), the breaker is closed and the replica is not being removed.
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ class ReplicaClient:
 
     @property
     def healthy(self) -> bool:
-        return self.connected and not self.removing and self.breaker.allows_requests()
+        # NOTE: not while starting: the Load stream may be up before the replica's Health says
+        # ready (CI once saw /ready answer 200 while the replica still counted as starting)
+        return self.connected and not self.starting and not self.removing and self.breaker.allows_requests()
 
     async def start(self) -> None:
         # NOTE: gRPC's default reconnect backoff (1 s, x1.6, up to 120 s) left a channel that

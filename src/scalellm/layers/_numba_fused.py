@@ -91,6 +91,18 @@ def rope_write_kv(qkv, num_heads, num_kv_heads, head_dim, positions, cos, sin, s
 _CDF_BLOCK = 512
 
 
+@numba.njit(inline="always")
+def _find_block(sums, target):  # pragma: no cover - numba
+    """The block whose cumulative range holds `target` (the last one at most), and the mass
+    of the blocks before it."""
+    run = 0.0
+    k = 0
+    while k < sums.shape[0] - 1 and run + sums[k] <= target:
+        run += sums[k]
+        k += 1
+    return k, run
+
+
 @numba.njit(**_OPTS)
 def inverse_cdf(probs, u, out):  # pragma: no cover - numba
     # probs: [B, V] float32, non-negative, any total; u: [B] float64 in [0, 1) -> out[b]: the
@@ -108,11 +120,7 @@ def inverse_cdf(probs, u, out):  # pragma: no cover - numba
             sums[k] = acc
             total += acc
         target = u[b] * total
-        run = 0.0
-        k = 0
-        while k < num_blocks - 1 and run + sums[k] <= target:
-            run += sums[k]
-            k += 1
+        k, run = _find_block(sums, target)
         pick = -1
         for i in range(k * _CDF_BLOCK, min(vocab, (k + 1) * _CDF_BLOCK)):
             run += probs[b, i]
@@ -199,11 +207,7 @@ def sample_softmax(logits, inv_temps, u, out):  # pragma: no cover - numba
                 sums[k] *= np.exp(np.float64((block_max[k] - best) * scale))
             total += sums[k]
         target = u[b] * total
-        run = 0.0
-        k = 0
-        while k < num_blocks - 1 and run + sums[k] <= target:
-            run += sums[k]
-            k += 1
+        k, run = _find_block(sums, target)
         pick = -1
         if sums[k] > 0:
             lo, hi = k * _CDF_BLOCK, min(vocab, (k + 1) * _CDF_BLOCK)
