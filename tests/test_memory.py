@@ -34,3 +34,44 @@ def test_drop_library_pages_frees_resident_code_and_the_library_still_runs():
     assert after < before / 2
     assert torch.equal(a @ a, expected)  # code pages fault back in
     assert drop_library_pages("no-such-library-anywhere") == 0
+
+
+def test_prefault_kv_maps_the_cache_and_keeps_its_contents(tiny_models):
+    """Idle-time prefaulting: every page of the lazily mapped KV cache becomes resident,
+    and what the cache holds (a prefix-cached block, say) is left as it was."""
+    import torch
+
+    from scalellm import LLM, SamplingParams
+
+    # 96 MiB: each layer's cache is a fresh mapping (not recycled heap)
+    llm = LLM(tiny_models["llama"], dtype="float32", block_size=4, kv_cache_memory=96 << 20)
+    runner = llm.engine.core.executor
+    out = llm.generate([5, 6, 7, 8, 9, 10, 11, 12, 13], SamplingParams(temperature=0.0, max_tokens=4))
+
+    def resident_fraction(t: torch.Tensor) -> float:  # mincore(2) over the tensor's pages
+        import ctypes
+        import mmap
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        page = mmap.PAGESIZE
+        start = t.data_ptr() // page * page
+        length = t.data_ptr() + t.numel() * t.element_size() - start
+        vec = (ctypes.c_ubyte * ((length + page - 1) // page))()
+        assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) == 0
+        return sum(v & 1 for v in vec) / len(vec)
+
+    cold = min(resident_fraction(c) for c in runner.kv_caches)  # before anything reads the cache
+    before = [c[:, :8].clone() for c in runner.kv_caches]  # the blocks the request used (ids 0..)
+    assert all(bool(b.any()) for b in before)  # it left K/V behind (prefix cache)
+
+    slices = 0
+    while llm.engine.core.idle_work():
+        slices += 1
+    assert slices >= runner.num_blocks // 8 - 1
+    assert not llm.engine.core.idle_work()  # done: nothing left
+    for b, c in zip(before, runner.kv_caches):
+        assert torch.equal(b, c[:, :8])
+    assert cold < 0.5  # lazily mapped: the one request touched a few pages
+    assert all(resident_fraction(c) == 1.0 for c in runner.kv_caches)
+    again = llm.generate([5, 6, 7, 8, 9, 10, 11, 12, 13], SamplingParams(temperature=0.0, max_tokens=4))
+    assert again[0].outputs[0].token_ids == out[0].outputs[0].token_ids

@@ -20,6 +20,10 @@ from scalellm.protocol.step import CoreRequest, EngineCoreOutput, ModelRunnerOut
 class Executor(Protocol):
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
 
+    def prefault_kv(self, max_blocks: int = 8) -> bool:
+        """Idle time only: fault in the next KV blocks' pages; returns whether any remain."""
+        ...
+
     def read_expert_load(self) -> dict[int, list[int]]:
         """MoE: tokens per expert per layer since the last read ({} for dense models)."""
         ...
@@ -95,6 +99,11 @@ class EngineCore:
         self.num_steps += 1
         self.num_tokens_scheduled += sched.total_num_scheduled_tokens
         return outputs
+
+    def idle_work(self) -> bool:
+        """A slice of work for an idle engine (~10 ms): faulting in the KV cache's pages
+        (ModelRunner.prefault_kv). Returns whether more remains."""
+        return self.executor.prefault_kv()
 
     def read_expert_load(self) -> dict[int, list[int]]:
         return self.executor.read_expert_load()

@@ -116,11 +116,16 @@ def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  
     expert_load = _ExpertLoadReport()
     phases = _PHASES
     clock = time.perf_counter
+    idle_work = not os.environ.get("SCALELLM_NO_KV_PREFAULT")
     while True:
         busy = core.has_unfinished_requests()
         if not busy:
             t = clock()
-            got = poller.poll(IDLE_POLL_MS)
+            if idle_work:  # a slice, then look for requests at once
+                idle_work = core.idle_work()
+                got = poller.poll(0)
+            else:
+                got = poller.poll(IDLE_POLL_MS)
             phases.idle += clock() - t
             if not got:
                 if os.getppid() != parent:

@@ -90,6 +90,7 @@ class ModelRunner:
         self.timings = StepTimings()
         shape = (2, num_blocks, block_size, model.model.layers[0].self_attn.num_kv_heads, args.head_dim)
         self.kv_caches = [lazy_zeros(shape, dtype, device) for _ in range(args.num_layers)]
+        self._prefault_next = 0 if device.type == "cpu" else num_blocks  # next block prefault_kv touches
         if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             attn = model.model.layers[0].self_attn  # head counts per rank
             fused_cpu.warm_up_in_background(dtype, args.head_dim, attn.num_heads, attn.num_kv_heads)
@@ -170,6 +171,29 @@ class ModelRunner:
         """Tokens routed to each expert of each MoE layer since the last read; {} for dense models."""
         read = getattr(self.model, "read_expert_load", None)
         return read(reset=True) if read is not None else {}
+
+    def prefault_kv(self, max_blocks: int = 8) -> bool:
+        """Fault in the pages of the next `max_blocks` KV blocks (by id: the order the block
+        pool first hands them out) of every layer, leaving their contents as they are (each
+        page's first byte is rewritten with itself); returns whether blocks remain. For idle
+        time only: never while a step runs.
+
+        NOTE: the cache is mapped lazily (RSS grows as it fills), and on these VMs a first
+        write to a page costs 10-300 us; until every page had been touched once, serving
+        paid it inside steps: ~7 ms a 64-decode step, 165 ms a 2,048-token prefill step;
+        the same c=64 benchmark ran at 618 out tok/s on a fresh server, 755-762 once its
+        cache had been touched."""
+        b0 = self._prefault_next
+        if b0 >= self.num_blocks:
+            return False
+        b1 = min(self.num_blocks, b0 + max_blocks)
+        for cache in self.kv_caches:
+            for half in cache[:, b0:b1]:  # K, then V: each a contiguous run of whole blocks
+                raw = half.reshape(-1).view(torch.uint8).numpy()
+                raw[::4096] |= 0  # one byte a page (a plain self-assignment is skipped by numpy)
+                raw[-1:] |= 0  # and the run's last page
+        self._prefault_next = b1
+        return b1 < self.num_blocks
 
     def check_health(self) -> None:
         pass
