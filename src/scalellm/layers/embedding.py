@@ -97,7 +97,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         else:
             logits, exact = F.linear(hidden.to(self.weight.dtype), self.weight).float(), False  # [B, V/tp]
         if (not exact and logits.shape[0] > 0 and self.qweight is None and logits.device.type == "cpu"
-                and fused_cpu.draw_ready()):
+                and fused_cpu.ready()):
             # bf16 logits are within |exact| * 2^-8 of the exact ones: every token within 4x that
             # of its row's maximum is recomputed exactly (numba, in place; typically a few per row),
             # so the maximum, hence greedy, is exact. 0.5 ms at 64 rows where topk + gather +

@@ -28,18 +28,17 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _compiled: set[torch.dtype] = set()
-_draw_ready = False  # inverse_cdf compiled (float32 probabilities, whatever the model's dtype)
 _kernels: Any = None
 _lock = threading.Lock()
 
 
-def _bits(t: torch.Tensor) -> np.ndarray:
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+_bits = paged_attention_cpu.numpy_bits
 
 
-def draw_ready() -> bool:
-    """Whether `inverse_cdf_draw` is compiled."""
-    return _draw_ready
+def ready() -> bool:
+    """Whether the kernels are compiled for some dtype: then the float32 ones (the draws,
+    re-scoring the LM head's logits) are too, whatever the model's dtype."""
+    return bool(_compiled)
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -49,7 +48,7 @@ def supports(x: torch.Tensor) -> bool:
 
 def warm_up(dtype: torch.dtype) -> bool:
     """Compile (or load from numba's disk cache) every kernel for `dtype` activations."""
-    global _kernels, _draw_ready
+    global _kernels
     if dtype not in _DTYPES or not paged_attention_cpu.available():
         return False
     with _lock:
@@ -73,7 +72,6 @@ def warm_up(dtype: torch.dtype) -> bool:
         inverse_cdf_draw(torch.ones(1, 4), torch.zeros(1, dtype=torch.float64))
         softmax_draw(torch.zeros(1, 4), torch.ones(1), torch.zeros(1, dtype=torch.float64))
         rescore_near_max(torch.zeros(1, 4), torch.zeros(1, 8), torch.zeros(4, 8, dtype=dtype), 0.0, 0.0)
-        _draw_ready = True
         _compiled.add(dtype)
         logger.debug("fused CPU kernels (%s) ready in %.2fs", dtype, time.monotonic() - t0)
     return True

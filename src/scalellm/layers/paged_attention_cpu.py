@@ -6,8 +6,8 @@ copy is most of the attention's memory traffic. The kernel (`_numba_kernels`)
 reads each key and value once, where it lies in the cache, for all query heads of
 its KV group, in float32; caches may be float32 or bfloat16.
 
-numba compiles the kernel once per cache dtype and installation (cached on disk
-where it can write; ~4 s cold, ~0.8 s to load from the cache):
+numba compiles the kernel once per (cache dtype, head size, group size) and installation
+(cached on disk where it can write; seconds cold, well under a second from the cache):
 `fused_cpu.warm_up_in_background` does that off the engine's critical path. `supports(cache)`
 says whether the kernel is ready for a cache; callers take the torch path otherwise
 (not compiled yet, no numba, or SCALELLM_NO_NUMBA=1). Knows nothing of requests or scheduling.
@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +128,8 @@ def prepare(slots: torch.Tensor, lens: torch.Tensor) -> DecodeIndex:
     return DecodeIndex(slots.to(torch.int64).contiguous().numpy(), lens.to(torch.int64).contiguous().numpy())
 
 
-def _bits(t: torch.Tensor) -> np.ndarray:
-    """A numpy view for the kernel: bfloat16 as its raw bits (numba has no bfloat16)."""
+def numpy_bits(t: torch.Tensor) -> np.ndarray:
+    """A numpy view for a numba kernel: bfloat16 as its raw bits (numba has no bfloat16)."""
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
@@ -142,8 +141,8 @@ def run_rows(q_rows: torch.Tensor, num_heads: int, k_flat: torch.Tensor, v_flat:
     caches (float32 or bfloat16)."""
     width = k_flat.shape[-2] * k_flat.shape[-1]
     kernel = _kernel_for(k_flat.shape[-1], num_heads // k_flat.shape[-2])
-    kernel(_bits(q_rows), num_heads, _bits(k_flat.view(-1, width)), _bits(v_flat.view(-1, width)),
-           index.slots, index.lens, np.float32(scale), _bits(out))
+    kernel(numpy_bits(q_rows), num_heads, numpy_bits(k_flat.view(-1, width)),
+           numpy_bits(v_flat.view(-1, width)), index.slots, index.lens, np.float32(scale), numpy_bits(out))
 
 
 def run(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, index: DecodeIndex, scale: float) -> torch.Tensor:

@@ -120,7 +120,7 @@ def _draw(probs: torch.Tensor, rows: list[SamplingRow], generator: torch.Generat
         # (one exponential draw per vocab entry) took 84 ms, 10% of a c=64 serving step.
         sub = probs if len(unseeded) == len(rows) else probs[unseeded]
         u = torch.rand(len(unseeded), 1, dtype=torch.float64, generator=generator)
-        if fused_cpu.draw_ready() and sub.device.type == "cpu" and sub.dtype == torch.float32:
+        if fused_cpu.ready() and sub.device.type == "cpu" and sub.dtype == torch.float32:
             # one numba pass per row (block sums, then a walk): no [B, V] float64 copy
             out[unseeded] = fused_cpu.inverse_cdf_draw(sub, u.view(-1))
         else:
@@ -153,7 +153,7 @@ def sample(
         # NOTE: max(dim).indices, not argmax: the same first-maximum index, 2.6x faster on CPU
         # (64 x 49,152 float32: 0.9 vs 2.4 ms)
         tokens[greedy] = (logits[greedy] if len(greedy) < len(rows) else logits).max(dim=-1).indices
-    if random and fused_cpu.draw_ready() and logits.device.type == "cpu":
+    if random and fused_cpu.ready() and logits.device.type == "cpu":
         # plain temperature sampling (no top-k/top-p/min-p, no seed): one numba pass per row
         # draws from softmax(logits / T) without materialising it (64 x 49,152: ~1 ms where
         # divide + softmax + draw took ~3.5 ms)
