@@ -1,13 +1,17 @@
-"""GPU check of the engine (run on a lent H100/H200 through the device tool).
+"""The GPU path at real shapes (run on a lent H100/H200 through the device tool).
 
-1. Exactness on CUDA: a tiny random Llama built with transformers; our batched greedy
-   generation (fp32, small blocks/budget so chunking and preemption happen) must equal
-   transformers' generate on the same GPU.
-2. Throughput at real shapes with random weights (no tokenizer, token ids only):
-   Llama-3.2-1B-like and Llama-3-8B-like in bf16, decode tokens/s at concurrency 1/16/64
-   with the torch reference attention backend.
+Random weights at Llama-3-8B's shapes (bf16; then the same weights in fp8), no tokenizer:
+
+1. the machine's ceilings: bf16 and fp8 matmul (8192^3) and a device-to-device copy;
+2. decode step time at batch 1..256 over a fixed context, three ways: CUDA graph,
+   eager with the Triton paged kernel, eager with the SDPA-over-gathered-K/V fallback;
+   against the HBM floor (every weight byte + the batch's K/V read once per step);
+3. prefill: 4 fresh prompts of 2,048 tokens in one step, FLOP/s against the matmul peak;
+4. the engine end to end (scheduler + runner, greedy, 128 in / 128 out) at c = 1, 64, 256.
 
     python benchmarks/gpu_engine.py --out benchmarks/results/gpu_engine.json
+
+Every phase is written to the output as soon as it ends (a cut-off run keeps what it has).
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
+import traceback
+from collections.abc import Callable
 
 import torch
 
@@ -26,127 +31,258 @@ from scalellm.engine.core import EngineCore
 from scalellm.engine.kv_cache_manager import KVCacheManager
 from scalellm.engine.request import Request
 from scalellm.engine.scheduler import Scheduler
+from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk
 from scalellm.models.args import ModelArgs
 from scalellm.models.llama import LlamaForCausalLM
 from scalellm.protocol.sampling_params import SamplingParams
 from scalellm.worker.model_runner import ModelRunner
 
-
-def exactness_check(device: str) -> dict:
-    import transformers
-
-    from scalellm import LLM
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   initializer_range=0.1, eos_token_id=0, bos_token_id=None, pad_token_id=0)
-    with tempfile.TemporaryDirectory() as d:
-        ref = transformers.LlamaForCausalLM(cfg)
-        ref.save_pretrained(d)
-        from tokenizers import Tokenizer, models, pre_tokenizers
-
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-        tok.save(os.path.join(d, "tokenizer.json"))
-        with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-            json.dump({"eos_token": None}, f)
-        g = torch.Generator().manual_seed(7)
-        prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (3, 9, 17, 30, 44, 61, 80, 99)]
-        llm = LLM(d, dtype="float32", device=device, block_size=8, max_num_batched_tokens=48, max_num_seqs=6,
-                  kv_cache_memory=20 * 8192, max_model_len=128)
-        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-        ref = ref.to(device).eval()
-        ref.generation_config.eos_token_id = None
-        same = 0
-        with torch.inference_mode():
-            for p, o in zip(prompts, outs):
-                x = torch.tensor([p], device=device)
-                seq = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, min_new_tokens=16, do_sample=False)
-                same += seq[0, len(p):].tolist() == o.outputs[0].token_ids
-        return {"identical": same, "prompts": len(prompts), "preemptions": llm.engine.stats().num_preemptions}
+SHAPES = {
+    "llama-3-8b": ModelArgs("LlamaForCausalLM", 128256, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0, None, 8192,
+                            False, False, False, False, None, None, ()),
+    "llama-3.2-1b": ModelArgs("LlamaForCausalLM", 128256, 2048, 8192, 16, 32, 8, 64, 1e-5, 500000.0, None, 8192,
+                              True, False, False, False, None, None, ()),
+    "tiny": ModelArgs("LlamaForCausalLM", 1024, 128, 256, 2, 4, 2, 32, 1e-5, 10000.0, None, 4096,
+                      True, False, False, False, None, None, ()),
+}
+BLOCK = 16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of the script (TRITON_INTERPRET=1)
 
 
-def random_engine(args: ModelArgs, device: str, max_seqs: int, kv_gib: float) -> EngineCore:
+def timed(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of fn() on the GPU (CUDA events; wall clock on CPU, for dry runs)."""
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[reps // 2]
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def ceilings() -> dict:
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = timed(lambda: a @ b, reps=10)
+    out = {"bf16_matmul_tflops": 2 * n**3 / ms / 1e9}
+    from scalellm.quant.fp8 import FP8
+
+    a8, b8 = a.to(FP8), b.to(FP8).t().contiguous().t()
+    sa = torch.ones(n, 1, device="cuda")
+    sb = torch.ones(1, n, device="cuda")
+    ms = timed(lambda: torch._scaled_mm(a8, b8, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16), reps=10)
+    out["fp8_rowwise_matmul_tflops"] = 2 * n**3 / ms / 1e9
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = timed(lambda: y.copy_(x), reps=10)
+    out["copy_tb_s_read_plus_write"] = 2 * x.numel() / ms / 1e9
+    del a, b, a8, b8, x, y
+    torch.cuda.empty_cache()
+    return out
+
+
+def build_runner(args: ModelArgs, kv_gib: float, max_batch: int, model: LlamaForCausalLM | None = None) -> ModelRunner:
     dtype = torch.bfloat16
-    with torch.device(device):
-        model = LlamaForCausalLM(args, dtype)
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    block_size = 16
-    bytes_per_block = 2 * args.num_layers * args.num_kv_heads * args.head_dim * block_size * 2
+    device = torch.device(DEVICE)
+    if model is None:
+        with device:
+            model = LlamaForCausalLM(args, dtype)
+        torch.manual_seed(0)
+        for p in model.parameters():
+            p.data.normal_(0, 0.02)
+        model.eval()
+    bytes_per_block = 2 * args.num_layers * args.num_kv_heads * args.head_dim * BLOCK * 2
     num_blocks = int(kv_gib * (1 << 30)) // bytes_per_block
-    runner = ModelRunner(model, args, block_size=block_size, num_blocks=num_blocks, dtype=dtype,
-                         device=torch.device(device), eos_token_ids=frozenset())
-    sched = Scheduler(SchedulerConfig(8192, max_seqs, 4096), KVCacheManager(num_blocks, block_size))
-    return EngineCore(sched, runner)
+    return ModelRunner(model, args, block_size=BLOCK, num_blocks=num_blocks, dtype=dtype, device=device,
+                       eos_token_ids=frozenset(), cuda_graph_max_batch=max_batch, max_model_len=args.max_position_embeddings)
 
 
-def _sync() -> None:
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads of weights: every linear (bf16 or fp8) and the LM head."""
+    total = 0
+    for m in model.modules():
+        fp8 = getattr(m, "fp8", None)
+        if fp8 is not None:
+            total += fp8.nbytes
+        elif hasattr(m, "set_fp8"):
+            total += m.weight.numel() * m.weight.element_size()
+    head = model.lm_head.weight
+    return total + head.numel() * head.element_size()
+
+
+def decode_phase(runner: ModelRunner, args: ModelArgs, batches: list[int], ctx: int, copy_tbs: float) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    per_seq = -(-ctx // BLOCK)
+    wbytes = weight_bytes(runner.model)
+    rows = []
+    for b in batches:
+        perm = torch.randperm(runner.num_blocks, generator=g)[: b * per_seq].view(b, per_seq).tolist()
+        ids = torch.randint(0, args.vocab_size, (b,), generator=g).tolist()
+        pos = [ctx - 1] * b
+        slots = [t[(ctx - 1) // BLOCK] * BLOCK + (ctx - 1) % BLOCK for t in perm]
+        lens = [ctx] * b
+        row: dict = {"batch": b, "context": ctx}
+        if runner.graphs is not None and b <= runner.graphs.max_batch:
+            row["graph_ms"] = timed(lambda: runner.graphs.run(ids, pos, slots, lens, perm))
+        dev = runner.device
+        tables = torch.tensor(perm, dtype=torch.int32, device=dev)
+        md = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), num_decode_tokens=b, decode_slots=None,
+                               decode_mask=None, decode_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+                               block_tables=tables, block_size=BLOCK)
+        batch = ForwardBatch(attn=md, kv_caches=runner.kv_caches)
+        ids_t, pos_t = torch.tensor(ids, device=dev), torch.tensor(pos, device=dev)
+        with torch.inference_mode():
+            row["eager_triton_ms"] = timed(lambda: runner.model.compute_logits(runner.model(ids_t, pos_t, batch)))
+            cs, mask = runner._context_slots(perm, lens)
+            md2 = AttentionMetadata(slot_mapping=md.slot_mapping, num_decode_tokens=b, decode_slots=cs.to(dev),
+                                    decode_mask=mask.view(b, 1, 1, -1).to(dev))
+            batch2 = ForwardBatch(attn=md2, kv_caches=runner.kv_caches)
+            row["eager_sdpa_gather_ms"] = timed(lambda: runner.model.compute_logits(runner.model(ids_t, pos_t, batch2)))
+        kv_bytes = b * ctx * args.num_layers * args.num_kv_heads * args.head_dim * 2 * 2
+        row["bytes_read"] = wbytes + kv_bytes
+        row["floor_ms_at_copy_rate"] = (wbytes + kv_bytes) / (copy_tbs * 1e9)
+        row["floor_ms_at_4.8TBs"] = (wbytes + kv_bytes) / 4.8e9
+        best = row.get("graph_ms", row["eager_triton_ms"])
+        row["achieved_tb_s"] = (wbytes + kv_bytes) / best / 1e9
+        row["tokens_per_s"] = b / best * 1e3
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def linear_params(args: ModelArgs) -> int:
+    e, i, d = args.hidden_size, args.intermediate_size, args.head_dim
+    per_layer = e * (args.num_heads + 2 * args.num_kv_heads) * d + args.num_heads * d * e + 3 * e * i
+    return per_layer * args.num_layers
+
+
+def prefill_phase(runner: ModelRunner, args: ModelArgs, prompts: int, length: int, peak_tflops: float) -> dict:
+    dev = runner.device
+    t = prompts * length
+    chunks = [PrefillChunk(q_start=i * length, q_len=length, ctx_len=length, ctx_slots=None) for i in range(prompts)]
+    md = AttentionMetadata(slot_mapping=torch.arange(t, device=dev), num_decode_tokens=0, decode_slots=None,
+                           decode_mask=None, prefills=chunks)
+    batch = ForwardBatch(attn=md, kv_caches=runner.kv_caches)
+    ids = torch.randint(0, args.vocab_size, (t,), device=dev)
+    pos = torch.arange(length, device=dev).repeat(prompts)
+    last = [(i + 1) * length - 1 for i in range(prompts)]
+    with torch.inference_mode():
+        ms = timed(lambda: runner.model.compute_logits(runner.model(ids, pos, batch)[last]), reps=5, warmup=2)
+    flops = 2 * linear_params(args) * t + prompts * args.num_layers * 2 * length**2 * args.num_heads * args.head_dim
+    tflops = flops / ms / 1e9
+    out = {"prompts": prompts, "length": length, "ms": ms, "tokens_per_s": t / ms * 1e3, "tflops": tflops,
+           "fraction_of_matmul_peak": tflops / peak_tflops}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def run_load(core: EngineCore, concurrency: int, in_len: int, out_len: int, vocab: int) -> dict:
-    g = torch.Generator().manual_seed(concurrency)
-    params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
-    for i in range(concurrency):
-        ids = torch.randint(100, vocab, (in_len,), generator=g).tolist()
-        core.add_request(Request(f"c{concurrency}-{i}", ids, params, frozenset(), out_len))
-    _sync()
-    t0 = time.perf_counter()
-    first = None
-    n_out = 0
-    while core.has_unfinished_requests():
-        outs = core.step()
-        n_out += sum(len(o.new_token_ids) for o in outs)
-        if first is None and outs:
-            first = time.perf_counter() - t0
-    _sync()
-    dt = time.perf_counter() - t0
-    return {"concurrency": concurrency, "seconds": dt, "output_tokens": n_out, "output_tok_s": n_out / dt,
-            "first_step_s": first, "tpot_ms": (dt - first) / (out_len - 1) * 1e3}
-
-
-SHAPES = {
-    "llama-3.2-1b": ModelArgs("LlamaForCausalLM", 128256, 2048, 8192, 16, 32, 8, 64, 1e-5, 500000.0, None, 4096,
-                              True, False, False, False, None, None, ()),
-    "tiny": ModelArgs("LlamaForCausalLM", 1024, 128, 256, 2, 4, 2, 32, 1e-5, 10000.0, None, 4096,
-                      True, False, False, False, None, None, ()),
-    "llama-3-8b": ModelArgs("LlamaForCausalLM", 128256, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0, None, 4096,
-                            False, False, False, False, None, None, ()),
-}
+def engine_phase(runner: ModelRunner, args: ModelArgs, concurrency: list[int], in_len: int, out_len: int) -> list[dict]:
+    sched = Scheduler(SchedulerConfig(8192, max(concurrency), args.max_position_embeddings),
+                      KVCacheManager(runner.num_blocks, BLOCK))
+    core = EngineCore(sched, runner)
+    rows = []
+    for k, c in enumerate([2] + concurrency):  # the first, tiny load is a warm-up
+        g = torch.Generator().manual_seed(c)
+        params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+        for i in range(c):
+            ids = torch.randint(100, args.vocab_size, (in_len,), generator=g).tolist()
+            core.add_request(Request(f"c{c}-{i}-{time.monotonic_ns()}", ids, params, frozenset(), out_len))
+        sync()
+        t0 = time.perf_counter()
+        first = None
+        n_out = 0
+        steps = 0
+        while core.has_unfinished_requests():
+            outs = core.step()
+            steps += 1
+            n_out += sum(len(o.new_token_ids) for o in outs)
+            if first is None and outs:
+                first = time.perf_counter() - t0
+        sync()
+        dt = time.perf_counter() - t0
+        if k:
+            row = {"concurrency": c, "seconds": dt, "output_tokens": n_out, "output_tok_s": n_out / dt, "steps": steps,
+                   "first_step_s": first, "tpot_ms": (dt - first) / (out_len - 1) * 1e3}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results/gpu_engine.json")
-    p.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b")
-    p.add_argument("--concurrency", default="1,16,64")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--kv-gib", type=float, default=16.0)
+    p.add_argument("--shape", default="llama-3-8b")
+    p.add_argument("--batches", default="1,16,64,128,256")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--concurrency", default="1,64,256")
+    p.add_argument("--kv-gib", type=float, default=24.0)
     a = p.parse_args()
-    device = a.device
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
-    result = {"device": name, "torch": torch.__version__}
-    result["exactness"] = exactness_check(device)
-    print("exactness:", result["exactness"], flush=True)
-    result["throughput"] = {}
-    for name in a.shapes.split(","):
-        core = random_engine(SHAPES[name], device, 256, a.kv_gib)
-        run_load(core, 2, 32, 4, SHAPES[name].vocab_size)  # warm-up
-        rows = []
-        for c in map(int, a.concurrency.split(",")):
-            r = run_load(core, c, 128, 128, SHAPES[name].vocab_size)
-            rows.append(r)
-            print(f"{name:14s} c={c:3d}: {r['output_tok_s']:9.1f} out tok/s, TPOT {r['tpot_ms']:6.2f} ms", flush=True)
-        result["throughput"][name] = rows
-        del core
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
+    args = SHAPES[a.shape]
+    import triton
+
+    result: dict = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
+                    "shape": a.shape, "errors": {}}
+
+    def save() -> None:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    def phase(name: str, fn: Callable[[], object]) -> object:
+        t0 = time.perf_counter()
+        try:
+            result[name] = fn()
+        except Exception:  # one broken phase must not lose the others' numbers
+            result["errors"][name] = traceback.format_exc()
+            print(result["errors"][name], flush=True)
+        result.setdefault("phase_seconds", {})[name] = time.perf_counter() - t0
+        save()
+        return result.get(name)
+
+    peaks = (phase("ceilings", ceilings) if DEVICE == "cuda" else None) or {}
+    copy_tbs = peaks.get("copy_tb_s_read_plus_write", 4.0)
+    batches = [int(x) for x in a.batches.split(",")]
+    conc = [int(x) for x in a.concurrency.split(",")]
+    t0 = time.perf_counter()
+    runner = build_runner(args, a.kv_gib, max(batches))
+    result["bf16_build_and_capture_s"] = time.perf_counter() - t0
+    result["bf16_capture_s"] = runner.graphs.capture_seconds if runner.graphs else None
+    phase("bf16_decode", lambda: decode_phase(runner, args, batches, a.context, copy_tbs))
+    phase("bf16_prefill", lambda: prefill_phase(runner, args, 4, 2048, peaks.get("bf16_matmul_tflops", 790)))
+    phase("bf16_engine", lambda: engine_phase(runner, args, conc, 128, 128))
+    model = runner.model
+    del runner
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    for m in model.modules():
+        if hasattr(m, "set_fp8"):
+            m.set_fp8()
+    t0 = time.perf_counter()
+    runner = build_runner(args, a.kv_gib, max(batches), model)
+    result["fp8_build_and_capture_s"] = time.perf_counter() - t0
+    phase("fp8_decode", lambda: decode_phase(runner, args, batches, a.context, copy_tbs))
+    phase("fp8_prefill", lambda: prefill_phase(runner, args, 4, 2048, peaks.get("fp8_rowwise_matmul_tflops", 1500)))
+    phase("fp8_engine", lambda: engine_phase(runner, args, conc, 128, 128))
+    save()
     return 0
 
 

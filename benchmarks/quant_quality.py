@@ -1,4 +1,5 @@
-"""Quality of the int8 path against the float model (same weights, same engine).
+"""Quality of a quantized path against the unquantized model (same weights, same engine):
+int8 (fbgemm W8A8) against float32, fp8 (e4m3 W8A8) against bfloat16.
 
 - greedy agreement: a fixed set of chat prompts, --max-tokens greedy tokens each;
   reports identical outputs and the mean length of the common token prefix.
@@ -6,6 +7,7 @@
   computed from the model's logits at every position, for both models.
 
     python benchmarks/quant_quality.py --out benchmarks/results/quant_quality.json
+    python benchmarks/quant_quality.py --quantization fp8 --dtype bfloat16 --out benchmarks/results/quant_quality_fp8.json
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def perplexity(llm: LLM, text: str) -> tuple[float, int]:
     model, args = llm.engine.core.executor.model, llm.engine.core.executor.args
     ids = llm.tokenizer.encode(text)
     t = len(ids)
-    batch = fresh_prompt_batch(t, args.num_layers, args.num_kv_heads, args.head_dim)
+    dtype = llm.engine.core.executor.dtype
+    batch = fresh_prompt_batch(t, args.num_layers, args.num_kv_heads, args.head_dim, dtype)
     logits = model.compute_logits(model(torch.tensor(ids), torch.arange(t), batch)[:-1])  # [t-1, V]
     nll = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids[1:]), reduction="mean")
     return math.exp(nll.item()), t
@@ -67,12 +70,16 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None)
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--quantization", default="int8", choices=["int8", "fp8"])
+    p.add_argument("--dtype", default="float32", help="of both runs (fp8: bfloat16)")
+    p.add_argument("--device", default="auto")
     p.add_argument("--out", default="")
     a = p.parse_args()
     params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens)
     runs = {}
-    for name, kw in (("float32", {"dtype": "float32"}), ("int8", {"dtype": "float32", "quantization": "int8"})):
-        llm = LLM(a.model, **kw)
+    base, quant = a.dtype, a.quantization
+    for name, kw in ((base, {}), (quant, {"quantization": quant})):
+        llm = LLM(a.model, dtype=a.dtype, device=a.device, **kw)
         t0 = time.perf_counter()
         outs = llm.chat([[{"role": "user", "content": q}] for q in PROMPTS], params)
         dt = time.perf_counter() - t0
@@ -81,7 +88,7 @@ def main() -> None:
                       "perplexity": ppl, "text_tokens": ntok, "generate_s": dt}
         print(f"{name}: perplexity {ppl:.4f} over {ntok} tokens; {len(PROMPTS)} prompts in {dt:.1f}s", flush=True)
         del llm
-    ref, q = runs["float32"], runs["int8"]
+    ref, q = runs[base], runs[quant]
     same = sum(a_ == b_ for a_, b_ in zip(ref["tokens"], q["tokens"]))
     prefixes = []
     for a_, b_ in zip(ref["tokens"], q["tokens"]):
@@ -92,13 +99,14 @@ def main() -> None:
     summary = {
         "prompts": len(PROMPTS), "max_tokens": a.max_tokens, "identical_outputs": same,
         "mean_common_prefix_tokens": sum(prefixes) / len(prefixes),
-        "perplexity_float32": ref["perplexity"], "perplexity_int8": q["perplexity"],
+        "reference": base, "quantization": quant,
+        f"perplexity_{base}": ref["perplexity"], f"perplexity_{quant}": q["perplexity"],
         "perplexity_delta_pct": 100 * (q["perplexity"] / ref["perplexity"] - 1),
     }
     print(json.dumps(summary, indent=1))
     for i, (ta, tb) in enumerate(zip(ref["texts"], q["texts"])):
         if ta != tb:
-            print(f"--- prompt {i}: {PROMPTS[i]!r}\n  fp32: {ta[:160]!r}\n  int8: {tb[:160]!r}")
+            print(f"--- prompt {i}: {PROMPTS[i]!r}\n  {base}: {ta[:160]!r}\n  {quant}: {tb[:160]!r}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"summary": summary, "runs": runs, "prompts": PROMPTS}, f, indent=1)

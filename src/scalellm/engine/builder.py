@@ -108,6 +108,7 @@ def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> E
         executor = build_model_runner(
             source, args, dtype=dtype, device=device, block_size=config.block_size, num_blocks=num_blocks,
             eos_token_ids=info.eos_token_ids, seed=config.seed, quantization=config.quantization,
+            cuda_graph_max_batch=0 if config.enforce_eager else config.max_num_seqs, max_model_len=info.max_model_len,
         )
     else:
         from scalellm.worker.executor import MultiprocExecutor

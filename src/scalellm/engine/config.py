@@ -58,20 +58,24 @@ class EngineConfig:
     kv_cache_memory: int = 1 << 30  # bytes
     enable_prefix_caching: bool = True
     seed: int = 0  # seed of the shared generator for unseeded requests
-    quantization: str | None = None  # None | "int8": dynamic W8A8 linears (quant/int8.py), CPU
+    # None | "int8": dynamic W8A8 linears on fbgemm (quant/int8.py), CPU
+    #      | "fp8": e4m3 W8A8 linears on torch._scaled_mm (quant/fp8.py), GPU (sm89+) or CPU
+    quantization: str | None = None
     target_step_ms: float | None = None  # SchedulerConfig.target_step_ms: bounds inter-token latency
     # ranks of one replica: rank 0 in the engine's process, 1..N-1 worker processes
     # (kv_cache_memory is per rank; checks that need the model are in engine.builder)
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False  # MoE: whole experts per rank; attention stays tensor-parallel
+    enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidParameterError("max_model_len", "must be >= 2")
-        if self.quantization not in (None, "int8"):
-            raise InvalidParameterError("quantization", f"must be int8 or unset, got {self.quantization!r}")
+        if self.quantization not in (None, "int8", "fp8"):
+            raise InvalidParameterError("quantization", f"must be int8, fp8 or unset, got {self.quantization!r}")
         if self.quantization is not None and self.tensor_parallel_size > 1:
-            raise InvalidParameterError("quantization", "int8 is not yet supported with tensor_parallel_size > 1")
+            raise InvalidParameterError("quantization",
+                                        f"{self.quantization} is not yet supported with tensor_parallel_size > 1")
         if self.tensor_parallel_size < 1:
             raise InvalidParameterError("tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
         if self.enable_expert_parallel and self.tensor_parallel_size == 1:

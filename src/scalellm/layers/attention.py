@@ -10,9 +10,10 @@ A step's tokens are laid out decodes first, then prefill chunks:
     | d0 | d1 | ... | d(Bd-1) | prefill 0 (q_len0) | prefill 1 (q_len1) | ...
 
 Decodes (one query token each) run, on CPU, as one fused
-kernel that reads K/V where they lie (`paged_attention_cpu`, numba); otherwise
-as one batched SDPA call over K/V gathered through their slots and padded to
-the longest context (masked). Each
+kernel that reads K/V where they lie (`paged_attention_cpu`, numba); on GPU as one
+Triton kernel that reads them through the block tables (`paged_attention_triton`,
+CUDA-graph safe); otherwise as one batched SDPA call over K/V gathered through their
+slots and padded to the longest context (masked). Each
 prefill chunk runs its own causal SDPA call; a chunk that continues a cached
 context gathers its earlier K/V through its block table.
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalellm.layers import fused_cpu, paged_attention_cpu
+from scalellm.layers import fused_cpu, paged_attention_cpu, paged_attention_triton
 from scalellm.layers.rotary import RotaryEmbedding
 
 _HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -51,7 +52,9 @@ class AttentionMetadata:
     num_decode_tokens: int  # Bd: the first Bd tokens are single-token decodes
     decode_slots: torch.Tensor | None  # [Bd, Lmax] context slots per decode, padded with 0
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] True where a key is attended
-    decode_lens: torch.Tensor | None = None  # [Bd] context length per decode (the fused kernel's)
+    decode_lens: torch.Tensor | None = None  # [Bd] context length per decode (the fused kernels')
+    block_tables: torch.Tensor | None = None  # [Bd, W] int32 block ids per decode (the Triton kernel's)
+    block_size: int = 0  # tokens per block (with block_tables)
     fused_index: paged_attention_cpu.DecodeIndex | None = None  # made by the first layer of a step
     prefills: list[PrefillChunk] = field(default_factory=list)
 
@@ -135,7 +138,11 @@ class Attention(nn.Module):
         # K/V already in the cache. q_rows: C-contiguous rows whose first H*D columns are q (or None)
         out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
         bd = md.num_decode_tokens
-        if bd and md.decode_lens is not None and paged_attention_cpu.supports(k_flat, self.num_heads):
+        if bd and md.block_tables is not None:
+            s = md.block_size
+            kc, vc = k_flat.view(-1, s, self.num_kv_heads, self.head_dim), v_flat.view(-1, s, self.num_kv_heads, self.head_dim)
+            paged_attention_triton.decode_attention(q[:bd], kc, vc, md.block_tables, md.decode_lens, self.scale, out[:bd])
+        elif bd and md.decode_lens is not None and paged_attention_cpu.supports(k_flat, self.num_heads):
             if md.fused_index is None:
                 md.fused_index = paged_attention_cpu.prepare(md.decode_slots, md.decode_lens)
             if q_rows is not None and q.dtype == k_flat.dtype:

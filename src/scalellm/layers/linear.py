@@ -18,6 +18,7 @@ from torch import nn
 
 from scalellm.distributed.parallel_state import get_parallel_state, tensor_parallel_all_reduce
 from scalellm.protocol.errors import ModelLoadError
+from scalellm.quant.fp8 import Fp8Weight
 from scalellm.quant.int8 import Int8Weight
 
 
@@ -67,6 +68,7 @@ class LinearBase(nn.Module):
     qweight: Int8Weight | None = None  # set by set_int8(): the matmul runs in int8, `weight` is freed
     weight32: torch.Tensor | None = None  # set by set_fp32_compute(): bf16 values held as float32
     packed: torch.Tensor | None = None  # set by set_packed(): oneDNN's layout, `weight` is freed
+    fp8: Fp8Weight | None = None  # set by set_fp8(): the matmul runs in fp8 (quant/fp8.py), `weight` is freed
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -91,6 +93,17 @@ class LinearBase(nn.Module):
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
         return before - self.qweight.nbytes
 
+    def set_fp8(self) -> int:
+        """Quantise the loaded weight to fp8 e4m3 (quant/fp8.py); returns the bytes freed. A
+        weight whose dimensions are not multiples of 16 (what the fp8 GEMM needs) stays as it is."""
+        if self.in_features % 16 or self.out_features % 16:
+            return 0
+        before = self.weight.numel() * self.weight.element_size()
+        self.fp8 = Fp8Weight(self.weight)
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device),
+                                   requires_grad=False)
+        return before - self.fp8.nbytes
+
     def set_fp32_compute(self) -> int:
         """For CPUs without bf16 units (where torch's bf16 GEMM is emulated, ~8x slower than
         fp32): hold the bf16 weight's exact values as float32 and run the GEMM in float32 on the
@@ -110,6 +123,8 @@ class LinearBase(nn.Module):
         return self.packed.numel() * self.packed.element_size() - before
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.fp8 is not None:
+            return self.fp8(x, bias)
         if self.packed is not None:
             return linear_packed(x, self.packed, bias)
         if self.qweight is not None:

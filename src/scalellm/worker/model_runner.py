@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 import torch
 from torch import nn
 
-from scalellm.layers import fused_cpu
+from scalellm.layers import fused_cpu, paged_attention_triton
 from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk
 from scalellm.models.args import ModelArgs
 from scalellm.protocol.sampling_params import SamplingParams
 from scalellm.protocol.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from scalellm.worker.cuda_graph import DecodeGraphs
 from scalellm.worker.sampler import SamplingRow, sample
 
 logger = logging.getLogger(__name__)
@@ -41,6 +44,20 @@ class RequestState:
 
 
 @dataclass(slots=True)
+class StepLists:
+    """One step's inputs, in the step's token layout (decodes first, then chunks)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    decode_tables: list[list[int]] = field(default_factory=list)  # block table per decode
+    decode_lens: list[int] = field(default_factory=list)  # context length per decode
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    sample_ids: list[str] = field(default_factory=list)  # requests that sample this step
+    sample_rows: list[int] = field(default_factory=list)  # their last token's row
+
+
+@dataclass(slots=True)
 class StepTimings:
     """Cumulative seconds spent in each phase (for profiling)."""
 
@@ -55,8 +72,6 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     so the KV cache costs resident memory as it fills, not all at start-up."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    import numpy as np
-
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     # NOTE: torch.zeros memsets (touches) every page; numpy's zeros uses calloc, which for
     # large blocks maps fresh zero pages without writing them.
@@ -76,6 +91,8 @@ class ModelRunner:
         eos_token_ids: frozenset[int],
         seed: int = 0,
         is_driver: bool = True,
+        cuda_graph_max_batch: int = 0,
+        max_model_len: int | None = None,
     ) -> None:
         self.model = model
         self.is_driver = is_driver  # False: a tensor-parallel follower rank (forward only, no sampling)
@@ -88,12 +105,27 @@ class ModelRunner:
         self.states: dict[str, RequestState] = {}
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.timings = StepTimings()
-        shape = (2, num_blocks, block_size, model.model.layers[0].self_attn.num_kv_heads, args.head_dim)
+        attn = model.model.layers[0].self_attn  # head counts per rank
+        # On GPU one block more than the pool hands out: the scratch block that CUDA graphs'
+        # padding rows write to (see cuda_graph.py).
+        self.scratch_block = num_blocks
+        cache_blocks = num_blocks + (device.type == "cuda")
+        shape = (2, cache_blocks, block_size, attn.num_kv_heads, args.head_dim)
         self.kv_caches = [lazy_zeros(shape, dtype, device) for _ in range(args.num_layers)]
         self._prefault_next = 0 if device.type == "cpu" else num_blocks  # next block prefault_kv touches
         if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-            attn = model.model.layers[0].self_attn  # head counts per rank
             fused_cpu.warm_up_in_background(dtype, args.head_dim, attn.num_heads, attn.num_kv_heads)
+        # decode attention through block tables (Triton) where it runs: on CUDA
+        self.use_block_tables = paged_attention_triton.supports(
+            self.kv_caches[0][0], attn.num_heads, attn.num_kv_heads, args.head_dim, block_size)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graph_max_batch > 0 and device.type == "cuda" and self.use_block_tables:
+            self.graphs = DecodeGraphs(model, self.kv_caches, max_batch=cuda_graph_max_batch,
+                                       max_model_len=max_model_len or args.max_position_embeddings,
+                                       block_size=block_size, scratch_block=self.scratch_block, device=device)
+            self.graphs.capture()
+        elif cuda_graph_max_batch > 0 and device.type == "cuda":
+            logger.warning("CUDA graphs off: the Triton decode attention does not run here (is triton installed?)")
 
     # -- state -----------------------------------------------------------------
     def _add(self, data: NewRequestData) -> None:
@@ -140,16 +172,24 @@ class ModelRunner:
         self._update_states(sched)
         if sched.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
-        order = self._order(sched)
-        input_ids, positions, batch, sample_ids, sample_rows = self._prepare(sched, order)
-        t1 = time.perf_counter()
-        hidden = self.model(input_ids, positions, batch)  # [T, E]
-        logits = self.model.compute_logits(hidden[sample_rows])  # [B, V] float32 (a collective under TP)
+        st = self._collect(sched, self._order(sched))
+        sample_ids = st.sample_ids
+        graphs = self.graphs
+        if graphs is not None and not st.prefills and graphs.fits(len(st.input_ids), st.decode_tables):
+            t1 = time.perf_counter()
+            logits = graphs.run(st.input_ids, st.positions, st.slot_mapping, st.decode_lens, st.decode_tables)
+            if len(st.sample_rows) < len(st.input_ids):  # a 1-token chunk that does not end its prompt
+                logits = logits[st.sample_rows]
+        else:
+            input_ids, positions, batch = self._tensors(st)
+            t1 = time.perf_counter()
+            hidden = self.model(input_ids, positions, batch)  # [T, E]
+            logits = self.model.compute_logits(hidden[st.sample_rows])  # [B, V] float32 (a collective under TP)
         t2 = time.perf_counter()
         tokens, lps = [], []
         if self.is_driver:
             rows = [self._sampling_row(self.states[r]) for r in sample_ids]
-            tokens, lps = sample(logits.cpu(), rows, self.generator)
+            tokens, lps = sample(logits, rows, self.generator)
         out = ModelRunnerOutput(sampled_token_ids={})
         for request_id, token, lp in zip(sample_ids, tokens, lps):
             self.states[request_id].token_ids.append(token)
@@ -225,60 +265,51 @@ class ModelRunner:
         mask = torch.arange(lmax).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # [B, Lmax]
         return slots[:, :lmax].masked_fill(~mask, 0), mask
 
-    def _prepare(
-        self, sched: SchedulerOutput, order: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch, list[str], list[int]]:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
-        sample_ids: list[str] = []
-        sample_rows: list[int] = []
-        dev = self.device
+    def _collect(self, sched: SchedulerOutput, order: list[str]) -> StepLists:
+        """The step's inputs as lists (the per-request Python work of a step)."""
+        st = StepLists()
         for request_id in order:
             state = self.states[request_id]
             n = sched.num_scheduled_tokens[request_id]
             start = state.num_computed_tokens
             end = start + n
-            q_start = len(input_ids)
-            input_ids.extend(state.token_ids[start:end])
-            positions.extend(range(start, end))
-            slot_mapping.extend(self._slots(state.block_ids, start, end))
+            q_start = len(st.input_ids)
+            st.input_ids.extend(state.token_ids[start:end])
+            st.positions.extend(range(start, end))
+            st.slot_mapping.extend(self._slots(state.block_ids, start, end))
             if n == 1:
-                decode_tables.append(state.block_ids)
-                decode_lens.append(end)
+                st.decode_tables.append(state.block_ids)
+                st.decode_lens.append(end)
             else:
                 ctx = None
                 if start:
-                    ctx = self._context_slots([state.block_ids], [end])[0][0].to(dev)  # [ctx_len]
-                prefills.append(PrefillChunk(q_start=q_start, q_len=n, ctx_len=end, ctx_slots=ctx))
+                    ctx = self._context_slots([state.block_ids], [end])[0][0].to(self.device)  # [ctx_len]
+                st.prefills.append(PrefillChunk(q_start=q_start, q_len=n, ctx_len=end, ctx_slots=ctx))
             if end == len(state.token_ids):
-                sample_ids.append(request_id)
-                sample_rows.append(len(input_ids) - 1)
-        decode_slots = decode_mask = decode_lens_t = None
-        if decode_tables:
-            decode_lens_t = torch.tensor(decode_lens, device=dev)
-            slots, mask = self._context_slots(decode_tables, decode_lens)
-            decode_slots = slots.to(dev)  # [Bd, Lmax]
-            decode_mask = mask.view(len(decode_tables), 1, 1, -1).to(dev)  # [Bd, 1, 1, Lmax]
-        md = AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, device=dev),
-            num_decode_tokens=len(decode_tables),
-            decode_slots=decode_slots,
-            decode_mask=decode_mask,
-            decode_lens=decode_lens_t,
-            prefills=prefills,
-        )
+                st.sample_ids.append(request_id)
+                st.sample_rows.append(len(st.input_ids) - 1)
+        return st
+
+    def _tensors(self, st: StepLists) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch]:
+        dev = self.device
+        md = AttentionMetadata(slot_mapping=torch.tensor(st.slot_mapping, device=dev),
+                               num_decode_tokens=len(st.decode_tables), decode_slots=None, decode_mask=None,
+                               prefills=st.prefills)
+        if st.decode_tables and self.use_block_tables:
+            width = max(len(t) for t in st.decode_tables)
+            tab = np.zeros((len(st.decode_tables), width), dtype=np.int32)
+            for i, t in enumerate(st.decode_tables):
+                tab[i, : len(t)] = t
+            md.block_tables = torch.from_numpy(tab).to(dev)
+            md.block_size = self.block_size
+            md.decode_lens = torch.tensor(st.decode_lens, dtype=torch.int32, device=dev)
+        elif st.decode_tables:
+            md.decode_lens = torch.tensor(st.decode_lens, device=dev)
+            slots, mask = self._context_slots(st.decode_tables, st.decode_lens)
+            md.decode_slots = slots.to(dev)  # [Bd, Lmax]
+            md.decode_mask = mask.view(len(st.decode_tables), 1, 1, -1).to(dev)  # [Bd, 1, 1, Lmax]
         batch = ForwardBatch(attn=md, kv_caches=self.kv_caches)
-        return (
-            torch.tensor(input_ids, device=dev),
-            torch.tensor(positions, device=dev),
-            batch,
-            sample_ids,
-            sample_rows,
-        )
+        return torch.tensor(st.input_ids, device=dev), torch.tensor(st.positions, device=dev), batch
 
     def _sampling_row(self, state: RequestState) -> SamplingRow:
         return SamplingRow(state.params, state.token_ids, state.num_prompt_tokens, self.eos_token_ids, state.generator)

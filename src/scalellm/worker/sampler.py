@@ -8,7 +8,9 @@ Order of operations on the float32 logits [B, V]:
      draw per row: by inverse CDF (one uniform from the engine's generator), or for
      a seeded row by the exponential race argmax(p / q), q ~ Exp(1) drawn from its
      own generator, so its tokens do not depend on the batch. On CPU, unseeded rows
-     with temperature alone draw in one fused pass (fused_cpu.softmax_draw).
+     with temperature alone draw in one fused pass (fused_cpu.softmax_draw). On GPU, a
+     batch of greedy and plain-temperature rows is sampled on the device (only token ids
+     are copied back); any other batch is copied to the host and takes the path above.
 
 Knows nothing of scheduling: it sees one row per sampling request.
 """
@@ -136,10 +138,45 @@ def _draw(probs: torch.Tensor, rows: list[SamplingRow], generator: torch.Generat
     return out
 
 
+def _needs_host(row: SamplingRow) -> bool:
+    """Whether a row needs the full host path (anything beyond greedy or plain temperature)."""
+    p = row.params
+    if p.logprobs is not None or row.generator is not None:
+        return True
+    if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+        return True
+    if row.num_output_tokens < p.min_tokens and (p.stop_token_ids or (not p.ignore_eos and row.eos_token_ids)):
+        return True
+    return not (p.is_greedy or _is_plain(row))
+
+
+def _sample_on_device(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Generator | None) -> list[int]:
+    """Greedy and plain-temperature rows where the logits lie (GPU): only the token ids
+    cross to the host. A temperature row draws by the exponential race argmax(p / q),
+    q ~ Exp(1), from a device generator seeded by the engine's (so a seeded engine repeats)."""
+    temps = torch.tensor([0.0 if r.params.is_greedy else r.params.temperature for r in rows], dtype=torch.float32)
+    greedy = logits.max(dim=-1).indices
+    if bool((temps == 0).all()):
+        return greedy.tolist()
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    gen = torch.Generator(device=logits.device).manual_seed(seed)
+    t = temps.clamp(min=1e-6).to(logits.device, non_blocking=True).unsqueeze(1)
+    probs = (logits / t).softmax(dim=-1)
+    q = torch.empty_like(probs).exponential_(generator=gen)
+    drawn = (probs / q).max(dim=-1).indices
+    return torch.where(temps.to(logits.device) == 0, greedy, drawn).tolist()
+
+
 def sample(
     logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Generator | None = None
 ) -> tuple[list[int], list[SampledLogprobs | None]]:
-    """logits: [B, V] float32 (modified in place). Returns token ids and logprobs per row."""
+    """logits: [B, V] float32 (modified in place). Returns token ids and logprobs per row.
+    GPU logits: greedy and plain temperature rows are sampled there; otherwise the logits
+    are copied to the host first."""
+    if logits.device.type != "cpu":
+        if not any(_needs_host(r) for r in rows):
+            return _sample_on_device(logits, rows, generator), [None] * len(rows)
+        logits = logits.cpu()
     want_logprobs = [r.params.logprobs for r in rows]
     raw_logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in want_logprobs) else None
 

@@ -99,7 +99,10 @@ def build_model_runner(
     seed: int,
     is_driver: bool = True,
     quantization: str | None = None,
+    cuda_graph_max_batch: int = 0,
+    max_model_len: int | None = None,
 ) -> ModelRunner:
+    """cuda_graph_max_batch: on GPU, capture decode CUDA graphs up to this batch size (0: none)."""
     t0 = time.perf_counter()
     model_cls = get_model_class(args.architecture)
     with torch.device(device):
@@ -113,6 +116,16 @@ def build_model_runner(
 
         saved = quantize_int8(model, _int8_calibration(model, args, source, dtype, device))
         logger.info("int8 linears: %.0f MB of weights freed", saved / 2**20)
+    elif quantization == "fp8":
+        from scalellm.quant.fp8 import fp8_available
+
+        if not fp8_available(device):
+            raise InvalidParameterError("quantization", "fp8 needs torch._scaled_mm with float8 support and, on GPU, "
+                                        "compute capability 8.9 or newer (Ada, Hopper)")
+        if device.type == "cpu":
+            logger.warning("fp8 on CPU: for checking its numerics; torch's CPU fp8 GEMM is slower than bf16")
+        saved = sum(m.set_fp8() for m in model.modules() if hasattr(m, "set_fp8"))
+        logger.info("fp8 linears: %.0f MB of weights freed", saved / 2**20)
     elif dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
         added = sum(m.set_fp32_compute() for m in model.modules() if hasattr(m, "set_fp32_compute"))
         logger.info("bf16 on a CPU without bf16 units: GEMMs in float32 on the bf16 values "
@@ -125,6 +138,7 @@ def build_model_runner(
     return ModelRunner(
         model, args, block_size=block_size, num_blocks=num_blocks, dtype=dtype, device=device,
         eos_token_ids=eos_token_ids, seed=seed, is_driver=is_driver,
+        cuda_graph_max_batch=cuda_graph_max_batch if device.type == "cuda" else 0, max_model_len=max_model_len,
     )
 
 

@@ -1,0 +1,79 @@
+"""Run under TRITON_INTERPRET=1 (tests/test_paged_attention_triton.py starts it in a
+subprocess): Triton's interpreter runs the GPU decode-attention kernels on CPU tensors,
+so CI checks them, and the model runner's block-table path, without a GPU.
+
+    python tests/triton_interpreted.py kernel             -> JSON: max errors per case
+    python tests/triton_interpreted.py generate MODEL_DIR -> JSON: greedy token ids
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from scalellm.layers import paged_attention_triton as pat
+
+
+def reference(q, k_cache, v_cache, tables, lens, scale):
+    """Attention of each sequence's one query over its context, gathered slot by slot (float64)."""
+    b, h, d = q.shape
+    s, hkv = k_cache.shape[1], k_cache.shape[2]
+    out = []
+    for i in range(b):
+        n = int(lens[i])
+        slots = torch.tensor([int(tables[i, p // s]) * s + p % s for p in range(n)])
+        k = k_cache.reshape(-1, hkv, d)[slots].double().repeat_interleave(h // hkv, 1)  # [n, H, D]
+        v = v_cache.reshape(-1, hkv, d)[slots].double().repeat_interleave(h // hkv, 1)
+        w = (torch.einsum("hd,nhd->hn", q[i].double(), k) * scale).softmax(-1)
+        out.append(torch.einsum("hn,nhd->hd", w, v).reshape(-1))
+    return torch.stack(out)
+
+
+def kernel_cases(device: str = "cpu") -> list[dict]:
+    """Each case's max |error| against `reference`; on CPU under the interpreter, or compiled
+    on a GPU (tests/test_gpu.py)."""
+    results = []
+    g = torch.Generator().manual_seed(0)
+    # (dtype, batch, heads, kv heads, head dim, block size, splits)
+    cases = [(torch.float32, 3, 4, 2, 32, 16, 1), (torch.float32, 3, 4, 2, 32, 16, 3),
+             (torch.float32, 4, 8, 8, 16, 8, None), (torch.float32, 2, 8, 2, 64, 32, 5),
+             (torch.bfloat16, 3, 4, 1, 32, 16, 2), (torch.bfloat16, 2, 4, 2, 16, 4, None)]
+    for dtype, b, h, hkv, d, s, splits in cases:
+        n_blocks = 48
+        kv = torch.randn(2, n_blocks, s, hkv, d, generator=g).to(dtype)
+        lens = torch.tensor([1, 37, 130, 64, 200][:b], dtype=torch.int32)
+        width = max(-(-int(n) // s) for n in lens) + 2
+        tables = torch.stack([torch.randperm(n_blocks, generator=g)[:width] for _ in range(b)]).to(torch.int32)
+        q = torch.randn(b, h + 2 * hkv, d, generator=g).to(dtype)[:, :h]  # strided rows, like qkv
+        out = torch.full((b, h * d), float("nan"), dtype=dtype, device=device)
+        pat.decode_attention(q.to(device), kv[0].to(device), kv[1].to(device), tables.to(device), lens.to(device),
+                             d**-0.5, out, splits)
+        out = out.cpu()
+        ref = reference(q, kv[0], kv[1], tables, lens, d**-0.5)
+        results.append({"case": [str(dtype), b, h, hkv, d, s, splits],
+                        "max_err": float((out.double() - ref).abs().max()), "finite": bool(out.isfinite().all())})
+    return results
+
+
+def generate(path: str) -> dict:
+    from scalellm import LLM, SamplingParams
+
+    llm = LLM(path, dtype="float32", device="cpu", block_size=4, max_num_batched_tokens=24, max_num_seqs=6,
+              kv_cache_memory=40 * 2048, max_model_len=80)
+    runner = llm.engine.core.executor
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, llm.engine.vocab_size, (n,), generator=g).tolist() for n in (3, 7, 12, 19, 26, 33, 41, 55)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    return {"block_tables": runner.use_block_tables, "preemptions": llm.engine.stats().num_preemptions,
+            "prompts": prompts, "tokens": [o.outputs[0].token_ids for o in outs]}
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    if sys.argv[1] == "kernel":
+        print(json.dumps(kernel_cases()))
+    else:
+        print(json.dumps(generate(sys.argv[2])))
