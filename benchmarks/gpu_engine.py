@@ -124,7 +124,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total + head.numel() * head.element_size()
 
 
-def decode_phase(runner: ModelRunner, args: ModelArgs, batches: list[int], ctx: int, copy_tbs: float) -> list[dict]:
+def decode_phase(runner: ModelRunner, args: ModelArgs, batches: list[int], ctx: int, copy_tbs: float,
+                 graphs_only: bool = False) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     per_seq = -(-ctx // BLOCK)
     wbytes = weight_bytes(runner.model)
@@ -146,6 +147,10 @@ def decode_phase(runner: ModelRunner, args: ModelArgs, batches: list[int], ctx: 
         batch = ForwardBatch(attn=md, kv_caches=runner.kv_caches)
         ids_t, pos_t = torch.tensor(ids, device=dev), torch.tensor(pos, device=dev)
         with torch.inference_mode():
+            if graphs_only:
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
             row["eager_triton_ms"] = timed(lambda: runner.model.compute_logits(runner.model(ids_t, pos_t, batch)))
             cs, mask = runner._context_slots(perm, lens)
             md2 = AttentionMetadata(slot_mapping=md.slot_mapping, num_decode_tokens=b, decode_slots=cs.to(dev),
@@ -162,6 +167,20 @@ def decode_phase(runner: ModelRunner, args: ModelArgs, batches: list[int], ctx: 
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def unfused_decode(runner: ModelRunner, args: ModelArgs, batches: list[int], ctx: int, copy_tbs: float) -> list[dict]:
+    """The same CUDA-graph decode steps with the fused Triton element-wise kernels off
+    (torch ops for RMSNorm, rotary + KV write, SiLU), graphs re-captured."""
+    from scalellm.layers import fused_gpu
+
+    fused_gpu.ENABLED = False
+    try:
+        runner.graphs.capture()
+        return decode_phase(runner, args, batches, ctx, copy_tbs, graphs_only=True)
+    finally:
+        fused_gpu.ENABLED = True
+        runner.graphs.capture()
 
 
 def linear_params(args: ModelArgs) -> int:
@@ -269,6 +288,7 @@ def main() -> int:
     phase("bf16_decode", lambda: decode_phase(runner, args, batches, a.context, copy_tbs))
     phase("bf16_prefill", lambda: prefill_phase(runner, args, 4, 2048, peaks.get("bf16_matmul_tflops", 790)))
     phase("bf16_engine", lambda: engine_phase(runner, args, conc, 128, 128))
+    phase("bf16_decode_unfused", lambda: unfused_decode(runner, args, [1, 64], a.context, copy_tbs))
     model = runner.model
     del runner
     if DEVICE == "cuda":

@@ -54,6 +54,27 @@ def test_compiled_kernel_matches_float64_reference():
         assert r["max_err"] < limit, r
 
 
+def test_compiled_fused_kernels_match_the_torch_path():
+    from triton_interpreted import fused_cases
+
+    got = fused_cases("cuda")
+    for name in ("rms_norm_residual", "rms_norm", "silu_and_mul", "rope_q_k", "kv_cache_write"):
+        assert got[name] < 0.008, (name, got)  # within about one bf16 ulp (rounding order)
+    assert got["rms_norm_f32_out"] < 1e-5, got
+    assert got["fp8_scales"] < 1e-6, got
+    assert got["fp8_dequantized"] < 0.075, got  # one e4m3 step at the top of the range
+
+
+def test_bf16_with_fused_kernels_tracks_transformers(tiny_models):
+    """bf16 on GPU runs the fused Triton kernels (norms, rotary + KV write, SiLU) inside
+    the CUDA graphs; its first greedy tokens must match transformers' float32 model."""
+    path = tiny_models["llama"]
+    llm = LLM(path, dtype="bfloat16", device="cuda")
+    got = _greedy(llm, _prompts(512), 1)
+    ref = _reference(path, _prompts(512), 1)
+    assert sum(a == b for a, b in zip(got, ref)) >= len(ref) - 1, (got, ref)
+
+
 @pytest.mark.parametrize("eager", [False, True], ids=["cuda-graphs", "eager"])
 def test_greedy_equals_transformers_on_gpu(tiny_models, eager):
     path = tiny_models["llama"]

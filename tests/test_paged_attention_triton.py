@@ -60,3 +60,15 @@ def test_generation_through_block_tables_equals_transformers(tiny_models):
 def test_not_used_on_cpu_without_the_interpreter():
     cache = torch.zeros(4, 16, 2, 32)
     assert paged_attention_triton.supports(cache, 4, 2, 32, 16) is paged_attention_triton.interpreted()
+
+
+def test_fused_elementwise_kernels_match_the_torch_path():
+    """RMSNorm (+residual, float32 out), SiLU-and-mul, rotary + KV write and the fp8 row
+    quantiser, interpreted on bfloat16 CPU tensors, against the torch ops they replace
+    (relative to the reference's max |value|)."""
+    got = _interpreted("fused")
+    for name in ("rms_norm_residual", "rms_norm", "silu_and_mul", "rope_q_k", "kv_cache_write"):
+        assert got[name] < 0.02, (name, got)  # a few bf16 ulps (the interpreter's bf16 casts)
+    assert got["rms_norm_f32_out"] < 1e-5, got
+    assert got["fp8_scales"] < 1e-6, got
+    assert got["fp8_dequantized"] < 0.15, got  # within an e4m3 step or two at the top of the range

@@ -3,6 +3,7 @@ subprocess): Triton's interpreter runs the GPU decode-attention kernels on CPU t
 so CI checks them, and the model runner's block-table path, without a GPU.
 
     python tests/triton_interpreted.py kernel             -> JSON: max errors per case
+    python tests/triton_interpreted.py fused              -> JSON: the fused kernels' relative errors
     python tests/triton_interpreted.py generate MODEL_DIR -> JSON: greedy token ids
 """
 
@@ -58,6 +59,54 @@ def kernel_cases(device: str = "cpu") -> list[dict]:
     return results
 
 
+def fused_cases(device: str = "cpu") -> dict:
+    """The fused element-wise kernels (layers/fused_gpu.py, the fp8 quantiser) against the
+    torch path they replace, on bfloat16: max |difference| / max |reference| per kernel."""
+    import torch.nn.functional as F
+
+    from scalellm.layers import fused_gpu
+    from scalellm.layers.norm import RMSNorm
+    from scalellm.layers.rotary import RotaryEmbedding
+    from scalellm.quant import fp8
+
+    g = torch.Generator().manual_seed(0)
+    dt = torch.bfloat16
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double().cpu() - b.double().cpu()).abs().max() / b.double().abs().max().clamp(min=1e-30))
+
+    out = {}
+    x = torch.randn(5, 1500, generator=g).to(dt).to(device)  # a width over one chunk, not a power of two
+    r = torch.randn(5, 1500, generator=g).to(dt).to(device)
+    norm = RMSNorm(1500, 1e-5, dt).to(device)
+    norm.weight.data = (1 + 0.1 * torch.randn(1500, generator=g)).to(dt).to(device)
+    ref_y, ref_sum = norm._norm(x + r), x + r
+    y, total = fused_gpu.rms_norm(x, norm.weight, 1e-5, r)
+    out["rms_norm_residual"] = max(rel(y, ref_y), rel(total, ref_sum))
+    out["rms_norm"] = rel(fused_gpu.rms_norm(x, norm.weight, 1e-5), norm._norm(x))
+    norm.output_float32 = True
+    out["rms_norm_f32_out"] = rel(fused_gpu.rms_norm(x, norm.weight, 1e-5, None, True), norm._norm(x))
+    gu = torch.randn(7, 2 * 600, generator=g).to(dt).to(device)
+    out["silu_and_mul"] = rel(fused_gpu.silu_and_mul(gu), F.silu(gu[:, :600]) * gu[:, 600:])
+    h, hkv, d, t = 6, 2, 32, 9
+    rope = RotaryEmbedding(d, 256, 10000.0).to(device)
+    qkv = torch.randn(t, (h + 2 * hkv) * d, generator=g).to(dt).to(device)
+    pos = torch.randint(0, 256, (t,), generator=g).to(device)
+    slots = torch.randperm(40, generator=g)[:t].to(device)
+    kc, vc = torch.zeros(40, hkv, d, dtype=dt, device=device), torch.zeros(40, hkv, d, dtype=dt, device=device)
+    ref_qk = rope.rotate(pos, qkv[:, : (h + hkv) * d].reshape(t, h + hkv, d))
+    ref_v = qkv[:, (h + hkv) * d:].reshape(t, hkv, d).clone()
+    fused_gpu.rope_write_kv(qkv, h, hkv, d, pos, rope.cos, rope.sin, slots, kc, vc)
+    out["rope_q_k"] = rel(qkv[:, : (h + hkv) * d].reshape(t, h + hkv, d), ref_qk)
+    out["kv_cache_write"] = max(rel(kc[slots], ref_qk[:, h:]), rel(vc[slots], ref_v))
+    a = torch.randn(6, 512, generator=g).to(dt).to(device) * 3
+    q, s = fp8.quantize_rows(a)  # the Triton quantiser here (GPU or interpreter)
+    q_ref, s_ref = fp8.quantize_rows(a.cpu().float())  # the torch ops on CPU
+    out["fp8_scales"] = rel(s, s_ref)
+    out["fp8_dequantized"] = rel(q.float() * s, q_ref.float() * s_ref)
+    return out
+
+
 def generate(path: str) -> dict:
     from scalellm import LLM, SamplingParams
 
@@ -75,5 +124,7 @@ if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     if sys.argv[1] == "kernel":
         print(json.dumps(kernel_cases()))
+    elif sys.argv[1] == "fused":
+        print(json.dumps(fused_cases()))
     else:
         print(json.dumps(generate(sys.argv[2])))

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalellm.layers import fused_cpu, paged_attention_cpu, paged_attention_triton
+from scalellm.layers import fused_cpu, fused_gpu, paged_attention_cpu, paged_attention_triton
 from scalellm.layers.rotary import RotaryEmbedding
 
 _HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -111,14 +111,17 @@ class Attention(nn.Module):
                     batch: ForwardBatch) -> torch.Tensor:
         """qkv: [T, (H + 2 Hkv) D], a QKV projection's output (q heads, k heads, v heads):
         rotary on q and k, K/V written to the cache, attention -> [T, H*D]. On CPU, once the
-        fused kernels are compiled, the rotation and the cache write are one pass over qkv
-        (in place) and decode attention reads its queries from qkv as they lie."""
+        fused kernels are compiled (on GPU, with Triton), the rotation and the cache write are
+        one pass over qkv (in place) and decode attention reads its queries from qkv as they lie."""
         t, h, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         k_flat, v_flat = self._cache_views(batch)
         md = batch.attn
-        if (fused_cpu.supports(qkv) and qkv.is_contiguous() and k_flat.dtype == qkv.dtype
-                and positions.dtype == torch.long and md.slot_mapping.dtype == torch.long):
-            fused_cpu.rope_write_kv(qkv, h, hkv, d, positions, rotary.cos, rotary.sin, md.slot_mapping, k_flat, v_flat)
+        cpu = fused_cpu.supports(qkv) and qkv.is_contiguous()
+        gpu = not cpu and fused_gpu.supports(qkv) and qkv.stride(1) == 1 and k_flat.is_contiguous()
+        if ((cpu or gpu) and k_flat.dtype == qkv.dtype and positions.dtype == torch.long
+                and md.slot_mapping.dtype == torch.long):
+            fused = fused_cpu if cpu else fused_gpu
+            fused.rope_write_kv(qkv, h, hkv, d, positions, rotary.cos, rotary.sin, md.slot_mapping, k_flat, v_flat)
             q = qkv[:, : h * d].view(t, h, d)
             k = qkv[:, h * d: (h + hkv) * d].view(t, hkv, d)
             v = qkv[:, (h + hkv) * d:].view(t, hkv, d)

@@ -1,13 +1,14 @@
 """RMSNorm, computed in float32 like the reference implementations, with an
 optional fused residual add: `norm(x, residual)` returns (normed, x + residual).
-On CPU the whole chain is one numba pass (`fused_cpu`) once its kernels are compiled."""
+On CPU the whole chain is one numba pass (`fused_cpu`) once its kernels are compiled,
+on GPU one Triton pass (`fused_gpu`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from scalellm.layers import fused_cpu
+from scalellm.layers import fused_cpu, fused_gpu
 from scalellm.layers.linear import default_weight_loader
 
 
@@ -35,6 +36,9 @@ class RMSNorm(nn.Module):
         if (fused_cpu.supports(x) and x.dim() == 2 and x.is_contiguous() and self.weight.dtype == x.dtype
                 and (residual is None or (residual.dtype == x.dtype and residual.is_contiguous()))):
             return fused_cpu.rms_norm(x, self.weight, self.eps, residual, self.output_float32)
+        if (fused_gpu.supports(x) and x.dim() == 2 and x.stride(1) == 1 and self.weight.dtype == x.dtype
+                and (residual is None or (residual.dtype == x.dtype and residual.stride(1) == 1))):
+            return fused_gpu.rms_norm(x, self.weight, self.eps, residual, self.output_float32)
         if residual is None:
             return self._norm(x)
         x = x + residual
