@@ -142,7 +142,7 @@ def decode_phase(runner: ModelRunner, args: ModelArgs, batches: list[int], ctx: 
         dev = runner.device
         tables = torch.tensor(perm, dtype=torch.int32, device=dev)
         md = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), num_decode_tokens=b, decode_slots=None,
-                               decode_mask=None, decode_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+                               decode_mask=None, decode_lens=torch.tensor(lens, dtype=torch.long, device=dev),
                                block_tables=tables, block_size=BLOCK)
         batch = ForwardBatch(attn=md, kv_caches=runner.kv_caches)
         ids_t, pos_t = torch.tensor(ids, device=dev), torch.tensor(pos, device=dev)
@@ -226,12 +226,17 @@ def engine_phase(runner: ModelRunner, args: ModelArgs, concurrency: list[int], i
             ids = torch.randint(100, args.vocab_size, (in_len,), generator=g).tolist()
             core.add_request(Request(f"c{c}-{i}-{time.monotonic_ns()}", ids, params, frozenset(), out_len))
         sync()
+        tm = runner.timings
+        before = (tm.prepare, tm.forward, tm.sample)
         t0 = time.perf_counter()
         first = None
         n_out = 0
         steps = 0
+        slowest = 0.0
         while core.has_unfinished_requests():
+            ts = time.perf_counter()
             outs = core.step()
+            slowest = max(slowest, time.perf_counter() - ts)
             steps += 1
             n_out += sum(len(o.new_token_ids) for o in outs)
             if first is None and outs:
@@ -239,8 +244,14 @@ def engine_phase(runner: ModelRunner, args: ModelArgs, concurrency: list[int], i
         sync()
         dt = time.perf_counter() - t0
         if k:
+            # per step: runner prepare (lists, tensors), forward (launch; the GPU wait shows up in
+            # sample, whose token ids sync), and the rest (scheduler, outputs)
+            prep, fwd, smp = ((now - was) / steps * 1e3 for now, was in zip((tm.prepare, tm.forward, tm.sample), before))
             row = {"concurrency": c, "seconds": dt, "output_tokens": n_out, "output_tok_s": n_out / dt, "steps": steps,
-                   "first_step_s": first, "tpot_ms": (dt - first) / (out_len - 1) * 1e3}
+                   "first_step_s": first, "tpot_ms": (dt - first) / (out_len - 1) * 1e3,
+                   "step_ms": dt / steps * 1e3, "prepare_ms": prep, "forward_launch_ms": fwd,
+                   "sample_and_gpu_wait_ms": smp, "scheduler_and_outputs_ms": dt / steps * 1e3 - prep - fwd - smp,
+                   "slowest_step_ms": slowest * 1e3}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -253,7 +264,8 @@ def main() -> int:
     p.add_argument("--batches", default="1,16,64,128,256")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--concurrency", default="1,64,256")
-    p.add_argument("--kv-gib", type=float, default=24.0)
+    p.add_argument("--kv-gib", type=float, default=40.0)
+    p.add_argument("--phases", default="all", help="comma-separated phase names (default: all)")
     a = p.parse_args()
     args = SHAPES[a.shape]
     import triton
@@ -267,6 +279,8 @@ def main() -> int:
             json.dump(result, f, indent=1)
 
     def phase(name: str, fn: Callable[[], object]) -> object:
+        if a.phases != "all" and name not in a.phases.split(","):
+            return None
         t0 = time.perf_counter()
         try:
             result[name] = fn()

@@ -118,6 +118,11 @@ class ModelRunner:
         # decode attention through block tables (Triton) where it runs: on CUDA
         self.use_block_tables = paged_attention_triton.supports(
             self.kv_caches[0][0], attn.num_heads, attn.num_kv_heads, args.head_dim, block_size)
+        if device.type == "cuda":
+            # NOTE: cuDNN's attention builds an execution plan per new prefill shape; on an H200 that
+            # stalled single steps for 1.8-2.6 s mid-serving (c=256, chunked prefill). Flash and
+            # memory-efficient attention have no such cost.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.graphs: DecodeGraphs | None = None
         if cuda_graph_max_batch > 0 and device.type == "cuda" and self.use_block_tables:
             self.graphs = DecodeGraphs(model, self.kv_caches, max_batch=cuda_graph_max_batch,
@@ -302,7 +307,9 @@ class ModelRunner:
                 tab[i, : len(t)] = t
             md.block_tables = torch.from_numpy(tab).to(dev)
             md.block_size = self.block_size
-            md.decode_lens = torch.tensor(st.decode_lens, dtype=torch.int32, device=dev)
+            # NOTE: int64 like the CUDA graphs' lengths: a Triton kernel is compiled per pointer
+            # dtype, and int32 here compiled new variants mid-serving
+            md.decode_lens = torch.tensor(st.decode_lens, dtype=torch.long, device=dev)
         elif st.decode_tables:
             md.decode_lens = torch.tensor(st.decode_lens, device=dev)
             slots, mask = self._context_slots(st.decode_tables, st.decode_lens)
