@@ -6,7 +6,8 @@ Random weights at Llama-3-8B's shapes (bf16; then the same weights in fp8), no t
 2. decode step time at batch 1..256 over a fixed context, three ways: CUDA graph,
    eager with the Triton paged kernel, eager with the SDPA-over-gathered-K/V fallback;
    against the HBM floor (every weight byte + the batch's K/V read once per step);
-3. prefill: 4 fresh prompts of 2,048 tokens in one step, FLOP/s against the matmul peak;
+3. prefill: 4 fresh prompts of 2,048 tokens in one step, FLOP/s against the matmul peak
+   (attention by the paged Triton kernel, and by one SDPA call per chunk);
 4. the engine end to end (scheduler + runner, greedy, 128 in / 128 out) at c = 1, 64, 256.
 
     python benchmarks/gpu_engine.py --out benchmarks/results/gpu_engine.json
@@ -193,18 +194,26 @@ def prefill_phase(runner: ModelRunner, args: ModelArgs, prompts: int, length: in
     dev = runner.device
     t = prompts * length
     chunks = [PrefillChunk(q_start=i * length, q_len=length, ctx_len=length, ctx_slots=None) for i in range(prompts)]
-    md = AttentionMetadata(slot_mapping=torch.arange(t, device=dev), num_decode_tokens=0, decode_slots=None,
-                           decode_mask=None, prefills=chunks)
-    batch = ForwardBatch(attn=md, kv_caches=runner.kv_caches)
+    per = -(-length // BLOCK)
+    tables = torch.arange(prompts * per, dtype=torch.int32, device=dev).view(prompts, per)
+    slots = (tables.long().unsqueeze(-1) * BLOCK + torch.arange(BLOCK, device=dev)).view(prompts, -1)[:, :length]
+    meta = torch.tensor([[c.q_start for c in chunks], [length] * prompts, [length] * prompts], dtype=torch.int32,
+                        device=dev)
     ids = torch.randint(0, args.vocab_size, (t,), device=dev)
     pos = torch.arange(length, device=dev).repeat(prompts)
     last = [(i + 1) * length - 1 for i in range(prompts)]
-    with torch.inference_mode():
-        ms = timed(lambda: runner.model.compute_logits(runner.model(ids, pos, batch)[last]), reps=5, warmup=2)
+    out: dict = {"prompts": prompts, "length": length}
     flops = 2 * linear_params(args) * t + prompts * args.num_layers * 2 * length**2 * args.num_heads * args.head_dim
-    tflops = flops / ms / 1e9
-    out = {"prompts": prompts, "length": length, "ms": ms, "tokens_per_s": t / ms * 1e3, "tflops": tflops,
-           "fraction_of_matmul_peak": tflops / peak_tflops}
+    for name, paged in (("triton_paged", True), ("sdpa_per_chunk", False)):
+        md = AttentionMetadata(slot_mapping=slots.reshape(-1), num_decode_tokens=0, decode_slots=None,
+                               decode_mask=None, prefills=chunks)
+        if paged:  # what the runner builds on GPU: one kernel for every chunk
+            md.prefill_tables, md.prefill_meta, md.prefill_max_q, md.block_size = tables, meta, length, BLOCK
+        batch = ForwardBatch(attn=md, kv_caches=runner.kv_caches)
+        with torch.inference_mode():
+            ms = timed(lambda: runner.model.compute_logits(runner.model(ids, pos, batch)[last]), reps=5, warmup=2)
+        tflops = flops / ms / 1e9
+        out[name] = {"ms": ms, "tokens_per_s": t / ms * 1e3, "tflops": tflops, "fraction_of_matmul_peak": tflops / peak_tflops}
     print(json.dumps(out), flush=True)
     return out
 
@@ -266,6 +275,7 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,64,256")
     p.add_argument("--kv-gib", type=float, default=40.0)
     p.add_argument("--phases", default="all", help="comma-separated phase names (default: all)")
+    p.add_argument("--prefill-len", type=int, default=2048, help="tokens of each of the 4 prefill prompts")
     a = p.parse_args()
     args = SHAPES[a.shape]
     import triton
@@ -300,7 +310,7 @@ def main() -> int:
     result["bf16_build_and_capture_s"] = time.perf_counter() - t0
     result["bf16_capture_s"] = runner.graphs.capture_seconds if runner.graphs else None
     phase("bf16_decode", lambda: decode_phase(runner, args, batches, a.context, copy_tbs))
-    phase("bf16_prefill", lambda: prefill_phase(runner, args, 4, 2048, peaks.get("bf16_matmul_tflops", 790)))
+    phase("bf16_prefill", lambda: prefill_phase(runner, args, 4, a.prefill_len, peaks.get("bf16_matmul_tflops", 790)))
     phase("bf16_engine", lambda: engine_phase(runner, args, conc, 128, 128))
     phase("bf16_decode_unfused", lambda: unfused_decode(runner, args, [1, 64], a.context, copy_tbs))
     model = runner.model
@@ -314,7 +324,7 @@ def main() -> int:
     runner = build_runner(args, a.kv_gib, max(batches), model)
     result["fp8_build_and_capture_s"] = time.perf_counter() - t0
     phase("fp8_decode", lambda: decode_phase(runner, args, batches, a.context, copy_tbs))
-    phase("fp8_prefill", lambda: prefill_phase(runner, args, 4, 2048, peaks.get("fp8_rowwise_matmul_tflops", 1500)))
+    phase("fp8_prefill", lambda: prefill_phase(runner, args, 4, a.prefill_len, peaks.get("fp8_rowwise_matmul_tflops", 1500)))
     phase("fp8_engine", lambda: engine_phase(runner, args, conc, 128, 128))
     save()
     return 0

@@ -54,6 +54,15 @@ def test_compiled_kernel_matches_float64_reference():
         assert r["max_err"] < limit, r
 
 
+def test_compiled_prefill_kernel_matches_float64_reference():
+    from triton_interpreted import prefill_cases
+
+    for r in prefill_cases("cuda"):
+        assert r["finite"] and r["untouched"], r
+        limit = 1e-5 if "float32" in r["case"][0] else 1.6e-2
+        assert r["max_err"] < limit, r
+
+
 def test_compiled_fused_kernels_match_the_torch_path():
     from triton_interpreted import fused_cases
 

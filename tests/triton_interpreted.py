@@ -59,6 +59,47 @@ def kernel_cases(device: str = "cpu") -> list[dict]:
     return results
 
 
+def prefill_cases(device: str = "cpu") -> list[dict]:
+    """The prefill kernel: several chunks in one launch (fresh prompts, chunks continuing a
+    cached context, more than one query tile), against a float64 causal reference."""
+    results = []
+    g = torch.Generator().manual_seed(1)
+    # (dtype, heads, kv heads, head dim, block size, [(q_len, ctx_len), ...])
+    cases = [(torch.float32, 4, 2, 32, 16, [(5, 5), (70, 70), (3, 40), (130, 200)]),
+             (torch.float32, 2, 2, 16, 4, [(17, 17), (64, 65)]),
+             (torch.bfloat16, 4, 1, 32, 8, [(9, 9), (66, 130), (2, 3)])]
+    for dtype, h, hkv, d, s, chunks in cases:
+        n_blocks = 96
+        kv = torch.randn(2, n_blocks, s, hkv, d, generator=g).to(dtype)
+        width = max(-(-ctx // s) for _, ctx in chunks)
+        tables = torch.stack([torch.randperm(n_blocks, generator=g)[:width] for _ in chunks]).to(torch.int32)
+        total = sum(q for q, _ in chunks) + 3  # three rows before the chunks (decodes, untouched)
+        q = torch.randn(total, h + 2 * hkv, d, generator=g).to(dtype)[:, :h]
+        starts, row = [], 3
+        for q_len, _ in chunks:
+            starts.append(row)
+            row += q_len
+        meta = torch.tensor([starts, [c[0] for c in chunks], [c[1] for c in chunks]], dtype=torch.int32)
+        out = torch.full((total, h * d), float("nan"), dtype=dtype, device=device)
+        pat.prefill_attention(q.to(device), kv[0].to(device), kv[1].to(device), tables.to(device), meta.to(device),
+                              max(c[0] for c in chunks), d**-0.5, out)
+        out = out.cpu()
+        err = 0.0
+        for (q_len, ctx), start, table in zip(chunks, starts, tables):
+            slots = torch.tensor([int(table[p // s]) * s + p % s for p in range(ctx)])
+            k = kv[0].reshape(-1, hkv, d)[slots].double().repeat_interleave(h // hkv, 1)  # [ctx, H, D]
+            v = kv[1].reshape(-1, hkv, d)[slots].double().repeat_interleave(h // hkv, 1)
+            qq = q[start: start + q_len].double()  # [q_len, H, D]
+            sc = torch.einsum("qhd,khd->hqk", qq, k) * d**-0.5
+            pos = torch.arange(q_len).unsqueeze(1) + (ctx - q_len)
+            sc = sc.masked_fill(torch.arange(ctx).unsqueeze(0) > pos, float("-inf"))
+            ref = torch.einsum("hqk,khd->qhd", sc.softmax(-1), v).reshape(q_len, -1)
+            err = max(err, float((out[start: start + q_len].double() - ref).abs().max()))
+        results.append({"case": [str(dtype), h, hkv, d, s, chunks], "max_err": err,
+                        "untouched": bool(out[:3].isnan().all()), "finite": bool(out[3:].isfinite().all())})
+    return results
+
+
 def fused_cases(device: str = "cpu") -> dict:
     """The fused element-wise kernels (layers/fused_gpu.py, the fp8 quantiser) against the
     torch path they replace, on bfloat16: max |difference| / max |reference| per kernel."""
@@ -124,6 +165,8 @@ if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     if sys.argv[1] == "kernel":
         print(json.dumps(kernel_cases()))
+    elif sys.argv[1] == "prefill":
+        print(json.dumps(prefill_cases()))
     elif sys.argv[1] == "fused":
         print(json.dumps(fused_cases()))
     else:

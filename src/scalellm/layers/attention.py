@@ -12,7 +12,7 @@ A step's tokens are laid out decodes first, then prefill chunks:
 Decodes (one query token each) run, on CPU, as one fused
 kernel that reads K/V where they lie (`paged_attention_cpu`, numba); on GPU as one
 Triton kernel that reads them through the block tables (`paged_attention_triton`,
-CUDA-graph safe); otherwise as one batched SDPA call over K/V gathered through their
+CUDA-graph safe; there all prefill chunks also run as one kernel); otherwise as one batched SDPA call over K/V gathered through their
 slots and padded to the longest context (masked). Each
 prefill chunk runs its own causal SDPA call; a chunk that continues a cached
 context gathers its earlier K/V through its block table.
@@ -54,7 +54,12 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] True where a key is attended
     decode_lens: torch.Tensor | None = None  # [Bd] context length per decode (the fused kernels')
     block_tables: torch.Tensor | None = None  # [Bd, W] int32 block ids per decode (the Triton kernel's)
-    block_size: int = 0  # tokens per block (with block_tables)
+    block_size: int = 0  # tokens per block (with block_tables or prefill_tables)
+    # all prefill chunks in one Triton launch (GPU): a block table per chunk, and [3, P] int32
+    # rows of (first row in the step, query count, context length after the step)
+    prefill_tables: torch.Tensor | None = None
+    prefill_meta: torch.Tensor | None = None
+    prefill_max_q: int = 0
     fused_index: paged_attention_cpu.DecodeIndex | None = None  # made by the first layer of a step
     prefills: list[PrefillChunk] = field(default_factory=list)
 
@@ -141,9 +146,10 @@ class Attention(nn.Module):
         # K/V already in the cache. q_rows: C-contiguous rows whose first H*D columns are q (or None)
         out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
         bd = md.num_decode_tokens
+        if md.block_size:
+            s, hkv, d = md.block_size, self.num_kv_heads, self.head_dim
+            kc, vc = k_flat.view(-1, s, hkv, d), v_flat.view(-1, s, hkv, d)  # [N, S, Hkv, D]
         if bd and md.block_tables is not None:
-            s = md.block_size
-            kc, vc = k_flat.view(-1, s, self.num_kv_heads, self.head_dim), v_flat.view(-1, s, self.num_kv_heads, self.head_dim)
             paged_attention_triton.decode_attention(q[:bd], kc, vc, md.block_tables, md.decode_lens, self.scale, out[:bd])
         elif bd and md.decode_lens is not None and paged_attention_cpu.supports(k_flat, self.num_heads):
             if md.fused_index is None:
@@ -161,6 +167,10 @@ class Attention(nn.Module):
             vd = v_flat.index_select(0, flat_slots).view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
             # [Bd, Lmax, Hkv, D] -> [Bd, Hkv, Lmax, D]
             out[:bd] = _sdpa(qd, kd, vd, md.decode_mask, False, self.scale).squeeze(2).flatten(1)
+        if md.prefill_tables is not None:
+            paged_attention_triton.prefill_attention(q, kc, vc, md.prefill_tables, md.prefill_meta, md.prefill_max_q,
+                                                     self.scale, out)
+            return out
         for chunk in md.prefills:
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]

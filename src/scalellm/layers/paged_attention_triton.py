@@ -1,5 +1,6 @@
-"""Decode attention over the paged KV cache on GPU: one Triton kernel that reads K/V
-through each sequence's block table where they lie (no gather, no padding, no mask).
+"""Attention over the paged KV cache on GPU: Triton kernels that read K/V through each
+sequence's block table where they lie (no gather, no padding, no mask): one for the
+step's decodes (below), one for all its prefill chunks at once (`prefill_attention`).
 
     k_cache, v_cache: [N, S, Hkv, D]   (one layer's halves of the [2, N, S, Hkv, D] cache)
     block_tables:     [B, W] int32     (block ids of each sequence; only the first
@@ -150,6 +151,60 @@ if triton is not None:
         tl.store(OUT + b * stride_ob + h * D + d, out.to(OUT.dtype.element_ty))
 
 
+    @triton.jit(do_not_specialize=["stride_bt", "num_chunks"])
+    def _prefill_kernel(Q, K, V, BT, META, OUT, scale, num_chunks,
+                        stride_qt, stride_qh, stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
+                        stride_bt, stride_ot,
+                        GROUP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BM: tl.constexpr,
+                        BN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        c = tl.program_id(0)
+        mt = tl.program_id(1)
+        h = tl.program_id(2)
+        q_len = tl.load(META + num_chunks + c)
+        if mt * BM < q_len:
+            q0 = tl.load(META + c)
+            ctx = tl.load(META + 2 * num_chunks + c)
+            off = ctx - q_len  # tokens of context before this chunk (cached or earlier chunks)
+            kvh = h // GROUP
+            i = mt * BM + tl.arange(0, BM)
+            im = i < q_len
+            d = tl.arange(0, D)
+            rows = (q0 + i).to(tl.int64)
+            q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + d[None, :], mask=im[:, None], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+            m_i = tl.full([BM], float("-inf"), tl.float32)
+            l_i = tl.zeros([BM], tl.float32)
+            acc = tl.zeros([BM, D], tl.float32)
+            end = tl.minimum(ctx, off + (mt + 1) * BM)  # keys the tile's last query sees
+            for t0 in range(0, end, BN):
+                j = t0 + tl.arange(0, BN)
+                jm = j < end
+                blk = tl.load(BT + c * stride_bt + j // BLOCK_S, mask=jm, other=0).to(tl.int64)
+                within = (j % BLOCK_S).to(tl.int64)
+                k = tl.load(K + (blk * stride_kn + within * stride_ks + kvh * stride_kh)[:, None] + d[None, :],
+                            mask=jm[:, None], other=0.0)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BM, BN]
+                # causal: query i (position off + i) sees keys 0..off + i; key 0 is always seen,
+                # so after the first tile every row's maximum is finite (no NaN from -inf - -inf)
+                s = tl.where((j[None, :] <= (off + i)[:, None]) & jm[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.exp(s - m_new[:, None])
+                alpha = tl.exp(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(V + (blk * stride_vn + within * stride_vs + kvh * stride_vh)[:, None] + d[None, :],
+                            mask=jm[:, None], other=0.0)
+                if UPCAST:
+                    v = v.to(tl.float32)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                m_i = m_new
+            out = acc / l_i[:, None]
+            tl.store(OUT + rows[:, None] * stride_ot + h * D + d[None, :], out.to(OUT.dtype.element_ty),
+                     mask=im[:, None])
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      lens: torch.Tensor, scale: float, out: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     """q: [B, H, D]; k_cache, v_cache: [N, S, Hkv, D]; block_tables: [B, W]; lens: [B];
@@ -182,4 +237,36 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if splits > 1:
         _merge_kernel[(b, h)](mid_o, mid_lse, out, out.stride(0), H=h, D=d, SPLITS=splits,
                               SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4)
+    return out
+
+
+PREFILL_TILE = 64  # queries and keys per tile of the prefill kernel
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      meta: torch.Tensor, max_q_len: int, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """Causal attention of every prefill chunk of a step in one launch, over K/V in the
+    paged cache (the chunk's own K/V already written there).
+
+    q: [T, H, D] (the step's rows; any row and head strides); block_tables: [P, W] int32,
+    one row per chunk; meta: [3, P] int32 (each chunk's first row in q, its query count,
+    its context length after this step); out: [T, H*D], only the chunks' rows written.
+    Chunk query i sits at position ctx - q_len + i and sees keys 0..that position."""
+    _, h, d = q.shape
+    _, block_s, hkv, _ = k_cache.shape
+    p = meta.shape[1]
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1 and out.stride(1) == 1
+    assert meta.is_contiguous() and block_tables.shape[0] == p
+    if p == 0 or max_q_len == 0:
+        return out
+    upcast = interpreted() and q.dtype != torch.float32
+    precision = "ieee" if q.dtype == torch.float32 or upcast else None
+    grid = (p, -(-max_q_len // PREFILL_TILE), h)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, meta, out, scale, p,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0),
+        GROUP=h // hkv, D=d, BLOCK_S=block_s, BM=PREFILL_TILE, BN=PREFILL_TILE, PRECISION=precision,
+        UPCAST=upcast, num_warps=4, num_stages=2,
+    )
     return out

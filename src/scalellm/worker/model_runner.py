@@ -53,6 +53,7 @@ class StepLists:
     decode_tables: list[list[int]] = field(default_factory=list)  # block table per decode
     decode_lens: list[int] = field(default_factory=list)  # context length per decode
     prefills: list[PrefillChunk] = field(default_factory=list)
+    prefill_tables: list[list[int]] = field(default_factory=list)  # block table per chunk (Triton path)
     sample_ids: list[str] = field(default_factory=list)  # requests that sample this step
     sample_rows: list[int] = field(default_factory=list)  # their last token's row
 
@@ -287,7 +288,9 @@ class ModelRunner:
                 st.decode_lens.append(end)
             else:
                 ctx = None
-                if start:
+                if self.use_block_tables:
+                    st.prefill_tables.append(state.block_ids)  # the kernel reads K/V through it
+                elif start:
                     ctx = self._context_slots([state.block_ids], [end])[0][0].to(self.device)  # [ctx_len]
                 st.prefills.append(PrefillChunk(q_start=q_start, q_len=n, ctx_len=end, ctx_slots=ctx))
             if end == len(state.token_ids):
@@ -295,17 +298,21 @@ class ModelRunner:
                 st.sample_rows.append(len(st.input_ids) - 1)
         return st
 
+    @staticmethod
+    def _table(tables: list[list[int]]) -> torch.Tensor:
+        """Block tables as one [len, longest] int32 tensor (rows padded with block 0)."""
+        tab = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
+        for i, t in enumerate(tables):
+            tab[i, : len(t)] = t
+        return torch.from_numpy(tab)
+
     def _tensors(self, st: StepLists) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch]:
         dev = self.device
         md = AttentionMetadata(slot_mapping=torch.tensor(st.slot_mapping, device=dev),
                                num_decode_tokens=len(st.decode_tables), decode_slots=None, decode_mask=None,
                                prefills=st.prefills)
         if st.decode_tables and self.use_block_tables:
-            width = max(len(t) for t in st.decode_tables)
-            tab = np.zeros((len(st.decode_tables), width), dtype=np.int32)
-            for i, t in enumerate(st.decode_tables):
-                tab[i, : len(t)] = t
-            md.block_tables = torch.from_numpy(tab).to(dev)
+            md.block_tables = self._table(st.decode_tables).to(dev)
             md.block_size = self.block_size
             # NOTE: int64 like the CUDA graphs' lengths: a Triton kernel is compiled per pointer
             # dtype, and int32 here compiled new variants mid-serving
@@ -315,6 +322,12 @@ class ModelRunner:
             slots, mask = self._context_slots(st.decode_tables, st.decode_lens)
             md.decode_slots = slots.to(dev)  # [Bd, Lmax]
             md.decode_mask = mask.view(len(st.decode_tables), 1, 1, -1).to(dev)  # [Bd, 1, 1, Lmax]
+        if st.prefill_tables:
+            md.prefill_tables = self._table(st.prefill_tables).to(dev)
+            md.prefill_meta = torch.tensor([[c.q_start for c in st.prefills], [c.q_len for c in st.prefills],
+                                            [c.ctx_len for c in st.prefills]], dtype=torch.int32).to(dev)
+            md.prefill_max_q = max(c.q_len for c in st.prefills)
+            md.block_size = self.block_size
         batch = ForwardBatch(attn=md, kv_caches=self.kv_caches)
         return torch.tensor(st.input_ids, device=dev), torch.tensor(st.positions, device=dev), batch
 
