@@ -226,9 +226,8 @@ class ModelRunner:
 
         NOTE: the cache is mapped lazily (RSS grows as it fills), and on these VMs a first
         write to a page costs 10-300 us; until every page had been touched once, serving
-        paid it inside steps: ~7 ms a 64-decode step, 165 ms a 2,048-token prefill step;
-        the same c=64 benchmark ran at 618 out tok/s on a fresh server, 755-762 once its
-        cache had been touched."""
+        paid it inside steps: ~7 ms a 64-decode step, 165 ms a 2,048-token prefill step
+        (a fresh server's c=64 benchmark: 655 out tok/s with the prefault, 618 without)."""
         b0 = self._prefault_next
         if b0 >= self.num_blocks:
             return False
