@@ -130,6 +130,19 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return self.model(input_ids, positions, batch)  # [T, E] float32
 
+    def norm_fed_linears(self) -> list[tuple[str, RMSNorm, nn.Module]]:
+        """(linear's name, norm, linear) for every linear whose input is an RMSNorm's output
+        and nothing else reads that output (a norm's weight can then absorb a per-channel
+        scale of the linear's input: quantisation smoothing). An MoE layer's post-attention
+        norm also feeds its router, so it is left out."""
+        out = []
+        for i, layer in enumerate(self.model.layers):
+            out.append((f"model.layers.{i}.self_attn.qkv_proj", layer.input_layernorm, layer.self_attn.qkv_proj))
+            if isinstance(layer.mlp, LlamaMLP):
+                out.append((f"model.layers.{i}.mlp.gate_up_proj", layer.post_attention_layernorm,
+                            layer.mlp.gate_up_proj))
+        return out
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)  # [B, V] float32
 

@@ -8,6 +8,13 @@ the model's dtype:
 
     y[t, n] = sx[t] * sw[n] * sum_k q(x[t, k] / sx[t]) q(w[n, k] / sw[n]) + b[n]
 
+Before quantising, a SmoothQuant-style per-input-channel factor c moves activation
+outliers into the weights of every linear fed by an RMSNorm alone (QKV, gate/up): the
+norm's weight is divided by c and the linear's columns multiplied by it, so the float
+model is unchanged and nothing runs at serving time (`smooth_into_norm`):
+
+    c_j = max|x_j|^alpha / max|W_j|^(1 - alpha)      alpha = 0.5, max|x_j| calibrated
+
 Half the weight bytes of bf16 (decode reads every weight once per step, so decode steps
 are up to ~2x faster where weights dominate) and twice the dense tensor-core rate for
 prefill. The LM head stays in the model's dtype (its re-scored logits keep greedy
@@ -69,6 +76,17 @@ def _fused(x: torch.Tensor) -> bool:
     """Whether the one-pass Triton quantiser runs for x (GPU, or Triton's interpreter)."""
     on = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     return triton is not None and on and x.dim() == 2 and x.stride(1) == 1 and x.dtype != torch.float32
+
+
+def smooth_into_norm(norm_weight: torch.Tensor, weight: torch.Tensor, act_amax: torch.Tensor,
+                     alpha: float = 0.5) -> None:
+    """In place: norm_weight [K] /= c and weight [N, K] *= c (columns), with c from the
+    calibrated max |input| per channel (act_amax [K]) and the weight's per-column max."""
+    w = weight.detach().float()
+    w_amax = w.abs().amax(dim=0).clamp(min=1e-5)  # [K]
+    c = (act_amax.float().to(w.device).clamp(min=1e-5) ** alpha / w_amax ** (1 - alpha)).clamp(min=1e-5)
+    weight.data.copy_(w * c)
+    norm_weight.data.copy_(norm_weight.detach().float() / c)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

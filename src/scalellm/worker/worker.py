@@ -124,6 +124,14 @@ def build_model_runner(
                                         "compute capability 8.9 or newer (Ada, Hopper)")
         if device.type == "cpu":
             logger.warning("fp8 on CPU: for checking its numerics; torch's CPU fp8 GEMM is slower than bf16")
+        from scalellm.quant.fp8 import smooth_into_norm
+
+        pairs = getattr(model, "norm_fed_linears", lambda: [])()
+        if pairs:  # smoothing (quant/fp8.py): folded into the norms, free at serving time
+            stats = _int8_calibration(model, args, source, dtype, device)
+            for name, norm, linear in pairs:
+                if name in stats:
+                    smooth_into_norm(norm.weight, linear.weight, stats[name])
         saved = sum(m.set_fp8() for m in model.modules() if hasattr(m, "set_fp8"))
         logger.info("fp8 linears: %.0f MB of weights freed", saved / 2**20)
     elif dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
