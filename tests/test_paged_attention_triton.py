@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from conftest import assert_not_imported, requires_smollm
 from scalellm.layers import paged_attention_triton
 
 pytestmark = pytest.mark.skipif(not paged_attention_triton.available(), reason="triton is not installed")
@@ -85,3 +86,10 @@ def test_fused_elementwise_kernels_match_the_torch_path():
     assert got["rms_norm_f32_out"] < 1e-5, got
     assert got["fp8_scales"] < 1e-6, got
     assert got["fp8_dequantized"] < 0.15, got  # within an e4m3 step or two at the top of the range
+
+
+@requires_smollm
+def test_a_cpu_engine_never_imports_triton():
+    """triton costs a process ~73 MB and ~0.2 s to import: only GPU (or interpreted) runs load it."""
+    assert_not_imported("from scalellm import LLM, SamplingParams\n"
+                        "LLM(None, device='cpu').generate('Hello', SamplingParams(max_tokens=3))", "triton")

@@ -24,23 +24,31 @@ CPU tensors (numpy), which is how CI checks them without a GPU.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
 
-try:  # triton ships with torch's CUDA wheels; the CPU wheels lack it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
+# NOTE: triton ships with torch's CUDA wheels (the CPU wheels lack it); the kernels live in
+# _triton_attention, imported on first use, so a CPU process never loads triton (~73 MB).
 
 TILE_TOKENS = 64  # context tokens per loop iteration (a multiple of the block size)
 MAX_SPLITS = 16
 
 
+@functools.cache
 def available() -> bool:
-    return triton is not None
+    return importlib.util.find_spec("triton") is not None
+
+
+def _k():  # the kernels module
+    from scalellm.layers import _triton_attention
+
+    return _triton_attention
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def interpreted() -> bool:
@@ -50,7 +58,7 @@ def interpreted() -> bool:
 def supports(k_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> bool:
     """Whether the kernel runs for this cache and these shapes (on CUDA, or anywhere when
     Triton interprets)."""
-    if triton is None or not (k_cache.is_cuda or interpreted()):
+    if not (k_cache.is_cuda or interpreted()) or not available():
         return False
     pow2 = head_dim >= 16 and head_dim & (head_dim - 1) == 0
     return (pow2 and num_heads % num_kv_heads == 0 and k_cache.dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -74,137 +82,6 @@ def num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     return 1 << (min(MAX_SPLITS, max(1, want)).bit_length() - 1)
 
 
-if triton is not None:
-
-    # NOTE: the block tables' row stride varies with the longest context of an eager step;
-    # specialising on it (Triton does for ints divisible by 16) would compile variants mid-serving.
-    @triton.jit(do_not_specialize=["stride_bt"])
-    def _decode_kernel(Q, K, V, BT, LENS, OUT, MID_O, MID_LSE, scale,
-                       stride_qb, stride_qh, stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
-                       stride_bt, stride_ob,
-                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                       TILE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        b = tl.program_id(0)
-        kvh = tl.program_id(1)
-        sp = tl.program_id(2)
-        length = tl.load(LENS + b).to(tl.int32)
-        per = tl.cdiv(tl.cdiv(length, SPLITS), TILE) * TILE  # whole tiles per split
-        start = sp * per
-        end = tl.minimum(start + per, length)
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, D)
-        heads = kvh * GROUP + g
-        gmask = g < GROUP
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, D], tl.float32)
-        for t0 in range(start, end, TILE):
-            offs = t0 + tl.arange(0, TILE)
-            valid = offs < end
-            blk = tl.load(BT + b * stride_bt + offs // BLOCK_S, mask=valid, other=0).to(tl.int64)
-            within = (offs % BLOCK_S).to(tl.int64)
-            k = tl.load(K + (blk * stride_kn + within * stride_ks + kvh * stride_kh)[:, None] + d[None, :],
-                        mask=valid[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, TILE]
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + (blk * stride_vn + within * stride_vs + kvh * stride_vh)[:, None] + d[None, :],
-                        mask=valid[:, None], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        if SPLITS == 1:
-            out = acc / l_i[:, None]
-            tl.store(OUT + b * stride_ob + heads[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty),
-                     mask=gmask[:, None])
-        else:
-            has = l_i > 0  # an empty split (a short context) leaves lse = -inf and zeros
-            out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
-            lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-            row = (b * GROUP * tl.num_programs(1) + heads) * SPLITS + sp  # [B, H, SPLITS] index
-            tl.store(MID_O + row[:, None] * D + d[None, :], out, mask=gmask[:, None])
-            tl.store(MID_LSE + row, lse, mask=gmask)
-
-    @triton.jit
-    def _merge_kernel(MID_O, MID_LSE, OUT, stride_ob, H: tl.constexpr, D: tl.constexpr,
-                      SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        s = tl.arange(0, SPLITS_PAD)
-        d = tl.arange(0, D)
-        row = (b * H + h) * SPLITS + s
-        smask = s < SPLITS
-        lse = tl.load(MID_LSE + row, mask=smask, other=float("-inf"))
-        m = tl.max(lse, 0)
-        w = tl.where(lse > float("-inf"), tl.exp(lse - m), 0.0)
-        o = tl.load(MID_O + row[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
-        out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
-        tl.store(OUT + b * stride_ob + h * D + d, out.to(OUT.dtype.element_ty))
-
-
-    @triton.jit(do_not_specialize=["stride_bt", "num_chunks"])
-    def _prefill_kernel(Q, K, V, BT, META, OUT, scale, num_chunks,
-                        stride_qt, stride_qh, stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
-                        stride_bt, stride_ot,
-                        GROUP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BM: tl.constexpr,
-                        BN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        c = tl.program_id(0)
-        mt = tl.program_id(1)
-        h = tl.program_id(2)
-        q_len = tl.load(META + num_chunks + c)
-        if mt * BM < q_len:
-            q0 = tl.load(META + c)
-            ctx = tl.load(META + 2 * num_chunks + c)
-            off = ctx - q_len  # tokens of context before this chunk (cached or earlier chunks)
-            kvh = h // GROUP
-            i = mt * BM + tl.arange(0, BM)
-            im = i < q_len
-            d = tl.arange(0, D)
-            rows = (q0 + i).to(tl.int64)
-            q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + d[None, :], mask=im[:, None], other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-            m_i = tl.full([BM], float("-inf"), tl.float32)
-            l_i = tl.zeros([BM], tl.float32)
-            acc = tl.zeros([BM, D], tl.float32)
-            end = tl.minimum(ctx, off + (mt + 1) * BM)  # keys the tile's last query sees
-            for t0 in range(0, end, BN):
-                j = t0 + tl.arange(0, BN)
-                jm = j < end
-                blk = tl.load(BT + c * stride_bt + j // BLOCK_S, mask=jm, other=0).to(tl.int64)
-                within = (j % BLOCK_S).to(tl.int64)
-                k = tl.load(K + (blk * stride_kn + within * stride_ks + kvh * stride_kh)[:, None] + d[None, :],
-                            mask=jm[:, None], other=0.0)
-                if UPCAST:
-                    k = k.to(tl.float32)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BM, BN]
-                # causal: query i (position off + i) sees keys 0..off + i; key 0 is always seen,
-                # so after the first tile every row's maximum is finite (no NaN from -inf - -inf)
-                s = tl.where((j[None, :] <= (off + i)[:, None]) & jm[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.exp(s - m_new[:, None])
-                alpha = tl.exp(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(V + (blk * stride_vn + within * stride_vs + kvh * stride_vh)[:, None] + d[None, :],
-                            mask=jm[:, None], other=0.0)
-                if UPCAST:
-                    v = v.to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-                m_i = m_new
-            out = acc / l_i[:, None]
-            tl.store(OUT + rows[:, None] * stride_ot + h * D + d[None, :], out.to(OUT.dtype.element_ty),
-                     mask=im[:, None])
-
-
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      lens: torch.Tensor, scale: float, out: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     """q: [B, H, D]; k_cache, v_cache: [N, S, Hkv, D]; block_tables: [B, W]; lens: [B];
@@ -226,17 +103,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         mid_lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_lse = out  # unused
-    _decode_kernel[(b, hkv, splits)](
+    _k()._decode_kernel[(b, hkv, splits)](
         q, k_cache, v_cache, block_tables, lens, out, mid_o, mid_lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_S=block_s,
+        GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), D=d, BLOCK_S=block_s,
         TILE=TILE_TOKENS, SPLITS=splits, PRECISION="ieee" if upcast else precision,
         UPCAST=upcast, num_warps=4, num_stages=2,
     )
     if splits > 1:
-        _merge_kernel[(b, h)](mid_o, mid_lse, out, out.stride(0), H=h, D=d, SPLITS=splits,
-                              SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4)
+        _k()._merge_kernel[(b, h)](mid_o, mid_lse, out, out.stride(0), H=h, D=d, SPLITS=splits,
+                              SPLITS_PAD=next_power_of_2(splits), num_warps=4)
     return out
 
 
@@ -262,7 +139,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     upcast = interpreted() and q.dtype != torch.float32
     precision = "ieee" if q.dtype == torch.float32 or upcast else None
     grid = (p, -(-max_q_len // PREFILL_TILE), h)
-    _prefill_kernel[grid](
+    _k()._prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, meta, out, scale, p,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0),

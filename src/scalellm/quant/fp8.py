@@ -26,16 +26,11 @@ numerics without a GPU. What this module does NOT know: models or sharding.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import torch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -50,32 +45,15 @@ def fp8_available(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-if triton is not None:
-
-    @triton.jit
-    def _quant_fp8_kernel(X, Q, S, n, stride_x, stride_q, FMAX: tl.constexpr, CH: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        amax = tl.zeros([CH], tl.float32)
-        for c0 in range(0, n, CH):
-            cols = c0 + tl.arange(0, CH)
-            x = tl.load(X + row * stride_x + cols, mask=cols < n, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, 0), 1e-12) / FMAX
-        tl.store(S + row, scale)
-        for c0 in range(0, n, CH):
-            cols = c0 + tl.arange(0, CH)
-            m = cols < n
-            x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(x / scale, -FMAX), FMAX)
-            tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=m)
-
-
-
-
 def _fused(x: torch.Tensor) -> bool:
     """Whether the one-pass Triton quantiser runs for x (GPU, or Triton's interpreter)."""
     on = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return triton is not None and on and x.dim() == 2 and x.stride(1) == 1 and x.dtype != torch.float32
+    return on and x.dim() == 2 and x.stride(1) == 1 and x.dtype != torch.float32 and _has_triton()
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def smooth_into_norm(norm_weight: torch.Tensor, weight: torch.Tensor, act_amax: torch.Tensor,
@@ -97,8 +75,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = torch.empty(m, n, dtype=FP8, device=x.device)
         s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
         if m:
+            from scalellm.quant._triton_fp8 import _quant_fp8_kernel  # triton only where it runs
+
             _quant_fp8_kernel[(m,)](x, q, s, n, x.stride(0), q.stride(0), FMAX=FP8_MAX,
-                                    CH=min(1024, triton.next_power_of_2(n)), num_warps=4)
+                                    CH=min(1024, 1 << max(0, n - 1).bit_length()), num_warps=4)
         return q, s
     scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
     return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
