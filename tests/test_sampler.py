@@ -163,3 +163,21 @@ def test_invalid_parameters_name_the_field(kwargs, field):
         SamplingParams(**kwargs)
     assert e.value.param == field
     assert field in str(e.value)
+
+
+def test_device_path_greedy_and_temperature_rows():
+    """The GPU path's sampler (`_sample_on_device`, device-agnostic torch ops) run on CPU
+    tensors: greedy rows are the argmax, temperature rows follow softmax(logits / T) and
+    repeat for a repeated engine generator; rows needing more go to the host path."""
+    from scalellm.worker.sampler import _needs_host, _sample_on_device
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 0.5], [1.0, 1.0, 1.0, 1.0]]).repeat(2000, 1)
+    rows = [row(temperature=0.0), row(temperature=1.0)] * 2000
+    assert not any(_needs_host(r) for r in rows)
+    a = _sample_on_device(logits, rows, torch.Generator().manual_seed(5))
+    assert a == _sample_on_device(logits, rows, torch.Generator().manual_seed(5))
+    assert all(t == 1 for t in a[0::2])
+    counts = torch.bincount(torch.tensor(a[1::2]), minlength=4).float() / 2000
+    assert (counts - 0.25).abs().max() < 0.05, counts
+    assert _needs_host(row(temperature=1.0, logprobs=2)) and _needs_host(row(temperature=1.0, top_k=3))
+    assert _needs_host(row(temperature=0.0, min_tokens=2)) and not _needs_host(row(temperature=0.0, min_tokens=2, ignore_eos=True))

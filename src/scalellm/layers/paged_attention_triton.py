@@ -27,6 +27,7 @@ import functools
 import importlib.util
 import os
 
+import numpy as np
 import torch
 
 # NOTE: triton ships with torch's CUDA wheels (the CPU wheels lack it); the kernels live in
@@ -45,6 +46,15 @@ def _k():  # the kernels module
     from scalellm.layers import _triton_attention
 
     return _triton_attention
+
+
+def pack_block_tables(tables: list[list[int]], rows: int | None = None, fill: int = 0) -> np.ndarray:
+    """Block tables as one [rows, longest] int32 array (the kernels' `block_tables`): row i
+    holds tables[i] then `fill`; rows past len(tables) (CUDA-graph padding) are all `fill`."""
+    tab = np.full((rows or len(tables), max((len(t) for t in tables), default=1)), fill, dtype=np.int32)
+    for i, t in enumerate(tables):
+        tab[i, : len(t)] = t
+    return tab
 
 
 def next_power_of_2(n: int) -> int:

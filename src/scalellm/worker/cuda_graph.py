@@ -20,11 +20,11 @@ import logging
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from scalellm.layers.attention import AttentionMetadata, ForwardBatch
+from scalellm.layers.paged_attention_triton import pack_block_tables
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class DecodeGraphs:
         self.width = -(-max_model_len // block_size)
         self.meta = torch.zeros(4, bmax, dtype=torch.long, device=device)
         self.tables = torch.full((bmax, self.width), scratch_block, dtype=torch.int32, device=device)
-        self._host = torch.zeros(4, bmax, dtype=torch.long, pin_memory=True)
+        self._host = torch.zeros(4, bmax, dtype=torch.long, pin_memory=device.type == "cuda")
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
@@ -73,7 +73,7 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Capture every bucket's graph (largest first, all in one memory pool)."""
         t0 = time.perf_counter()
-        self._fill_padding(0, self.max_batch)
+        self.stage([], [], [], [], [], self.max_batch)  # every row padding
         pool = None
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -91,38 +91,34 @@ class DecodeGraphs:
         logger.info("CUDA graphs captured for %d decode batch sizes (1..%d) in %.1fs",
                     len(self.buckets), self.max_batch, self.capture_seconds)
 
-    def _fill_padding(self, start: int, end: int) -> None:
-        s = self.block_size
-        self.meta[0, start:end] = 0
-        self.meta[1, start:end] = 0
-        self.meta[2, start:end] = self.scratch_block * s
-        self.meta[3, start:end] = 1
-        self.tables[start:end, 0] = self.scratch_block
-
     def fits(self, n: int, tables: Sequence[Sequence[int]]) -> bool:
         return n <= self.max_batch and max(len(t) for t in tables) <= self.width
 
+    def stage(self, input_ids: Sequence[int], positions: Sequence[int], slots: Sequence[int], lens: Sequence[int],
+              tables: Sequence[Sequence[int]], bucket: int) -> None:
+        """Copy n = len(input_ids) sequences' inputs into the static buffers' first `bucket`
+        rows; rows n..bucket-1 are padding (token 0 at position 0, writing to and attending
+        the scratch block's first slot)."""
+        n = len(input_ids)
+        host = self._host[:, :bucket]
+        host[0, :n] = torch.as_tensor(input_ids, dtype=torch.long)
+        host[1, :n] = torch.as_tensor(positions, dtype=torch.long)
+        host[2, :n] = torch.as_tensor(slots, dtype=torch.long)
+        host[3, :n] = torch.as_tensor(lens, dtype=torch.long)
+        host[0:2, n:] = 0
+        host[2, n:] = self.scratch_block * self.block_size
+        host[3, n:] = 1
+        tab = pack_block_tables(list(tables), bucket, self.scratch_block)
+        self.meta[:, :bucket].copy_(host, non_blocking=True)
+        self.tables[:bucket, : tab.shape[1]].copy_(torch.from_numpy(tab), non_blocking=True)
+
     def run(self, input_ids: Sequence[int], positions: Sequence[int], slots: Sequence[int], lens: Sequence[int],
             tables: Sequence[Sequence[int]]) -> torch.Tensor:
-        """One decode step of n = len(input_ids) sequences -> logits [n, V] (a view of the
-        graph's output, valid until the next run)."""
+        """One decode step of n = len(input_ids) sequences (`fits` must hold) -> logits
+        [n, V] (a view of the graph's output, valid until the next run)."""
         n = len(input_ids)
         b = self.bucket_for(n)
-        assert b is not None and self.fits(n, tables)
-        host = self._host[:, :b]
-        host[0, :n] = torch.as_tensor(input_ids)
-        host[1, :n] = torch.as_tensor(positions)
-        host[2, :n] = torch.as_tensor(slots)
-        host[3, :n] = torch.as_tensor(lens)
-        if b > n:
-            host[0:2, n:] = 0
-            host[2, n:] = self.scratch_block * self.block_size
-            host[3, n:] = 1
-        w = max(len(t) for t in tables)
-        tab = np.full((b, w), self.scratch_block, dtype=np.int32)
-        for i, t in enumerate(tables):
-            tab[i, : len(t)] = t
-        self.meta[:, :b].copy_(host, non_blocking=True)
-        self.tables[:b, :w].copy_(torch.from_numpy(tab), non_blocking=True)
+        assert b is not None
+        self.stage(input_ids, positions, slots, lens, tables, b)
         self.graphs[b].replay()
         return self.outputs[b][:n]

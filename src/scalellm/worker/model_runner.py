@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-
 import torch
 from torch import nn
 
@@ -297,21 +296,13 @@ class ModelRunner:
                 st.sample_rows.append(len(st.input_ids) - 1)
         return st
 
-    @staticmethod
-    def _table(tables: list[list[int]]) -> torch.Tensor:
-        """Block tables as one [len, longest] int32 tensor (rows padded with block 0)."""
-        tab = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
-        for i, t in enumerate(tables):
-            tab[i, : len(t)] = t
-        return torch.from_numpy(tab)
-
     def _tensors(self, st: StepLists) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch]:
         dev = self.device
         md = AttentionMetadata(slot_mapping=torch.tensor(st.slot_mapping, device=dev),
                                num_decode_tokens=len(st.decode_tables), decode_slots=None, decode_mask=None,
                                prefills=st.prefills)
         if st.decode_tables and self.use_block_tables:
-            md.block_tables = self._table(st.decode_tables).to(dev)
+            md.block_tables = torch.from_numpy(paged_attention_triton.pack_block_tables(st.decode_tables)).to(dev)
             md.block_size = self.block_size
             # NOTE: int64 like the CUDA graphs' lengths: a Triton kernel is compiled per pointer
             # dtype, and int32 here compiled new variants mid-serving
@@ -322,7 +313,7 @@ class ModelRunner:
             md.decode_slots = slots.to(dev)  # [Bd, Lmax]
             md.decode_mask = mask.view(len(st.decode_tables), 1, 1, -1).to(dev)  # [Bd, 1, 1, Lmax]
         if st.prefill_tables:
-            md.prefill_tables = self._table(st.prefill_tables).to(dev)
+            md.prefill_tables = torch.from_numpy(paged_attention_triton.pack_block_tables(st.prefill_tables)).to(dev)
             md.prefill_meta = torch.tensor([[c.q_start for c in st.prefills], [c.q_len for c in st.prefills],
                                             [c.ctx_len for c in st.prefills]], dtype=torch.int32).to(dev)
             md.prefill_max_q = max(c.q_len for c in st.prefills)

@@ -71,13 +71,20 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
+def _min_tokens_ban(row: SamplingRow) -> list[int]:
+    """Tokens this row may not sample yet: stop tokens (and EOS unless ignored) until it has
+    min_tokens outputs."""
+    p = row.params
+    if row.num_output_tokens >= p.min_tokens:
+        return []
+    return list(p.stop_token_ids) + ([] if p.ignore_eos else list(row.eos_token_ids))
+
+
 def _apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     for i, row in enumerate(rows):
-        p = row.params
-        if row.num_output_tokens < p.min_tokens:
-            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(row.eos_token_ids))
-            if banned:
-                logits[i, torch.tensor(banned, dtype=torch.long)] = float("-inf")
+        banned = _min_tokens_ban(row)
+        if banned:
+            logits[i, torch.tensor(banned, dtype=torch.long)] = float("-inf")
 
 
 def _is_plain(row: SamplingRow) -> bool:
@@ -145,7 +152,7 @@ def _needs_host(row: SamplingRow) -> bool:
         return True
     if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
         return True
-    if row.num_output_tokens < p.min_tokens and (p.stop_token_ids or (not p.ignore_eos and row.eos_token_ids)):
+    if _min_tokens_ban(row):
         return True
     return not (p.is_greedy or _is_plain(row))
 
@@ -160,11 +167,11 @@ def _sample_on_device(logits: torch.Tensor, rows: list[SamplingRow], generator: 
         return greedy.tolist()
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     gen = torch.Generator(device=logits.device).manual_seed(seed)
-    t = temps.clamp(min=1e-6).to(logits.device, non_blocking=True).unsqueeze(1)
-    probs = (logits / t).softmax(dim=-1)
+    t = temps.to(logits.device, non_blocking=True)
+    probs = (logits / t.clamp(min=1e-6).unsqueeze(1)).softmax(dim=-1)
     q = torch.empty_like(probs).exponential_(generator=gen)
     drawn = (probs / q).max(dim=-1).indices
-    return torch.where(temps.to(logits.device) == 0, greedy, drawn).tolist()
+    return torch.where(t == 0, greedy, drawn).tolist()
 
 
 def sample(
