@@ -150,6 +150,7 @@ def _gateway_config(a: argparse.Namespace, replicas: list[str]):  # type: ignore
     return load_config(getattr(a, "config", None), replicas=replicas, host=a.host, port=a.port,
                        policy=a.policy, api_key=a.api_key, api_key_file=a.api_key_file, admin_key=a.admin_key,
                        max_retries=getattr(a, "max_retries", None), drain_timeout=a.drain_timeout,
+                       grpc_mux=False if a.no_grpc_mux else None,
                        log_level=a.log_level, otlp_endpoint=a.otlp_endpoint)
 
 
@@ -204,6 +205,8 @@ def _add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", default=None, help="file of API keys, one `key_id:secret` per line "
                    "(also SCALELLM_API_KEY_FILE / SCALELLM_API_KEYS)")
     p.add_argument("--admin-key", default=None, help="key for the /admin API (also SCALELLM_ADMIN_KEY)")
+    p.add_argument("--no-grpc-mux", action="store_true",
+                   help="one gRPC Generate call per request to the replicas, not one GenerateMux stream for all")
 
 
 def _add_tracing_args(p: argparse.ArgumentParser) -> None:

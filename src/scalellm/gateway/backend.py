@@ -54,8 +54,9 @@ def _note_resume(lost: str, num_tokens: int) -> None:
 
 class GatewayBackend:
     def __init__(self, replicas: list[ReplicaClient], policy: Policy, max_retries: int = 2,
-                 retry_backoff: float = 0.05) -> None:
+                 retry_backoff: float = 0.05, mux: bool = True) -> None:
         self.replicas = replicas
+        self.mux = mux  # replicas added later use GenerateMux too
         self.policy = policy
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
@@ -92,7 +93,7 @@ class GatewayBackend:
         }
 
     async def add_replica(self, address: str, pool: str = "default") -> ReplicaClient:
-        client = ReplicaClient(address, pool)
+        client = ReplicaClient(address, pool, mux=self.mux)
         await client.start()
         self.replicas = [*self.replicas, client]  # NOTE: a new list: iterations in flight keep theirs
         return client

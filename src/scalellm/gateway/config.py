@@ -8,6 +8,7 @@ nor --otlp-endpoint names one). Unknown settings are errors that name them.
     port = 8000
     policy = "adaptive"              # round_robin | least_load | power_of_two | prefix_affinity | adaptive
     max_retries = 2
+    grpc_mux = true                  # all calls to a replica on one GenerateMux stream (false: a Generate call each)
     otlp_endpoint = "http://127.0.0.1:4317"   # OpenTelemetry traces (OTLP/gRPC); needs scalellm[otel]
     [policy_options]                 # passed to the policy, e.g. adaptive:
     threshold = 32                   #   in-flight requests below which the latency pool is used
@@ -75,6 +76,7 @@ class GatewayConfig:
     policy: str = "least_load"
     policy_options: dict[str, Any] = field(default_factory=dict)
     max_retries: int = 2
+    grpc_mux: bool = True  # calls to a replica over one GenerateMux stream (protocol/grpc/mux.py)
     drain_timeout: float = 30.0
     log_level: str = "WARNING"
     safety: SafetyConfig = SafetyConfig()
@@ -83,7 +85,7 @@ class GatewayConfig:
     otlp_endpoint: str | None = None  # None: no tracing
 
 
-_TOP = {"host", "port", "policy", "policy_options", "max_retries", "drain_timeout", "otlp_endpoint", "replicas",
+_TOP = {"host", "port", "policy", "policy_options", "max_retries", "grpc_mux", "drain_timeout", "otlp_endpoint", "replicas",
         "auth", "limits", "rate_limits", "admission", "filters"}
 
 
@@ -160,7 +162,7 @@ def load_config(path: str | None = None, *, env: dict[str, str] | None = None, *
     flag_replicas = overrides.pop("replicas", None) or []
     replicas += [r if isinstance(r, ReplicaSpec) else ReplicaSpec(r) for r in flag_replicas]
 
-    simple = {k: data[k] for k in ("host", "port", "policy", "policy_options", "max_retries", "drain_timeout",
+    simple = {k: data[k] for k in ("host", "port", "policy", "policy_options", "max_retries", "grpc_mux", "drain_timeout",
                                    "otlp_endpoint") if k in data}
     simple.update({k: v for k, v in overrides.items() if v is not None})
     admin_key = simple.pop("admin_key", None) or env.get("SCALELLM_ADMIN_KEY")

@@ -9,6 +9,7 @@ ready once (not starting), the breaker is closed and the replica is not being re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -19,6 +20,7 @@ from scalellm.gateway.health import BreakerState, CircuitBreaker
 from scalellm.protocol.generation import GenerateCall, GenerateChunk
 from scalellm.protocol.grpc import replica_pb2 as pb
 from scalellm.protocol.grpc import replica_pb2_grpc as pb_grpc
+from scalellm.protocol.grpc.mux import MuxClient, MuxUnsupported
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +31,9 @@ STARTING_POLL = 0.05  # seconds between probes of a replica that has not been re
 class ReplicaClient:
     def __init__(self, address: str, pool: str = "default", load_interval_ms: int = 100,
                  probe_interval: float = 1.0, probe_timeout: float = 5.0,
-                 breaker: CircuitBreaker | None = None) -> None:
+                 breaker: CircuitBreaker | None = None, mux: bool = True) -> None:
         self.address = address
+        self.use_mux = mux  # calls over one GenerateMux stream (when the replica has it)
         self.pool = pool
         self.load_interval_ms = load_interval_ms
         self.probe_interval = probe_interval
@@ -39,6 +42,7 @@ class ReplicaClient:
         # NOTE: grpc.aio channels bind to the running event loop: made in start(), not here.
         self.channel: grpc.aio.Channel | None = None
         self.stub: pb_grpc.ReplicaStub | None = None
+        self.mux: MuxClient | None = None
         self.load = pb.LoadResponse()
         self.in_flight = 0  # requests this gateway has open on the replica
         self.connected = False  # the Load stream is up
@@ -68,11 +72,14 @@ class ReplicaClient:
             ("grpc.max_receive_message_length", 64 << 20), ("grpc.initial_reconnect_backoff_ms", 50),
             ("grpc.min_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 250)])
         self.stub = pb_grpc.ReplicaStub(self.channel)
+        self.mux = MuxClient(self.stub) if self.use_mux else None
         self._tasks = [asyncio.create_task(self._watch_load()), asyncio.create_task(self._probe())]
 
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self.mux is not None:
+            self.mux.close()
         if self.channel is not None:
             await self.channel.close()
 
@@ -134,18 +141,34 @@ class ReplicaClient:
                 self.record_failure()
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[GenerateChunk]:
+        """The call's chunks from this replica; raises grpc.aio.AioRpcError as Generate does.
+        Over the replica's GenerateMux stream where it has one (one HTTP/2 message per engine
+        step for all calls, not one per call and token), else one Generate call."""
         self.in_flight += 1
         self.num_requests += 1
-        # the trace context travels as gRPC metadata (W3C `traceparent`), only when tracing is on
-        metadata = (("traceparent", call.traceparent),) if call.traceparent else None
-        stream = self.stub.Generate(call_to_proto(call, call.deadline_unix), metadata=metadata)
+        request = call_to_proto(call, call.deadline_unix)
         try:
-            async for resp in stream:
-                yield chunk_from_proto(resp)
+            if self.mux is not None and self.mux.supported is not False:
+                try:
+                    # NOTE: closed explicitly: an early exit here must cancel the call on the
+                    # replica now, not when the abandoned generator is garbage-collected
+                    async with contextlib.aclosing(self.mux.generate(request, call.traceparent or "")) as responses:
+                        async for resp in responses:
+                            yield chunk_from_proto(resp)
+                    return
+                except MuxUnsupported:
+                    logger.info("replica %s has no GenerateMux: one Generate call per request", self.address)
+            # the trace context travels as gRPC metadata (W3C `traceparent`), only when tracing is on
+            metadata = (("traceparent", call.traceparent),) if call.traceparent else None
+            stream = self.stub.Generate(request, metadata=metadata)
+            try:
+                async for resp in stream:
+                    yield chunk_from_proto(resp)
+            finally:
+                if not stream.done():
+                    stream.cancel()  # aborts on the replica
         finally:
             self.in_flight -= 1
-            if not stream.done():
-                stream.cancel()  # aborts on the replica
 
     async def tokenize(self, prompt: str | None, messages: list[dict] | None, add_special_tokens: bool) -> list[int]:
         req = pb.TokenizeRequest(add_special_tokens=add_special_tokens)

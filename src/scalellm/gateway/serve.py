@@ -27,8 +27,9 @@ logger = logging.getLogger("scalellm.gateway")
 def build_app(config: GatewayConfig, group: ReplicaGroup | None = None) -> tuple[OpenAIApp, GatewayBackend]:
     if not config.replicas:
         raise ValueError("the gateway needs at least one replica: --replica HOST:PORT or [[replicas]] in --config")
-    clients = [ReplicaClient(r.address, r.pool) for r in config.replicas]
-    backend = GatewayBackend(clients, make_policy(config.policy, **config.policy_options), config.max_retries)
+    clients = [ReplicaClient(r.address, r.pool, mux=config.grpc_mux) for r in config.replicas]
+    backend = GatewayBackend(clients, make_policy(config.policy, **config.policy_options), config.max_retries,
+                             mux=config.grpc_mux)
     guard = Guard(config.safety, config.admission)
     tracing = Tracing("scalellm-gateway", config.otlp_endpoint) if config.otlp_endpoint else None
     app = OpenAIApp(backend, guard=guard, tracing=tracing)

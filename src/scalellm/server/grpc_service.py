@@ -23,6 +23,7 @@ from scalellm.protocol.errors import InvalidParameterError
 from scalellm.protocol.generation import GenerateCall, GenerateChunk
 from scalellm.protocol.grpc import replica_pb2 as pb
 from scalellm.protocol.grpc import replica_pb2_grpc as pb_grpc
+from scalellm.protocol.grpc.mux import serve_mux
 from scalellm.protocol.sampling_params import SamplingParams
 from scalellm.server.async_engine import QueueFullError, RequestAbortedError
 from scalellm.server.backend import EngineBackend
@@ -171,6 +172,12 @@ class ReplicaService(pb_grpc.ReplicaServicer):
             if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
                 span.fail(code.name)
             span.end()
+
+    async def GenerateMux(self, request_iterator: AsyncIterator[pb.MuxRequest],
+                          context: grpc.aio.ServicerContext) -> None:
+        """Many Generate calls on one stream, their responses batched per engine step
+        (protocol/grpc/mux.py); each call is this service's Generate (traced if tracing is on)."""
+        await serve_mux(self.Generate, request_iterator, context)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         found = request.request_id in self.engine.outputs

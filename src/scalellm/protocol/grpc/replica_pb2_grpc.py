@@ -39,6 +39,11 @@ class ReplicaStub:
                 request_serializer=scalellm_dot_protocol_dot_grpc_dot_replica__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=scalellm_dot_protocol_dot_grpc_dot_replica__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMux = channel.stream_stream(
+                '/scalellm.v1.Replica/GenerateMux',
+                request_serializer=scalellm_dot_protocol_dot_grpc_dot_replica__pb2.MuxRequest.SerializeToString,
+                response_deserializer=scalellm_dot_protocol_dot_grpc_dot_replica__pb2.MuxResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/scalellm.v1.Replica/Abort',
                 request_serializer=scalellm_dot_protocol_dot_grpc_dot_replica__pb2.AbortRequest.SerializeToString,
@@ -81,6 +86,15 @@ class ReplicaServicer:
 
     def Generate(self, request, context):
         """Server-streaming generation: text deltas with token ids, logprobs, finish, usage, timings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMux(self, request_iterator, context):
+        """Many Generate calls over one stream: the replica batches what its calls produce in
+        the same moment (an engine step: one token of each) into one MuxResponse, where
+        Generate costs one HTTP/2 message per request and token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,6 +152,11 @@ def add_ReplicaServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=scalellm_dot_protocol_dot_grpc_dot_replica__pb2.GenerateRequest.FromString,
                     response_serializer=scalellm_dot_protocol_dot_grpc_dot_replica__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateMux': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMux,
+                    request_deserializer=scalellm_dot_protocol_dot_grpc_dot_replica__pb2.MuxRequest.FromString,
+                    response_serializer=scalellm_dot_protocol_dot_grpc_dot_replica__pb2.MuxResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -202,6 +221,33 @@ class Replica:
             '/scalellm.v1.Replica/Generate',
             scalellm_dot_protocol_dot_grpc_dot_replica__pb2.GenerateRequest.SerializeToString,
             scalellm_dot_protocol_dot_grpc_dot_replica__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMux(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/scalellm.v1.Replica/GenerateMux',
+            scalellm_dot_protocol_dot_grpc_dot_replica__pb2.MuxRequest.SerializeToString,
+            scalellm_dot_protocol_dot_grpc_dot_replica__pb2.MuxResponse.FromString,
             options,
             channel_credentials,
             insecure,
