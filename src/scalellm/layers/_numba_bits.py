@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 
@@ -31,6 +32,33 @@ def f32_to_bits(typingctx, x):  # pragma: no cover - numba
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.IntType(32))
     return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def prefetch(typingctx, a, r, c):  # pragma: no cover - numba
+    """Hint the cache line holding a[r, c] (a 2-D array) into the caches (llvm.prefetch: read,
+    high locality); no effect on results."""
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer2(context, builder, data=ary.data, shape=cgutils.unpack_tuple(builder, ary.shape),
+                                        strides=cgutils.unpack_tuple(builder, ary.strides), layout=aryty.layout,
+                                        inds=[args[1], args[2]])
+        i8p = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        i32 = ir.IntType(32)
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.none(a, types.intp, types.intp), codegen
+
+
+@register_jitable(inline="always")
+def prefetch_row(a, r):  # pragma: no cover - numba (inlined)
+    """Prefetch row r of a 2-D C-contiguous array, one cache line (64 bytes) at a time."""
+    per_line = 64 // a.itemsize
+    for c in range(0, a.shape[1], per_line):
+        prefetch(a, r, c)
 
 
 def ld(a, r, c):  # pragma: no cover - replaced by the overload inside numba

@@ -27,9 +27,17 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-from scalellm.layers._numba_bits import fast_exp, ld, max_range, st
+from scalellm.layers._numba_bits import fast_exp, ld, max_range, prefetch_row, st
 
 _OPTS = {"parallel": True, "fastmath": True, "cache": True, "nogil": True, "error_model": "numpy"}
+
+# NOTE: each sequence's K and V rows lie in 16-token blocks scattered over the cache, so
+# the hardware prefetcher stalls at every block edge and a core waits on one miss at a
+# time: a 64-sequence step over 30 layers' caches (263 MB, out of cache) read them at
+# ~10 GB/s. Prefetching the row PREFETCH_AHEAD tokens ahead (K, then V, whose first rows
+# are requested while the last keys are scored) took it from 26.4 to 18.5 ms; 8 to 24
+# ahead measured alike, 48 worse.
+PREFETCH_AHEAD = 16
 
 
 @numba.njit(inline="always", fastmath=True)
@@ -73,7 +81,14 @@ def make_decode_attention(head_dim: int, group: int) -> Callable:
                     qs[hh, d] = ld(q, b, hh * hd + d) * scale
             scores = np.empty((num_heads, length), dtype=np.float32)
             lanes = np.empty(16, dtype=np.float32)
+            ahead = min(PREFETCH_AHEAD, length)
+            for j in range(ahead):
+                prefetch_row(k_cache, slots[b, j])
             for j in range(length):
+                if j + ahead < length:
+                    prefetch_row(k_cache, slots[b, j + ahead])
+                else:  # the last keys: start on the values
+                    prefetch_row(v_cache, slots[b, j + ahead - length])
                 slot = slots[b, j]
                 for h in range(num_kv_heads):
                     for g in range(grp):
@@ -84,6 +99,8 @@ def make_decode_attention(head_dim: int, group: int) -> Callable:
             _softmax_rows(scores, length, lanes)
             acc2 = np.zeros((num_heads, hd), dtype=np.float32)
             for j in range(length):
+                if j + ahead < length:
+                    prefetch_row(v_cache, slots[b, j + ahead])
                 slot = slots[b, j]
                 for h in range(num_kv_heads):
                     for g in range(grp):
