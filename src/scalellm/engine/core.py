@@ -14,11 +14,16 @@ from typing import Protocol
 
 from scalellm.engine.request import Request
 from scalellm.engine.scheduler import Scheduler
+from scalellm.protocol.sampling_params import SamplingParams
 from scalellm.protocol.step import CoreRequest, EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 
 
 class Executor(Protocol):
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def kernels_ready(self) -> bool:
+        """Whether the kernels a step uses are compiled (CPU kernels compile in the background)."""
+        ...
 
     def prefault_kv(self, max_blocks: int = 8) -> bool:
         """Idle time only: fault in the next KV blocks' pages; returns whether any remain."""
@@ -60,6 +65,7 @@ class EngineCore:
         self.num_tokens_scheduled = 0
         self.schedule_seconds = 0.0  # cumulative, for the phase profile (see protocol.ipc.CORE_PHASES)
         self.update_seconds = 0.0
+        self.warmed_up = False  # the full-budget warm-up step has run (idle_work)
 
     def add_request(self, request: Request, seed_offset: int = 0) -> None:
         self.scheduler.add_request(request, seed_offset)
@@ -100,10 +106,46 @@ class EngineCore:
         self.num_tokens_scheduled += sched.total_num_scheduled_tokens
         return outputs
 
-    def idle_work(self) -> bool:
-        """A slice of work for an idle engine (~10 ms): faulting in the KV cache's pages
-        (ModelRunner.prefault_kv). Returns whether more remains."""
-        return self.executor.prefault_kv()
+    def idle_work(self) -> bool | None:
+        """A slice of work for an idle engine: once the step's kernels are compiled, one
+        warm-up step of a full token budget (`warm_up_step`, ~0.4 s on 2 CPU cores); else
+        faulting in the next KV-cache pages (ModelRunner.prefault_kv, ~10 ms). Returns True
+        when more remains now, None when more remains later (the kernels are still
+        compiling), False when all is done."""
+        if not self.warmed_up and self.executor.kernels_ready():
+            self.warm_up_step()
+            return True
+        if self.executor.prefault_kv():
+            return True
+        return False if self.warmed_up else None
+
+    def warm_up_step(self) -> None:
+        """Run dummy prompts that fill one step's token budget (128-token prompts, one
+        output token each), outside the prefix cache (no lookups, nothing published, so
+        what is cached stays), then forget them: the step counters are left as they were.
+
+        NOTE: the first step of a new size allocates its activations (and oneDNN its
+        primitives) for the first time, and on these VMs a fresh page can cost 10-300 us
+        to fault in: in a same-run comparison with vLLM starting beside it, the first
+        2,048-token step of a c=64 burst took ~1 s more than the next ones, adding that to
+        every TTFT of the burst. Afterwards the heap keeps those pages
+        (memory.keep_freed_heap, set in the engine core process)."""
+        self.warmed_up = True
+        kv = self.scheduler.kv_cache
+        counters = (self.num_steps, self.num_tokens_scheduled, self.schedule_seconds, self.update_seconds)
+        caching, kv.enable_prefix_caching = kv.enable_prefix_caching, False
+        cfg = self.scheduler.config
+        prompt_len = max(1, min(128, cfg.max_model_len - 1, cfg.max_num_batched_tokens))
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        for i in range(max(1, cfg.max_num_batched_tokens // prompt_len)):
+            ids = [(i + j) % 8 for j in range(prompt_len)]  # token ids below 8 exist in every vocabulary
+            self.scheduler.add_request(Request(f"__warm_up_{i}", ids, params, frozenset(), 1))
+        try:
+            while self.scheduler.has_unfinished_requests():
+                self.step()
+        finally:
+            kv.enable_prefix_caching = caching
+            self.num_steps, self.num_tokens_scheduled, self.schedule_seconds, self.update_seconds = counters
 
     def read_expert_load(self) -> dict[int, list[int]]:
         return self.executor.read_expert_load()

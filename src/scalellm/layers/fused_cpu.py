@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _compiled: set[torch.dtype] = set()
+_warm_done: set[torch.dtype] = set()  # warm_up_model finished (compiled or not), heap trimmed
 _kernels: Any = None
 _lock = threading.Lock()
 
@@ -81,14 +82,23 @@ def warm_up_model(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_head
     """Compile (or load from numba's disk cache) every CPU kernel a model with these
     attention heads (per rank) and `dtype` activations uses: the decode attention and the
     kernels here. Then hands the compiler's memory back. Returns whether any is usable."""
-    ok = paged_attention_cpu.warm_up(dtype, head_dim, num_heads, num_kv_heads)
-    if warm_up(dtype) or ok:
-        trim_heap()  # compiling left this thread's malloc arena holding freed memory
-        # LLVM's code pages (~65 MiB resident) serve compiling and loading kernels only;
-        # calls to a loaded kernel do not touch them
-        drop_library_pages("libllvmlite")
-        return True
-    return False
+    try:
+        ok = paged_attention_cpu.warm_up(dtype, head_dim, num_heads, num_kv_heads)
+        if warm_up(dtype) or ok:
+            trim_heap()  # compiling left this thread's malloc arena holding freed memory
+            # LLVM's code pages (~65 MiB resident) serve compiling and loading kernels only;
+            # calls to a loaded kernel do not touch them
+            drop_library_pages("libllvmlite")
+            return True
+        return False
+    finally:
+        _warm_done.add(dtype)
+
+
+def warmed_up(dtype: torch.dtype) -> bool:
+    """Whether `warm_up_model` for `dtype` is over (whatever it found): from then on no
+    compilation or heap trim runs beside the engine."""
+    return dtype in _warm_done
 
 
 def warm_up_in_background(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int) -> None:

@@ -18,6 +18,7 @@ import time
 import zmq
 
 from scalellm.engine.config import EngineConfig
+from scalellm.memory import keep_freed_heap
 from scalellm.protocol import ipc
 
 logger = logging.getLogger("scalellm.core")
@@ -60,6 +61,7 @@ def _load(core) -> ipc.EngineLoad:  # type: ignore[no-untyped-def]
 def run_engine_core_process(config: EngineConfig, input_addr: str, output_addr: str, log_level: str = "WARNING") -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
     logger.info("engine core process started")
+    keep_freed_heap()  # every step allocates the same activations again: keep their pages
     parent = os.getppid()
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
@@ -121,9 +123,10 @@ def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  
         busy = core.has_unfinished_requests()
         if not busy:
             t = clock()
-            if idle_work:  # a slice, then look for requests at once
-                idle_work = core.idle_work()
-                got = poller.poll(0)
+            if idle_work:  # a slice, then look for requests (at once if more work is ready)
+                more = core.idle_work()
+                idle_work = more is not False
+                got = poller.poll(0 if more else IDLE_POLL_MS)
             else:
                 got = poller.poll(IDLE_POLL_MS)
             phases.idle += clock() - t

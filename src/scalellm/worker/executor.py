@@ -154,6 +154,9 @@ class MultiprocExecutor:
     def read_expert_load(self) -> dict[int, list[int]]:
         return self.runner.read_expert_load()  # routing is replicated: rank 0 counts every expert
 
+    def kernels_ready(self) -> bool:
+        return self.runner.kernels_ready()  # rank 0's (the other ranks compile at the same pace)
+
     def prefault_kv(self, max_blocks: int = 8) -> bool:
         return False  # the ranks' caches fill on use (the idle work would have to run on every rank)
 

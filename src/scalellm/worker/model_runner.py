@@ -113,8 +113,10 @@ class ModelRunner:
         shape = (2, cache_blocks, block_size, attn.num_kv_heads, args.head_dim)
         self.kv_caches = [lazy_zeros(shape, dtype, device) for _ in range(args.num_layers)]
         self._prefault_next = 0 if device.type == "cpu" else num_blocks  # next block prefault_kv touches
+        self._compiling: torch.dtype | None = None  # CPU kernels being compiled for this dtype
         if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             fused_cpu.warm_up_in_background(dtype, args.head_dim, attn.num_heads, attn.num_kv_heads)
+            self._compiling = dtype
         # decode attention through block tables (Triton) where it runs: on CUDA
         self.use_block_tables = paged_attention_triton.supports(
             self.kv_caches[0][0], attn.num_heads, attn.num_kv_heads, args.head_dim, block_size)
@@ -216,6 +218,10 @@ class ModelRunner:
         """Tokens routed to each expert of each MoE layer since the last read; {} for dense models."""
         read = getattr(self.model, "read_expert_load", None)
         return read(reset=True) if read is not None else {}
+
+    def kernels_ready(self) -> bool:
+        """Whether the background compilation of the CPU kernels (if any) is over."""
+        return self._compiling is None or fused_cpu.warmed_up(self._compiling)
 
     def prefault_kv(self, max_blocks: int = 8) -> bool:
         """Fault in the pages of the next `max_blocks` KV blocks (by id: the order the block
