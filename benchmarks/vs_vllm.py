@@ -158,7 +158,8 @@ def main() -> int:
                 cmd = ["scalellm", "bench", *target, "--model", "SmolLM2-135M-Instruct",
                        "--concurrency", str(c), "--num-requests", str(n), "--rounds", str(a.rounds),
                        "--input-len", str(a.input_len), "--output-len", str(a.output_len), "--warmup", "2",
-                       "--out", out, "--plot", os.path.join(a.out_dir, stem), "--no-progress"]
+                       # quiet before each measured run: vLLM spins a core ~1.5 s after its last request
+                       "--settle", "3", "--out", out, "--plot", os.path.join(a.out_dir, stem), "--no-progress"]
                 subprocess.run(cmd, check=True)
                 point["results"].append(out)
                 point["endpoints"].update(summaries(out))

@@ -402,3 +402,26 @@ def test_progress_and_report_render(slow_standin):
     print_report([res], [], ["a note"], console=con)
     text = con.export_text()
     assert "endpoint A" in text and "TTFT" in text and "a note" in text
+
+
+def test_settle_pauses_before_each_measured_run(odd_standin):
+    """--settle: quiet time after the warm-ups and between A and B, so no server is still busy
+    with earlier work (vLLM's CPU server spins a core ~1.5 s after its last request)."""
+    async def go():  # type: ignore[no-untyped-def]
+        eps = [Endpoint(EndpointConfig(url=odd_standin.url, label=label)) for label in ("A", "B")]
+        for ep in eps:
+            await ep.prepare()
+        reqs = [BenchRequest(i, "one two three", None, 4, 3) for i in range(5)]
+        t0 = time.perf_counter()
+        res = await Runner(eps, reqs, num_warmup=1, settle_s=0.4).run([LoadPoint(concurrency=2, num_requests=4)])
+        wall = time.perf_counter() - t0
+        for ep in eps:
+            ep.close()
+        return res, wall
+
+    res, wall = _run(go())
+    assert [r.summary["num_ok"] for r in res] == [4, 4]
+    assert wall >= 0.8  # one pause before A's run and one before B's
+    first = {r.endpoint: min(x.sent for x in r.records) for r in res}
+    last = {r.endpoint: max(x.end for x in r.records) for r in res}
+    assert first["B"] - last["A"] >= 0.4

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="measured requests per load point (default: max(100, 4 x concurrency); 100 open loop)")
     ld.add_argument("--duration", type=float, default=None, help="seconds per load point instead of a count")
     ld.add_argument("--warmup", type=int, default=0, help="requests sent before each load point, not measured")
+    ld.add_argument("--settle", type=float, default=None,
+                    help="seconds of quiet before each measured run (default: 3 with --compare, else 0): "
+                         "a server may keep working after its last request (vLLM's CPU build spins a core ~1.5 s)")
     w = p.add_argument_group("workload")
     w.add_argument("--input-len", default="128", help="prompt tokens: N, LO:HI or exp:MEAN")
     w.add_argument("--output-len", default="128", help="max_tokens: N, LO:HI or exp:MEAN (ignore_eos makes it exact)")
@@ -180,8 +183,9 @@ async def _main(a: argparse.Namespace) -> int:
     slo = SLO.parse(a.slo) if a.slo else None
     env = results_mod.environment({"event_loop": type(_loop()).__module__})
     t0_perf, t0_unix = time.perf_counter(), time.time()
+    settle = a.settle if a.settle is not None else (3.0 if len(endpoints) > 1 else 0.0)
     runner = Runner(endpoints, requests, num_warmup=a.warmup, rounds=a.rounds, seed=a.seed, slo=slo,
-                    progress=None if a.no_progress else RichProgress(console), counter=counter)
+                    progress=None if a.no_progress else RichProgress(console), counter=counter, settle_s=settle)
     try:
         results = await runner.run(points)
     finally:

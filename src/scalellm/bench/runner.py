@@ -126,7 +126,8 @@ class Runner:
 
     def __init__(self, endpoints: list[Endpoint], requests: list[BenchRequest], *, num_warmup: int = 0,
                  rounds: int = 1, seed: int = 0, slo: SLO | None = None, progress: Progress | None = None,
-                 counter: ServerCounter | LocalCounter | None = None, sink_factory: SinkFactory | None = None) -> None:
+                 counter: ServerCounter | LocalCounter | None = None, sink_factory: SinkFactory | None = None,
+                 settle_s: float = 0.0) -> None:
         if len(requests) <= num_warmup:
             raise ValueError("the workload has no requests left after the warm-up ones")
         self.endpoints = endpoints
@@ -134,6 +135,10 @@ class Runner:
         self.requests = requests[num_warmup:]
         self.rounds = max(1, rounds) if len(endpoints) > 1 else 1
         self.seed = seed
+        # NOTE: a pause before each measured run, so no server still works on what came before:
+        # vLLM's CPU server keeps a core busy for 1-1.5 s after its last request ends, and in an
+        # A/B run that landed on A's first burst (its first prefill step ~1 s late)
+        self.settle_s = settle_s
         self.slo = slo
         self.progress = progress or _NoProgress()
         self.counter = counter
@@ -156,6 +161,8 @@ class Runner:
             for r, ep_order in enumerate(self._round_orders()):
                 ids = self._round_ids(point, r)
                 for ep in ep_order:
+                    if self.settle_s > 0:
+                        await asyncio.sleep(self.settle_s)
                     await self._run_round(ep, point, ids, f"{ep.label} {point.label}"
                                           + (f" round {r + 1}/{self.rounds}" if self.rounds > 1 else ""),
                                           by_label[ep.label], round_index=r)
