@@ -42,6 +42,8 @@ def measure(a: argparse.Namespace) -> dict:
     runner = eng.core.executor.runner if hasattr(eng.core.executor, "runner") else eng.core.executor
     attn0 = runner.model.model.layers[0].self_attn
     fused_cpu.warm_up_model(runner.dtype, runner.args.head_dim, attn0.num_heads, attn0.num_kv_heads)
+    while eng.core.idle_work() is not False:  # as a server does when idle: warm-up step, KV pages faulted in
+        pass
     rng = random.Random(0)
     params = SamplingParams(temperature=1.0, max_tokens=a.input_len + 4 * a.steps + 64, ignore_eos=True)
     for i in range(a.concurrency):

@@ -112,3 +112,49 @@ def test_attention_layer_uses_fused_path_and_agrees_with_gather(monkeypatch: pyt
         k[-1], v[-1] = k_new[i], v_new[i]
         torch.testing.assert_close(fused[i].view(num_heads, head_dim), _dense(q[i], k, v, head_dim ** -0.5),
                                    atol=2e-5, rtol=1e-4)
+
+
+def test_prefill_runs_of_equal_fresh_prompts_match_the_dense_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill chunks: runs of fresh prompts of one length go to SDPA as one batch, the rest
+    (other lengths, a chunk that continues a cached context) one by one; every row matches a
+    causal dense reference written out by hand."""
+    from scalellm.layers.attention import PrefillChunk
+
+    num_heads, num_kv_heads, head_dim, block_size = 6, 2, 16, 4
+    gen = torch.Generator().manual_seed(11)
+    # (q_len, cached context before): a run of three 5-token prompts, a 3-token one, a run of two
+    # 4-token ones, and a 4-token chunk that continues 6 cached tokens
+    shapes = [(5, 0), (5, 0), (5, 0), (3, 0), (4, 0), (4, 0), (4, 6)]
+    total = sum(q for q, _ in shapes)
+    q = torch.randn(total, num_heads, head_dim, generator=gen)
+    k = torch.randn(total, num_kv_heads, head_dim, generator=gen)
+    v = torch.randn(total, num_kv_heads, head_dim, generator=gen)
+    num_slots = 64 * block_size
+    cache = torch.zeros(2, 64, block_size, num_kv_heads, head_dim)
+    flat_k, flat_v = cache[0].view(num_slots, num_kv_heads, head_dim), cache[1].view(num_slots, num_kv_heads, head_dim)
+    perm = torch.randperm(num_slots, generator=gen)
+    chunks, slot_mapping, refs, at, used = [], [], [], 0, 0
+    for q_len, cached in shapes:
+        slots = perm[used:used + cached + q_len]
+        used += cached + q_len
+        past_k = torch.randn(cached, num_kv_heads, head_dim, generator=gen)
+        past_v = torch.randn(cached, num_kv_heads, head_dim, generator=gen)
+        flat_k[slots[:cached]], flat_v[slots[:cached]] = past_k, past_v
+        chunks.append(PrefillChunk(at, q_len, cached + q_len, slots if cached else None))
+        slot_mapping.append(slots[cached:])
+        keys, values = torch.cat([past_k, k[at:at + q_len]]), torch.cat([past_v, v[at:at + q_len]])
+        for i in range(q_len):  # query i sees the cached context and new tokens 0..i
+            n = cached + i + 1
+            refs.append(_dense(q[at + i], keys[:n], values[:n], head_dim ** -0.5))
+        at += q_len
+    md = AttentionMetadata(slot_mapping=torch.cat(slot_mapping), num_decode_tokens=0, decode_slots=None,
+                           decode_mask=None, prefills=chunks)
+    layer = Attention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5, layer_idx=0)
+    from scalellm.layers import attention
+
+    batches = []
+    real = attention._sdpa
+    monkeypatch.setattr(attention, "_sdpa", lambda qq, *a: batches.append(qq.shape[0]) or real(qq, *a))
+    out = layer(q, k, v, ForwardBatch(attn=md, kv_caches=[cache]))
+    assert batches == [3, 1, 2, 1]  # the runs in one call each
+    torch.testing.assert_close(out.view(total, num_heads, head_dim), torch.stack(refs), atol=2e-5, rtol=1e-4)

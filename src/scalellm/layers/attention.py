@@ -121,7 +121,7 @@ class Attention(nn.Module):
         t, h, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         k_flat, v_flat = self._cache_views(batch)
         md = batch.attn
-        cpu = fused_cpu.supports(qkv) and qkv.is_contiguous()
+        cpu = fused_cpu.supports(qkv) and qkv.is_contiguous() and fused_cpu.rope_ready(qkv.dtype, d)
         gpu = not cpu and fused_gpu.supports(qkv) and qkv.stride(1) == 1 and k_flat.is_contiguous()
         if ((cpu or gpu) and k_flat.dtype == qkv.dtype and positions.dtype == torch.long
                 and md.slot_mapping.dtype == torch.long):
@@ -171,21 +171,36 @@ class Attention(nn.Module):
             paged_attention_triton.prefill_attention(q, kc, vc, md.prefill_tables, md.prefill_meta, md.prefill_max_q,
                                                      self.scale, out)
             return out
-        for chunk in md.prefills:
+        chunks = md.prefills
+        i = 0
+        while i < len(chunks):
+            chunk = chunks[i]
+            if chunk.ctx_slots is None:
+                # fresh prompts of one length, one after another: one causal SDPA call for the run
+                # (at 16 x 128 tokens, SmolLM2's heads: 1.19 ms a layer, where one call each took 1.55)
+                n = 1
+                while (i + n < len(chunks) and chunks[i + n].ctx_slots is None and chunks[i + n].q_len == chunk.q_len
+                       and chunks[i + n].q_start == chunk.q_start + n * chunk.q_len):
+                    n += 1
+                run = slice(chunk.q_start, chunk.q_start + n * chunk.q_len)
+                qp = q[run].view(n, chunk.q_len, *q.shape[1:]).transpose(1, 2)  # [n, H, q_len, D]
+                kp = k[run].view(n, chunk.q_len, *k.shape[1:]).transpose(1, 2)  # [n, Hkv, q_len, D]
+                vp = v[run].view(n, chunk.q_len, *v.shape[1:]).transpose(1, 2)
+                res = _sdpa(qp, kp, vp, None, True, self.scale)  # [n, H, q_len, D]
+                out[run] = res.transpose(1, 2).reshape(n * chunk.q_len, -1)
+                i += n
+                continue
+            i += 1
+            # a chunk that continues a cached context: its keys gathered from the cache
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
-            if chunk.ctx_slots is None:
-                kp = k[rows].transpose(0, 1).unsqueeze(0)  # [1, Hkv, q_len, D]
-                vp = v[rows].transpose(0, 1).unsqueeze(0)
-                res = _sdpa(qp, kp, vp, None, True, self.scale)
-            else:
-                kp = k_flat.index_select(0, chunk.ctx_slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-                vp = v_flat.index_select(0, chunk.ctx_slots).transpose(0, 1).unsqueeze(0)
-                # query i (absolute position ctx-q_len+i) sees keys 0..ctx-q_len+i
-                offset = chunk.ctx_len - chunk.q_len
-                qi = torch.arange(chunk.q_len, device=q.device).unsqueeze(1)
-                kj = torch.arange(chunk.ctx_len, device=q.device).unsqueeze(0)
-                mask = (kj <= qi + offset).view(1, 1, chunk.q_len, chunk.ctx_len)
-                res = _sdpa(qp, kp, vp, mask, False, self.scale)
+            kp = k_flat.index_select(0, chunk.ctx_slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+            vp = v_flat.index_select(0, chunk.ctx_slots).transpose(0, 1).unsqueeze(0)
+            # query i (absolute position ctx-q_len+i) sees keys 0..ctx-q_len+i
+            offset = chunk.ctx_len - chunk.q_len
+            qi = torch.arange(chunk.q_len, device=q.device).unsqueeze(1)
+            kj = torch.arange(chunk.ctx_len, device=q.device).unsqueeze(0)
+            mask = (kj <= qi + offset).view(1, 1, chunk.q_len, chunk.ctx_len)
+            res = _sdpa(qp, kp, vp, mask, False, self.scale)
             out[rows] = res.squeeze(0).transpose(0, 1).flatten(1)
         return out

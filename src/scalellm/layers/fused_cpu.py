@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 _DTYPES = (torch.float32, torch.bfloat16)
 _compiled: set[torch.dtype] = set()
 _warm_done: set[torch.dtype] = set()  # warm_up_model finished (compiled or not), heap trimmed
+_rope_kernels: dict[int, Any] = {}  # head_dim -> its rotary + KV-write kernel
+_rope_ready: set[tuple[torch.dtype, int]] = set()  # (dtype, head_dim) compiled
 _kernels: Any = None
 _lock = threading.Lock()
 
@@ -65,11 +67,6 @@ def warm_up(dtype: torch.dtype) -> bool:
             rms_norm(x, w, 1e-6, x, out_float32=out32)
             rms_norm(x, w, 1e-6, None, out_float32=out32)
         silu_and_mul(x)
-        qkv = torch.ones(1, 3 * 4, dtype=dtype)
-        cache = torch.zeros(1, 1, 4, dtype=dtype)
-        table = torch.ones(2, 2)
-        pos = torch.zeros(1, dtype=torch.long)
-        rope_write_kv(qkv, 1, 1, 4, pos, table, table, pos, cache, cache)
         inverse_cdf_draw(torch.ones(1, 4), torch.zeros(1, dtype=torch.float64))
         softmax_draw(torch.zeros(1, 4), torch.ones(1), torch.zeros(1, dtype=torch.float64))
         rescore_near_max(torch.zeros(1, 4), torch.zeros(1, 8), torch.zeros(4, 8, dtype=dtype), 0.0, 0.0)
@@ -84,7 +81,10 @@ def warm_up_model(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_head
     kernels here. Then hands the compiler's memory back. Returns whether any is usable."""
     try:
         ok = paged_attention_cpu.warm_up(dtype, head_dim, num_heads, num_kv_heads)
-        if warm_up(dtype) or ok:
+        fused = warm_up(dtype)
+        if fused:
+            warm_up_rope(dtype, head_dim)
+        if fused or ok:
             trim_heap()  # compiling left this thread's malloc arena holding freed memory
             # LLVM's code pages (~65 MiB resident) serve compiling and loading kernels only;
             # calls to a loaded kernel do not touch them
@@ -106,6 +106,36 @@ def warm_up_in_background(dtype: torch.dtype, head_dim: int, num_heads: int, num
     disk cache makes later starts ~1 s). Until it is done the model runs its torch paths."""
     threading.Thread(target=warm_up_model, args=(dtype, head_dim, num_heads, num_kv_heads),
                      name="numba-warm-up", daemon=True).start()
+
+
+def rope_ready(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `rope_write_kv` is compiled for this dtype and head size (see `warm_up_rope`)."""
+    return (dtype, head_dim) in _rope_ready
+
+
+def warm_up_rope(dtype: torch.dtype, head_dim: int) -> bool:
+    """Compile (or load from numba's disk cache) `rope_write_kv` for `dtype` and heads of
+    `head_dim` (even); from then on `rope_ready` says yes for them."""
+    if dtype not in _compiled or head_dim % 2:
+        return False
+    if (dtype, head_dim) not in _rope_ready:
+        qkv = torch.ones(1, 3 * head_dim, dtype=dtype)
+        cache = torch.zeros(1, 1, head_dim, dtype=dtype)
+        table = torch.ones(1, head_dim // 2)
+        pos = torch.zeros(1, dtype=torch.long)
+        rope_write_kv(qkv, 1, 1, head_dim, pos, table, table, pos, cache, cache)
+        _rope_ready.add((dtype, head_dim))
+    return True
+
+
+def _rope_kernel(head_dim: int) -> Any:
+    kernel = _rope_kernels.get(head_dim)
+    if kernel is None:
+        with _lock:
+            kernel = _rope_kernels.get(head_dim)
+            if kernel is None:
+                kernel = _rope_kernels[head_dim] = _kernels.make_rope_write_kv(head_dim)
+    return kernel
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
@@ -134,9 +164,10 @@ def rope_write_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim
     """In place: rotate the q and k heads of qkv [T, (H + 2 Hkv) D] (contiguous) by the
     rotary cos/sin tables [P, D/2] (float32) at each token's position (neox layout), then
     write each token's k and v to its slot of k_cache, v_cache ([N*S, Hkv, D], qkv's dtype).
-    positions and slot_mapping: [T] int64."""
-    _kernels.rope_write_kv(_bits(qkv), num_heads, num_kv_heads, head_dim, positions.numpy(), cos.numpy(),
-                           sin.numpy(), slot_mapping.numpy(), _bits(k_cache.view(k_cache.shape[0], -1)),
+    positions and slot_mapping: [T] int64. Compiles the kernel for this head size on its
+    first use (callers inside a step check `rope_ready` first)."""
+    _rope_kernel(head_dim)(_bits(qkv), num_heads, num_kv_heads, positions.numpy(), cos.numpy(), sin.numpy(),
+                           slot_mapping.numpy(), _bits(k_cache.view(k_cache.shape[0], -1)),
                            _bits(v_cache.view(v_cache.shape[0], -1)))
 
 
