@@ -162,3 +162,58 @@ def test_rescore_near_max_makes_the_maximum_exact():
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
     top = exact.argmax(-1)
     torch.testing.assert_close(logits.gather(1, top.unsqueeze(1)), exact.gather(1, top.unsqueeze(1)), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 64, 300])
+@pytest.mark.parametrize("smooth,bias", [(False, False), (True, True)])
+def test_int8_rows_matches_the_exact_w8a8_product(dtype, rows, smooth, bias, monkeypatch):
+    """The fused W8A8 linear (row quantisation, torch._int_mm, scaling back) equals the same
+    arithmetic done exactly in float64 from the same int8 operands, and Int8Weight's torch
+    path (the one taken until the kernels are compiled) agrees with it."""
+    from scalellm.quant.int8 import Int8Weight, int_mm_fast
+
+    if not int_mm_fast():
+        pytest.skip("no AMX / AVX512-VNNI: int8 runs on fbgemm here")
+    gen = torch.Generator().manual_seed(rows)
+    k, n = 96, 40
+    w = torch.randn(n, k, generator=gen)
+    amax = torch.rand(k, generator=gen) * 4 + 0.1 if smooth else None
+    qw = Int8Weight(w, amax)
+    assert qw.q is not None and qw.packed is None
+    x = (torch.randn(rows, k, generator=gen) * 3).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    out = fused_cpu.int8_rows(x, qw.inv_smooth, qw.q, qw.w_scales, b)
+    assert out.dtype == dtype and out.shape == (rows, n)
+    # exact reference from the same definition: per-row scale, round half up, int products
+    xs = x.double() * (qw.inv_smooth.double() if smooth else 1.0)
+    s = (xs.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127).float().double()
+    xq = torch.floor(xs / s + 0.5).clamp(-127, 127)
+    ref = (xq @ qw.q.double().t()) * s * qw.w_scales.double() + (b.double() if bias else 0.0)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(out.double(), ref.to(dtype).double(), atol=tol * ref.abs().max().item(), rtol=tol)
+    via_torch = _torch_only(lambda: qw(x, b), monkeypatch)
+    torch.testing.assert_close(via_torch.double(), out.double(), atol=2 * tol * ref.abs().max().item(), rtol=2 * tol)
+    # and both are close to the float product (8-bit activations and weights)
+    exact = (x.double() @ w.double().t()) + (b.double() if bias else 0.0)
+    assert (out.double() - exact).abs().max() <= 0.05 * exact.abs().max()
+
+
+def test_linear_runs_int8_up_to_max_rows_then_bf16(monkeypatch):
+    """A linear holding both an int8 and a prepacked bf16 weight: small calls (decode batches)
+    go to int8, larger ones (prefill) to bf16."""
+    from scalellm.quant.int8 import int_mm_fast
+
+    if not (int_mm_fast() and linear.onednn_packing_available()):
+        pytest.skip("needs int8 units and oneDNN bf16 packing")
+    lin = linear.ReplicatedLinear(64, 32, bias=False, dtype=torch.bfloat16)
+    lin.weight.data.copy_(torch.randn(32, 64))
+    lin.set_int8(None, keep_weight=True)
+    lin.set_packed()
+    calls = []
+    real = fused_cpu.int8_rows
+    monkeypatch.setattr(fused_cpu, "int8_rows", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    small = torch.randn(linear.INT8_MAX_ROWS, 64).to(torch.bfloat16)
+    big = torch.randn(linear.INT8_MAX_ROWS + 1, 64).to(torch.bfloat16)
+    lin(small), lin(big)
+    assert calls == [linear.INT8_MAX_ROWS]

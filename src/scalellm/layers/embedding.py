@@ -73,8 +73,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.packed = pack_onednn(self.weight)
         return self.packed.numel() * self.packed.element_size()
 
-    def set_int8(self, act_amax: torch.Tensor | None = None) -> int:
-        """Compute logits with an int8 copy of the weight; the top candidates are re-scored exactly."""
+    def set_int8(self, act_amax: torch.Tensor | None = None, keep_weight: bool = True) -> int:
+        """Compute logits with an int8 copy of the weight; the top candidates are re-scored exactly.
+        The float weight always stays (re-scoring, the tied embedding): keep_weight is moot."""
         self.qweight = Int8Weight(self.weight, act_amax)
         return -self.qweight.nbytes  # the float weight stays for re-scoring (and the tied embedding)
 
@@ -88,7 +89,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         exact = True  # float32 logits of the float32 (or bf16-valued, weight32) weight
         if self.weight32 is not None:
             logits = _logits_fp32(hidden.float(), self.weight32)  # [B, V/tp]
-        elif self.qweight is not None:
+        elif self.qweight is not None and self.packed is None:
+            # (with a prepacked bf16 copy too, the bf16 GEMM: at 64 rows of SmolLM2's vocabulary it
+            # took 6 ms a step, int8 10.4 ms, whose float32 input and output passes dominate)
             logits, exact = self.qweight(hidden.float()), False  # [B, V/tp] float32
         elif self.weight.dtype == torch.float32:
             logits = _logits_fp32(hidden.float(), self.weight)  # [B, V/tp]
@@ -96,7 +99,8 @@ class ParallelLMHead(VocabParallelEmbedding):
             logits, exact = linear_packed(hidden.to(self.weight.dtype), self.packed, None).float(), False
         else:
             logits, exact = F.linear(hidden.to(self.weight.dtype), self.weight).float(), False  # [B, V/tp]
-        if (not exact and logits.shape[0] > 0 and self.qweight is None and logits.device.type == "cpu"
+        if (not exact and logits.shape[0] > 0 and (self.qweight is None or self.packed is not None)
+                and logits.device.type == "cpu"
                 and fused_cpu.ready()):
             # bf16 logits are within |exact| * 2^-8 of the exact ones: every token within 4x that
             # of its row's maximum is recomputed exactly (numba, in place; typically a few per row),

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _compiled: set[torch.dtype] = set()
+_int8: Any = None  # _numba_int8, once imported
 _warm_done: set[torch.dtype] = set()  # warm_up_model finished (compiled or not), heap trimmed
 _rope_kernels: dict[int, Any] = {}  # head_dim -> its rotary + KV-write kernel
 _rope_ready: set[tuple[torch.dtype, int]] = set()  # (dtype, head_dim) compiled
@@ -58,15 +59,19 @@ def warm_up(dtype: torch.dtype) -> bool:
         if dtype in _compiled:
             return True
         t0 = time.monotonic()
-        from scalellm.layers import _numba_fused
+        global _int8
+        from scalellm.layers import _numba_fused, _numba_int8
 
-        _kernels = _numba_fused
+        _kernels, _int8 = _numba_fused, _numba_int8
         x = torch.ones(1, 8, dtype=dtype)
         w = torch.ones(8, dtype=dtype)
         for out32 in (False, True):  # inner norms, and the final norm (float32 out for the LM head)
             rms_norm(x, w, 1e-6, x, out_float32=out32)
             rms_norm(x, w, 1e-6, None, out_float32=out32)
         silu_and_mul(x)
+        for bias in (None, torch.ones(4, dtype=dtype)):
+            int8_rows(x, None, torch.ones(4, 8, dtype=torch.int8), torch.ones(4), bias)
+            int8_rows(x, torch.ones(8), torch.ones(4, 8, dtype=torch.int8), torch.ones(4), bias)
         inverse_cdf_draw(torch.ones(1, 4), torch.zeros(1, dtype=torch.float64))
         softmax_draw(torch.zeros(1, 4), torch.ones(1), torch.zeros(1, dtype=torch.float64))
         rescore_near_max(torch.zeros(1, 4), torch.zeros(1, 8), torch.zeros(4, 8, dtype=dtype), 0.0, 0.0)
@@ -136,6 +141,25 @@ def _rope_kernel(head_dim: int) -> Any:
             if kernel is None:
                 kernel = _rope_kernels[head_dim] = _kernels.make_rope_write_kv(head_dim)
     return kernel
+
+
+def int8_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None, q_weight: torch.Tensor, w_scales: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """W8A8 linear on torch._int_mm: x [M, K] (x's dtype, contiguous) -> [M, N] in x's dtype.
+    Each row of x (times inv_smooth [K] float32, if given) is quantised to int8 with its own
+    scale in one pass, multiplied by q_weight [N, K] int8 (per-channel scales w_scales [N]
+    float32), and the int32 sums scaled back (+ bias [N]) in one more pass."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8)
+    s = torch.empty(m, dtype=torch.float32)
+    has_smooth = inv_smooth is not None
+    _int8.quant_rows(_bits(x), (inv_smooth if has_smooth else s).numpy(), has_smooth, q.numpy(), s.numpy())
+    acc = torch._int_mm(q, q_weight.t())
+    out = torch.empty(m, q_weight.shape[0], dtype=x.dtype)
+    has_bias = bias is not None
+    _int8.dequant_rows(acc.numpy(), s.numpy(), w_scales.numpy(), _bits((bias if has_bias else out[:1]).view(1, -1)),
+                       has_bias, _bits(out))
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,

@@ -27,6 +27,7 @@ layers that expose `weight` (+ optional `bias`) and calls `set_int8(...)`.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 
@@ -34,6 +35,18 @@ import torch
 from torch import nn
 
 from scalellm.protocol.errors import InvalidParameterError
+
+
+def int_mm_fast() -> bool:
+    """Whether torch._int_mm (oneDNN) has int8 units to run on: AMX or AVX512-VNNI. Measured on
+    a 2-core AMX Xeon at SmolLM2's shapes: 1.6-2.5x the bf16 GEMM at 64 rows (2,500 GOP/s),
+    1.2-2x at one row, but slower than bf16 on most shapes at 2,048 rows; on an AVX2-only
+    EPYC ~6 GOP/s (fbgemm's dynamic linear is the one to use there)."""
+    cpu = getattr(torch, "cpu", None)
+    if os.environ.get("SCALELLM_INT8_FBGEMM"):
+        return False
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_amx_tile_supported", "_is_vnni_supported")) \
+        and bool(getattr(cpu, "_is_avx512_supported", lambda: False)())
 
 
 def int8_available() -> bool:
@@ -44,7 +57,7 @@ def int8_available() -> bool:
 class Int8Weight:
     """A prepacked int8 weight [N, K] (per-channel symmetric scales) and its matmul."""
 
-    __slots__ = ("packed", "out_features", "in_features", "nbytes", "inv_smooth")
+    __slots__ = ("packed", "out_features", "in_features", "nbytes", "inv_smooth", "q", "w_scales")
 
     def __init__(self, weight: torch.Tensor, act_amax: torch.Tensor | None = None, alpha: float = 0.5) -> None:
         w = weight.detach().float()  # [N, K]
@@ -58,6 +71,17 @@ class Int8Weight:
         # NOTE: rounding by hand is 2.3x faster than torch.quantize_per_channel (0.34 vs 0.77 s
         # for SmolLM2's linears at start-up) and equal to it up to ties (82 of 134 M values).
         q = torch.round(w / scales.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+        self.out_features, self.in_features = w.shape
+        self.nbytes = w.numel() + 4 * w.shape[0]
+        self.packed = None
+        self.q: torch.Tensor | None = None  # [N, K] int8 for torch._int_mm (as its [K, N] transpose)
+        self.w_scales: torch.Tensor | None = None  # [N] float32
+        if int_mm_fast():
+            # full 8-bit activations (no fbgemm 16-bit accumulation to protect)
+            self.q, self.w_scales = q, scales.float().contiguous()
+            if self.inv_smooth is not None:
+                self.inv_smooth = self.inv_smooth.float().contiguous()
+            return
         with warnings.catch_warnings():
             # NOTE: torch marks its quantized tensor types deprecated; fbgemm's kernels remain
             # the only fast int8 GEMM on AVX2 CPUs in torch. int8_available() guards the call.
@@ -65,14 +89,21 @@ class Int8Weight:
             qw = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros(w.shape[0], dtype=torch.long),
                                                           0)
             self.packed = torch.ops.quantized.linear_prepack(qw, None)
-        self.out_features, self.in_features = w.shape
-        self.nbytes = w.numel() + 4 * w.shape[0]
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # x: [T, K] any float dtype -> [T, N] in x's dtype
         dtype = x.dtype
         x32 = x.float() * self.inv_smooth if self.inv_smooth is not None else x.float()
         s = x32.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)  # [T, 1]
+        if self.q is not None:  # torch._int_mm, activations per row in 8 bits (torch ops; the fused
+            # passes are layers/int8_cpu.py's)
+            s = s / 127.0
+            xq = torch.floor(x32 / s + 0.5).clamp_(-127, 127).to(torch.int8)
+            acc = torch._int_mm(xq.reshape(-1, self.in_features), self.q.t()).view(*x.shape[:-1], self.out_features)
+            y = acc.float() * s * self.w_scales
+            if bias is not None:
+                y.add_(bias)
+            return y if dtype == torch.float32 else y.to(dtype)
         # NOTE: reduce_range=True (7-bit activations) keeps fbgemm's AVX2 16-bit pairwise
         # accumulation (vpmaddubsw) from saturating; the per-row scale keeps the precision.
         y = torch.ops.quantized.linear_dynamic(x32 / s, self.packed, True)
@@ -102,14 +133,16 @@ def calibrate_act_amax(model: nn.Module, calibrate: Callable[[], None]) -> dict[
     return amax
 
 
-def quantize_int8(model: nn.Module, act_amax: dict[str, torch.Tensor] | None = None) -> int:
+def quantize_int8(model: nn.Module, act_amax: dict[str, torch.Tensor] | None = None,
+                  keep_weight: bool = False) -> int:
     """Swap every layer that supports it (`set_int8(act_amax)`) to int8, smoothed by its
     calibrated max |input| per channel when `act_amax` (from `calibrate_act_amax`) has
-    it. Returns the bytes freed."""
+    it. keep_weight: the layers keep their float weights too (for large calls). Returns
+    the bytes freed."""
     if not int8_available():
         raise InvalidParameterError(
             "quantization", "int8 needs torch's fbgemm/x86 quantized engine, which this torch build lacks; "
             "run without --quantization")
     act_amax = act_amax or {}
-    return sum(m.set_int8(act_amax.get(name)) for name, m in model.named_modules()
+    return sum(m.set_int8(act_amax.get(name), keep_weight) for name, m in model.named_modules()
                if getattr(m, "set_int8", None) is not None)

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from scalellm.layers.linear import onednn_packing_available
+from scalellm.layers.linear import INT8_MAX_ROWS, onednn_packing_available
 from scalellm.loader.model_source import ModelSource
 from scalellm.models.args import ModelArgs
 from scalellm.models.registry import get_model_class
@@ -112,10 +112,18 @@ def build_model_runner(
     if quantization == "int8":
         if device.type != "cpu":
             raise InvalidParameterError("quantization", "int8 (fbgemm W8A8) runs on CPU only")
-        from scalellm.quant.int8 import quantize_int8
+        from scalellm.quant.int8 import int_mm_fast, quantize_int8
 
-        saved = quantize_int8(model, _int8_calibration(model, args, source, dtype, device))
-        logger.info("int8 linears: %.0f MB of weights freed", saved / 2**20)
+        # with int8 units (torch._int_mm) and bf16 ones, large calls (prefill) stay bf16, where
+        # int8 is slower at these shapes (layers/linear.py INT8_MAX_ROWS): both weights are kept
+        hybrid = dtype == torch.bfloat16 and int_mm_fast() and cpu_has_fast_bf16() and _pack_weights()
+        saved = quantize_int8(model, _int8_calibration(model, args, source, dtype, device), keep_weight=hybrid)
+        if hybrid:
+            saved -= sum(m.set_packed() for m in model.modules() if getattr(m, "qweight", None) is not None)
+            logger.info("int8 linears on torch._int_mm for calls up to %d rows, bf16 (prepacked) above: +%.0f MB",
+                        INT8_MAX_ROWS, -saved / 2**20)
+        else:
+            logger.info("int8 linears: %.0f MB of weights freed", saved / 2**20)
     elif quantization == "fp8":
         from scalellm.quant.fp8 import fp8_available
 
