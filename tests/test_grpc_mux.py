@@ -239,3 +239,33 @@ def test_replica_client_uses_the_mux_stream(stepper):
 
     asyncio.run(main())
     assert stepper.servicer.messages < 8 * 6  # batched, not a message per token
+
+
+def test_big_batches_are_split_under_the_message_limit(stepper, monkeypatch):
+    """Responses of one step that would exceed MAX_MESSAGE_BYTES together go in several
+    messages, in order (a burst echoing long prompts must not break the stream)."""
+    from scalellm.protocol.grpc import mux
+
+    monkeypatch.setattr(mux, "MAX_MESSAGE_BYTES", 200)  # a few items a message
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(stepper.address) as ch:
+            client = MuxClient(pb_grpc.ReplicaStub(ch))
+            results = await asyncio.gather(*(_collect(client, f"r{i}", 4) for i in range(16)))
+            assert all([r.choices[0].text for r in res] == [" t0", " t1", " t2", " t3"] for res in results)
+            client.close()
+
+    asyncio.run(main())
+    s = stepper.servicer
+    assert s.items == 16 * 5 and s.messages >= 16 * 4 * 20 // 200  # at most ~8 items a message
+
+
+def test_batches_helper_keeps_order_and_limits() -> None:
+    from scalellm.protocol.grpc.mux import _batches
+
+    items = [pb.MuxItem(stream_id=i, response=pb.GenerateResponse(prompt_text="x" * (50 if i != 3 else 500)))
+             for i in range(8)]
+    batches = _batches(items, 200)
+    assert [it.stream_id for b in batches for it in b] == list(range(8))
+    assert all(sum(it.ByteSize() + 8 for it in b) <= 200 or len(b) == 1 for b in batches)
+    assert [len(b) for b in batches if any(it.stream_id == 3 for it in b)] == [1]

@@ -132,7 +132,8 @@ class EngineCore:
         (memory.keep_freed_heap, set in the engine core process)."""
         self.warmed_up = True
         kv = self.scheduler.kv_cache
-        counters = (self.num_steps, self.num_tokens_scheduled, self.schedule_seconds, self.update_seconds)
+        counters = (self.num_steps, self.num_tokens_scheduled, self.schedule_seconds, self.update_seconds,
+                    self.scheduler.num_preemptions)
         caching, kv.enable_prefix_caching = kv.enable_prefix_caching, False
         cfg = self.scheduler.config
         prompt_len = max(1, min(128, cfg.max_model_len - 1, cfg.max_num_batched_tokens))
@@ -145,7 +146,8 @@ class EngineCore:
                 self.step()
         finally:
             kv.enable_prefix_caching = caching
-            self.num_steps, self.num_tokens_scheduled, self.schedule_seconds, self.update_seconds = counters
+            (self.num_steps, self.num_tokens_scheduled, self.schedule_seconds, self.update_seconds,
+             self.scheduler.num_preemptions) = counters
 
     def read_expert_load(self) -> dict[int, list[int]]:
         return self.executor.read_expert_load()

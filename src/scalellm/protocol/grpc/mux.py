@@ -37,6 +37,11 @@ from scalellm.protocol.grpc import replica_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+# A MuxResponse holds at most this many bytes of items (one larger item goes alone): a step's
+# first responses echo prompts, and a burst of long ones must not exceed what the caller
+# accepts in one message (the gateway: 64 MiB) and fail every call on the stream.
+MAX_MESSAGE_BYTES = 4 << 20
+
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -136,7 +141,8 @@ async def serve_mux(generate: GenerateFn, requests: AsyncIterator[pb.MuxRequest]
             if outbox:
                 items = outbox[:]
                 outbox.clear()
-                await context.write(pb.MuxResponse(items=items))
+                for batch in _batches(items, MAX_MESSAGE_BYTES):
+                    await context.write(pb.MuxResponse(items=batch))
             if reader.done() and not calls and not outbox:
                 reader.result()  # re-raise a failed read
                 return
@@ -144,6 +150,20 @@ async def serve_mux(generate: GenerateFn, requests: AsyncIterator[pb.MuxRequest]
         reader.cancel()
         for task in list(calls.values()):
             task.cancel()
+
+
+def _batches(items: list[pb.MuxItem], max_bytes: int) -> list[list[pb.MuxItem]]:
+    """Consecutive runs of items of at most max_bytes serialized (an item over it alone)."""
+    out: list[list[pb.MuxItem]] = [[]]
+    size = 0
+    for item in items:
+        n = item.ByteSize() + 8  # + the field's tag and length
+        if out[-1] and size + n > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += n
+    return out
 
 
 # ---------------------------------------------------------------------------------------
