@@ -82,11 +82,11 @@ class StandIn(pb_grpc.ReplicaServicer):
 
 
 class StandInServer:
-    """Serve a StandIn on 127.0.0.1:`port` until stop()."""
+    """Serve a StandIn (or the given servicer) on 127.0.0.1:`port` until stop()."""
 
-    def __init__(self, port: int, model: str = "fake") -> None:
+    def __init__(self, port: int, model: str = "fake", servicer: pb_grpc.ReplicaServicer | None = None) -> None:
         self.port = port
-        self.servicer = StandIn(model)
+        self.servicer = servicer if servicer is not None else StandIn(model)
         self._loop = asyncio.new_event_loop()
         self._server: grpc.aio.Server | None = None
         started = threading.Event()
@@ -113,6 +113,9 @@ class StandInServer:
         self._loop.run_forever()
 
     def stop(self) -> None:
+        """Stop serving (at once: open calls break) and the thread; a second call does nothing."""
+        if not self._thread.is_alive():
+            return
         if self._server is not None:
             asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)

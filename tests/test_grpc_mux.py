@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 
 import grpc
 import pytest
@@ -16,6 +15,7 @@ from scalellm.protocol.grpc import replica_pb2 as pb
 from scalellm.protocol.grpc import replica_pb2_grpc as pb_grpc
 from scalellm.protocol.grpc.mux import MuxClient, MuxUnsupported, serve_mux
 from scalellm.protocol.sampling_params import SamplingParams
+from standin import StandInServer
 from test_server import _free_port
 
 
@@ -79,44 +79,15 @@ class Stepper(pb_grpc.ReplicaServicer):
         await serve_mux(self.Generate, request_iterator, Counting())  # type: ignore[arg-type]
 
 
-class Server:
-    def __init__(self, servicer: Stepper) -> None:
-        self.servicer = servicer
-        self.address = f"127.0.0.1:{_free_port()}"
-        self.loop = asyncio.new_event_loop()
-        started = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
-        self.thread.start()
-        assert started.wait(10)
-
-    def _run(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def start() -> None:
-            self.server = grpc.aio.server()
-            pb_grpc.add_ReplicaServicer_to_server(self.servicer, self.server)
-            self.server.add_insecure_port(self.address)
-            await self.server.start()
-
-        self.loop.run_until_complete(start())
-        started.set()
-        self.loop.run_forever()
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(10)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+def _serve(servicer: Stepper) -> StandInServer:
+    return StandInServer(_free_port(), servicer=servicer)
 
 
 @pytest.fixture
 def stepper():
-    srv = Server(Stepper())
+    srv = _serve(Stepper())
     yield srv
-    srv.close()
+    srv.stop()
 
 
 def _req(rid: str, n: int, prompt: str = "hi") -> pb.GenerateRequest:
@@ -180,7 +151,7 @@ def test_per_call_errors_and_cancels_leave_the_stream_and_other_calls_alone(step
 
 
 def test_lost_stream_fails_its_calls_then_reopens():
-    srv = Server(Stepper(step_s=0.02))
+    srv = _serve(Stepper(step_s=0.02))
     try:
         async def main() -> None:
             async with grpc.aio.insecure_channel(srv.address) as ch:
@@ -196,11 +167,11 @@ def test_lost_stream_fails_its_calls_then_reopens():
 
         asyncio.run(main())
     finally:
-        srv.close()
+        srv.stop()
 
 
 def test_replica_without_mux_falls_back_to_generate():
-    srv = Server(Stepper(mux=False))
+    srv = _serve(Stepper(mux=False))
     try:
         async def main() -> None:
             async with grpc.aio.insecure_channel(srv.address) as ch:
@@ -219,7 +190,7 @@ def test_replica_without_mux_falls_back_to_generate():
         asyncio.run(main())
         assert srv.servicer.generate_calls == 1  # the fallback's one Generate call
     finally:
-        srv.close()
+        srv.stop()
 
 
 def test_replica_client_uses_the_mux_stream(stepper):
