@@ -87,6 +87,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         exact = True  # float32 logits of the float32 (or bf16-valued, weight32) weight
+        bf16 = False  # from a bf16 GEMM: within |exact| * 2^-8 (re-scored near the maximum)
         if self.weight32 is not None:
             logits = _logits_fp32(hidden.float(), self.weight32)  # [B, V/tp]
         elif self.qweight is not None and self.packed is None:
@@ -96,12 +97,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         elif self.weight.dtype == torch.float32:
             logits = _logits_fp32(hidden.float(), self.weight)  # [B, V/tp]
         elif self.packed is not None:
-            logits, exact = linear_packed(hidden.to(self.weight.dtype), self.packed, None).float(), False
+            logits, exact, bf16 = linear_packed(hidden.to(self.weight.dtype), self.packed, None).float(), False, True
         else:
-            logits, exact = F.linear(hidden.to(self.weight.dtype), self.weight).float(), False  # [B, V/tp]
-        if (not exact and logits.shape[0] > 0 and (self.qweight is None or self.packed is not None)
-                and logits.device.type == "cpu"
-                and fused_cpu.ready()):
+            logits, exact, bf16 = F.linear(hidden.to(self.weight.dtype), self.weight).float(), False, True
+        if bf16 and logits.shape[0] > 0 and logits.device.type == "cpu" and fused_cpu.ready():
             # bf16 logits are within |exact| * 2^-8 of the exact ones: every token within 4x that
             # of its row's maximum is recomputed exactly (numba, in place; typically a few per row),
             # so the maximum, hence greedy, is exact. 0.5 ms at 64 rows where topk + gather +

@@ -69,9 +69,8 @@ def warm_up(dtype: torch.dtype) -> bool:
             rms_norm(x, w, 1e-6, x, out_float32=out32)
             rms_norm(x, w, 1e-6, None, out_float32=out32)
         silu_and_mul(x)
-        for bias in (None, torch.ones(4, dtype=dtype)):
-            int8_rows(x, None, torch.ones(4, 8, dtype=torch.int8), torch.ones(4), bias)
-            int8_rows(x, torch.ones(8), torch.ones(4, 8, dtype=torch.int8), torch.ones(4), bias)
+        # (smoothing and bias are run-time flags over arrays of fixed types: one call compiles all)
+        int8_rows(x, torch.ones(8), torch.ones(4, 8, dtype=torch.int8), torch.ones(4), torch.ones(4, dtype=dtype))
         inverse_cdf_draw(torch.ones(1, 4), torch.zeros(1, dtype=torch.float64))
         softmax_draw(torch.zeros(1, 4), torch.ones(1), torch.zeros(1, dtype=torch.float64))
         rescore_near_max(torch.zeros(1, 4), torch.zeros(1, 8), torch.zeros(4, 8, dtype=dtype), 0.0, 0.0)

@@ -95,8 +95,8 @@ class Int8Weight:
         dtype = x.dtype
         x32 = x.float() * self.inv_smooth if self.inv_smooth is not None else x.float()
         s = x32.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)  # [T, 1]
-        if self.q is not None:  # torch._int_mm, activations per row in 8 bits (torch ops; the fused
-            # passes are layers/int8_cpu.py's)
+        if self.q is not None:  # torch._int_mm, activations per row in 8 bits (torch ops; the
+            # fused passes are layers/fused_cpu.int8_rows, which linears call once it is compiled)
             s = s / 127.0
             xq = torch.floor(x32 / s + 0.5).clamp_(-127, 127).to(torch.int8)
             acc = torch._int_mm(xq.reshape(-1, self.in_features), self.q.t()).view(*x.shape[:-1], self.out_features)

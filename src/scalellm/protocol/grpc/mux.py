@@ -257,10 +257,7 @@ class MuxClient:
             except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                 pass  # the stream broke: its reader puts the error on the queue
             while True:
-                if s.closed is not None and q.empty():
-                    item: Any = s.closed
-                else:
-                    item = await q.get()
+                item = await q.get()  # a MuxItem, or the stream's error (its reader puts one on every queue)
                 if isinstance(item, grpc.aio.AioRpcError):
                     ended = True
                     if item.code() == grpc.StatusCode.UNIMPLEMENTED and not self.supported:
