@@ -375,3 +375,26 @@ def test_step_cost_model_fits_steps_and_errs_on_the_safe_side():
     _, b, c = m.coefficients
     assert c == pytest.approx(b, rel=0.05)
     assert m.max_prefill_tokens(m.predict(30, 0) + 10 * b, 30) in (9, 10)
+
+
+def test_step_cost_model_remembers_prefill_cost_through_decode_only_steps():
+    # CPU-like: a prefill token ~3x cheaper than a decode row. A burst's mixed steps, then the
+    # hundreds of decode-only steps of its decode phase: when the next burst comes, the model
+    # must still price prefill tokens from the burst, not as rows (the prior's guess)
+    a, b, c = 0.020, 0.0006, 0.0002
+    m = StepCostModel()
+    for i in range(12):
+        d, p = 16 + 4 * i, 600 - 20 * i
+        m.observe(d, p, a + b * d + c * p)
+    for _ in range(300):
+        m.observe(64, 0, a + b * 64)
+    _, _, c_fit = m.coefficients
+    assert c_fit == pytest.approx(c, rel=0.15)
+    assert m.predict(64, 0) == pytest.approx(a + b * 64, rel=0.02)
+    target = 0.150
+    room = m.max_prefill_tokens(target, 48)
+    assert abs(room - (target - a - b * 48) / c) < 0.15 * (target - a - b * 48) / c
+    # the machine slows down (decode steps 30% dearer): the recent steps move the prediction
+    for _ in range(40):
+        m.observe(64, 0, 1.3 * (a + b * 64))
+    assert m.predict(64, 0) == pytest.approx(1.3 * (a + b * 64), rel=0.05)

@@ -7,6 +7,7 @@ frontend. The server runs it in its own process (server/core_process.py).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from scalellm.engine.request import Request
 from scalellm.engine.scheduler import Scheduler
 from scalellm.protocol.sampling_params import SamplingParams
 from scalellm.protocol.step import CoreRequest, EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
@@ -100,6 +103,11 @@ class EngineCore:
         result = self.executor.execute(sched)
         t1 = time.perf_counter()
         self.scheduler.observe_step(sched, t1 - t0)
+        if logger.isEnabledFor(logging.DEBUG):  # one line a step: its shape, its time, the queue
+            num_decodes, num_prefill = self.scheduler.step_shape(sched)
+            logger.debug("step %d: %d decodes + %d prefill tokens in %.1f ms; %d running, %d waiting",
+                         self.num_steps, num_decodes, num_prefill, (t1 - t0) * 1e3,
+                         self.scheduler.num_running, self.scheduler.num_waiting)
         outputs = self.scheduler.update_from_output(sched, result)
         self.update_seconds += time.perf_counter() - t1
         self.num_steps += 1

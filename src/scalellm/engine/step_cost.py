@@ -7,8 +7,12 @@ b: one decode row (its linears, its LM-head row, attention over its context, sam
 c: one prefill token (linears and attention; no LM head, no sampling).
 
 Fitted by exponentially weighted least squares, the newest step weighing most (contexts
-grow, the machine's load changes), with a ridge that says what to assume when the steps
-seen cannot tell the terms apart:
+grow, the machine's load changes). Steps that carried prefill tokens are also kept in a
+second memory that only newer such steps displace: between bursts a server runs hundreds
+of decode-only steps, which say nothing of c, and with one memory c's evidence decayed
+away and a burst was scheduled as if a prefill token cost a decode row (~3x too much on
+CPU: a c=64 burst's TTFT p99 went from ~2 s to ~5 s with a 100 ms target). A ridge says
+what to assume when the steps seen cannot tell the terms apart:
 - a is pulled toward 0: steps of one size cannot split a from b, and a larger per-row
   cost is the safe guess for a scheduler deciding whether one more row still fits;
 - c is tied to b: until a step has carried prefill tokens, a prefill token costs a row.
@@ -28,9 +32,12 @@ class StepCostModel:
     def __init__(self, decay: float = _DECAY, ridge: float = _RIDGE) -> None:
         self.decay = decay
         self.ridge = ridge
-        # weighted sums over steps of x x^T and x t, x = (1, decodes / S, prefill / S)
+        # weighted sums over steps of x x^T and x t, x = (1, decodes / S, prefill / S): every
+        # step (decayed each step), and the steps with prefill tokens (decayed each such step)
         self._xx = [[0.0] * 3 for _ in range(3)]
         self._xt = [0.0] * 3
+        self._pxx = [[0.0] * 3 for _ in range(3)]
+        self._pxt = [0.0] * 3
         self._coef: tuple[float, float, float] | None = None  # (a, b, c) in seconds, per row / token
 
     @property
@@ -44,10 +51,12 @@ class StepCostModel:
 
     def observe(self, num_decodes: int, num_prefill_tokens: int, seconds: float) -> None:
         x = (1.0, num_decodes / _SCALE, num_prefill_tokens / _SCALE)
-        for i in range(3):
-            self._xt[i] = self.decay * self._xt[i] + x[i] * seconds
-            for j in range(3):
-                self._xx[i][j] = self.decay * self._xx[i][j] + x[i] * x[j]
+        sums = [(self._xx, self._xt)] + ([(self._pxx, self._pxt)] if num_prefill_tokens else [])
+        for xx, xt in sums:
+            for i in range(3):
+                xt[i] = self.decay * xt[i] + x[i] * seconds
+                for j in range(3):
+                    xx[i][j] = self.decay * xx[i][j] + x[i] * x[j]
         self._coef = self._fit()
 
     def predict(self, num_decodes: int, num_prefill_tokens: int) -> float:
@@ -61,7 +70,7 @@ class StepCostModel:
         room = seconds - a - b * num_decodes
         if room <= 0:
             return 0
-        return int(room / c) if c > 0 else 1 << 30
+        return int(room / c + 1e-6) if c > 0 else 1 << 30  # (a fit's rounding: 63.9999... is 64)
 
     def _fitted(self) -> tuple[float, float, float]:
         if self._coef is None:
@@ -69,21 +78,23 @@ class StepCostModel:
         return self._coef
 
     def _fit(self) -> tuple[float, float, float]:
-        weight = self._xx[0][0]  # sum of the steps' weights
+        xx = [[self._xx[i][j] + self._pxx[i][j] for j in range(3)] for i in range(3)]
+        xt = [self._xt[i] + self._pxt[i] for i in range(3)]
+        weight = xx[0][0]  # sum of the steps' weights
         lam = self.ridge * weight
-        m = [row[:] for row in self._xx]
+        m = [row[:] for row in xx]
         m[0][0] += lam  # a -> 0
         m[1][1] += lam  # (b - c)^2: b and c -> each other
         m[2][2] += lam
         m[1][2] -= lam
         m[2][1] -= lam
-        coef = _solve3(m, self._xt)
+        coef = _solve3(m, xt)
         if coef is not None and min(coef) >= 0 and coef[1] + coef[2] > 0:
             a, b, c = coef
             return a, b / _SCALE, c / _SCALE
         # one cost per token: least squares of t = s * (d + p) / S
-        tokens_t = self._xt[1] + self._xt[2]
-        tokens_sq = self._xx[1][1] + 2 * self._xx[1][2] + self._xx[2][2]
+        tokens_t = xt[1] + xt[2]
+        tokens_sq = xx[1][1] + 2 * xx[1][2] + xx[2][2]
         s = tokens_t / tokens_sq / _SCALE if tokens_sq > 0 else 0.0
         return 0.0, s, s
 

@@ -33,6 +33,7 @@ _warm_done: set[torch.dtype] = set()  # warm_up_model finished (compiled or not)
 _rope_kernels: dict[int, Any] = {}  # head_dim -> its rotary + KV-write kernel
 _rope_ready: set[tuple[torch.dtype, int]] = set()  # (dtype, head_dim) compiled
 _kernels: Any = None
+_silu_table: np.ndarray | None = None  # bfloat16 SiLU, by the input's 16 bits (silu_and_mul_table)
 _lock = threading.Lock()
 
 
@@ -63,6 +64,11 @@ def warm_up(dtype: torch.dtype) -> bool:
         from scalellm.layers import _numba_fused, _numba_int8
 
         _kernels, _int8 = _numba_fused, _numba_int8
+        if dtype == torch.bfloat16:
+            global _silu_table
+            table = np.empty(1 << 16, dtype=np.float32)
+            _numba_fused.silu_table(table, np.zeros((1, 1), dtype=np.int16))
+            _silu_table = table
         x = torch.ones(1, 8, dtype=dtype)
         w = torch.ones(8, dtype=dtype)
         for out32 in (False, True):  # inner norms, and the final norm (float32 out for the LM head)
@@ -177,7 +183,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2I] = [gate | up], contiguous -> silu(gate) * up: [T, I]."""
     out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
-    _kernels.silu_and_mul(_bits(x), _bits(out))
+    if x.dtype == torch.bfloat16 and _silu_table is not None:
+        _kernels.silu_and_mul_table(_bits(x), _silu_table, _bits(out))
+    else:
+        _kernels.silu_and_mul(_bits(x), _bits(out))
     return out
 
 
