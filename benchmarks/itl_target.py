@@ -32,7 +32,8 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def run(target: float, args: argparse.Namespace) -> dict:
-    llm = LLM(None, quantization=args.quantization, dtype=args.dtype, target_step_ms=target or None)
+    llm = LLM(None, quantization=args.quantization, dtype=args.dtype, target_step_ms=target or None,
+              target_ttft_ms=args.target_ttft_ms or None)
     engine = llm.engine
     runner = engine.core.executor
     attn0 = runner.model.model.layers[0].self_attn
@@ -94,6 +95,7 @@ def run(target: float, args: argparse.Namespace) -> dict:
     coef = sched.step_cost.coefficients
     return {
         "target_step_ms": target,
+        "target_ttft_ms": args.target_ttft_ms or None,
         "output_tok_s": total * args.output_len / wall,
         "itl_ms": {q: pct(itl, f) for q, f in (("p50", .5), ("p90", .9), ("p99", .99), ("max", 1.0))},
         "ttft_ms": {q: pct(ttft, f) for q, f in (("p50", .5), ("p99", .99), ("max", 1.0))},
@@ -114,6 +116,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--target-ttft-ms", type=float, default=0, help="with each target: the TTFT goal (0: off)")
     ap.add_argument("--num-requests", type=int, default=0,
                     help="closed loop: each finished request is replaced until this many were sent (default: one wave)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "itl_target.json"))

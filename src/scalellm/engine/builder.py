@@ -125,7 +125,7 @@ def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> E
             eos_token_ids=info.eos_token_ids, seed=config.seed,
         )
     sched_cfg = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, info.max_model_len,
-                                target_step_ms=config.target_step_ms)
+                                target_step_ms=config.target_step_ms, target_ttft_ms=config.target_ttft_ms)
     kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
     core = EngineCore(Scheduler(sched_cfg, kv), executor)
     logger.info("engine ready: %s, dtype %s, %d KV blocks of %d tokens (per rank), max_model_len %d, "

@@ -18,6 +18,11 @@ class SchedulerConfig:
     # waiting requests only while that still holds. Bounds ITL at the price of queueing
     # newcomers. None: always the full token budget, admission limited only by max_num_seqs.
     target_step_ms: float | None = None
+    # Time-to-first-token goal, with target_step_ms: once a request has waited this many ms
+    # without its first token, the step goal yields (the full token budget, admission open)
+    # until no request is past it. Bounds a burst's TTFT at the price of a few long steps.
+    # None: the step goal always holds.
+    target_ttft_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -28,6 +33,8 @@ class SchedulerConfig:
             raise InvalidParameterError("max_model_len", "must be >= 2")
         if self.target_step_ms is not None and self.target_step_ms <= 0:
             raise InvalidParameterError("target_step_ms", f"must be > 0 (or unset), got {self.target_step_ms}")
+        if self.target_ttft_ms is not None and self.target_ttft_ms <= 0:
+            raise InvalidParameterError("target_ttft_ms", f"must be > 0 (or unset), got {self.target_ttft_ms}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +69,7 @@ class EngineConfig:
     #      | "fp8": e4m3 W8A8 linears on torch._scaled_mm (quant/fp8.py), GPU (sm89+) or CPU
     quantization: str | None = None
     target_step_ms: float | None = None  # SchedulerConfig.target_step_ms: bounds inter-token latency
+    target_ttft_ms: float | None = None  # SchedulerConfig.target_ttft_ms: where the step goal yields to TTFT
     # ranks of one replica: rank 0 in the engine's process, 1..N-1 worker processes
     # (kv_cache_memory is per rank; checks that need the model are in engine.builder)
     tensor_parallel_size: int = 1
@@ -84,5 +92,5 @@ class EngineConfig:
             )
         # Reuse the part configs' validation.
         SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len or 2,
-                        target_step_ms=self.target_step_ms)
+                        target_step_ms=self.target_step_ms, target_ttft_ms=self.target_ttft_ms)
         CacheConfig(self.block_size, 0, self.kv_cache_memory, self.enable_prefix_caching)

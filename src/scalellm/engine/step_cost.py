@@ -25,12 +25,16 @@ from __future__ import annotations
 
 _SCALE = 64.0  # rows per feature unit: keeps the normal equations well conditioned
 _DECAY = 0.9  # weight of a step one step older (~10 steps in the fit)
+# the same in the memory of steps with prefill tokens, per such step (~3 steps): a burst's
+# first capped steps must correct what the last burst taught within a step or two
+_PREFILL_DECAY = 0.7
 _RIDGE = 0.01  # the prior's strength, relative to the weight of the steps in the fit
 
 
 class StepCostModel:
-    def __init__(self, decay: float = _DECAY, ridge: float = _RIDGE) -> None:
+    def __init__(self, decay: float = _DECAY, ridge: float = _RIDGE, prefill_decay: float = _PREFILL_DECAY) -> None:
         self.decay = decay
+        self.prefill_decay = prefill_decay
         self.ridge = ridge
         # weighted sums over steps of x x^T and x t, x = (1, decodes / S, prefill / S): every
         # step (decayed each step), and the steps with prefill tokens (decayed each such step)
@@ -51,12 +55,14 @@ class StepCostModel:
 
     def observe(self, num_decodes: int, num_prefill_tokens: int, seconds: float) -> None:
         x = (1.0, num_decodes / _SCALE, num_prefill_tokens / _SCALE)
-        sums = [(self._xx, self._xt)] + ([(self._pxx, self._pxt)] if num_prefill_tokens else [])
-        for xx, xt in sums:
+        sums = [(self._xx, self._xt, self.decay)]
+        if num_prefill_tokens:
+            sums.append((self._pxx, self._pxt, self.prefill_decay))
+        for xx, xt, decay in sums:
             for i in range(3):
-                xt[i] = self.decay * xt[i] + x[i] * seconds
+                xt[i] = decay * xt[i] + x[i] * seconds
                 for j in range(3):
-                    xx[i][j] = self.decay * xx[i][j] + x[i] * x[j]
+                    xx[i][j] = decay * xx[i][j] + x[i] * x[j]
         self._coef = self._fit()
 
     def predict(self, num_decodes: int, num_prefill_tokens: int) -> float:

@@ -19,6 +19,17 @@ from scalellm.protocol.errors import ScaleLLMError
 # NOTE: 100, not 150: steps overrun the cost model's prediction by up to ~1.35x at p99 on a
 # shared 2-core machine, and serving adds its own delay; 100 ms steps kept c=64 ITL p99 <= 150 ms.
 SERVE_TARGET_STEP_MS = 100.0
+# NOTE: with the step goal alone a c=64 burst of 128-token prompts queued behind ~40 capped
+# steps: TTFT p99 3.7-3.9 s served, against vLLM's 2.3-2.6 s. Letting the goal yield once a
+# request has waited 1 s without its first token cut it to ~1.5 s in process, for an ITL
+# p99 of ~160 ms instead of ~115 (benchmarks/README.md, "session 9").
+SERVE_TARGET_TTFT_MS = 1000.0
+# NOTE: online serving's token budget is 4,096 (offline: 2,048). A burst past the TTFT goal
+# runs full-budget steps and each stalls every running stream once: at c=64 (128-token
+# prompts) 2,048-token steps stalled ~240 token intervals (1.5%: ITL p99 ~340 ms), 4,096-
+# token steps ~100 (0.6%: ITL p99 ~85 ms), with TTFT p99 1.45 -> 1.2 s and +3% throughput.
+# The longest stall grows from ~0.3 to ~0.6 s (benchmarks/README.md, "session 9").
+SERVE_MAX_NUM_BATCHED_TOKENS = 4096
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +37,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help=f"token budget of one step (serve/replica default: {SERVE_MAX_NUM_BATCHED_TOKENS})")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV cache (of each rank)")
@@ -37,7 +49,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="MoE models: whole experts per rank (attention stays tensor-parallel)")
     p.add_argument("--quantization", choices=["int8", "fp8"], default=None,
-                   help="int8: dynamic W8A8 linears on fbgemm (CPU; perplexity +~5%% on SmolLM2); "
+                   help="int8: dynamic W8A8 linears (CPU: torch._int_mm where AMX/VNNI, else fbgemm; perplexity +1.7%% "
+                        "on SmolLM2); "
                         "fp8: e4m3 W8A8 linears on torch._scaled_mm (GPU with compute capability 8.9+, e.g. H100)")
     p.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode steps")
     p.add_argument("--target-step-ms", type=float, default=None,
@@ -45,6 +58,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "start new requests only while that still holds (a burst queues instead of slowing "
                         "every stream); 0: off, full token budget, no admission limit. serve/replica default: "
                         f"{SERVE_TARGET_STEP_MS:g}; generate: off")
+    p.add_argument("--target-ttft-ms", type=float, default=None,
+                   help="time-to-first-token goal, with --target-step-ms: once a request has waited this many ms "
+                        "without its first token, steps take the full token budget and new requests start "
+                        "until none is past it; 0: off (the step goal always holds). serve/replica default: "
+                        f"{SERVE_TARGET_TTFT_MS:g}")
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict:
@@ -54,7 +72,8 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
         block_size=a.block_size, kv_cache_memory=int(a.kv_cache_memory * (1 << 30)),
         enable_prefix_caching=not a.no_prefix_caching, seed=a.seed,
         tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
-        quantization=a.quantization, target_step_ms=a.target_step_ms or None, enforce_eager=a.enforce_eager,
+        quantization=a.quantization, target_step_ms=a.target_step_ms or None,
+        target_ttft_ms=a.target_ttft_ms or None, enforce_eager=a.enforce_eager,
     )
 
 
@@ -139,6 +158,8 @@ def _replica_args(a: argparse.Namespace) -> list[str]:
         out += ["--quantization", a.quantization]
     if a.target_step_ms is not None:
         out += ["--target-step-ms", str(a.target_step_ms)]
+    if a.target_ttft_ms is not None:
+        out += ["--target-ttft-ms", str(a.target_ttft_ms)]
     if a.otlp_endpoint:
         out += ["--otlp-endpoint", a.otlp_endpoint]
     return out
@@ -239,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         s = sub.add_parser(name, help=help_text)
         _add_engine_args(s)
-        s.set_defaults(target_step_ms=SERVE_TARGET_STEP_MS)
+        s.set_defaults(target_step_ms=SERVE_TARGET_STEP_MS, target_ttft_ms=SERVE_TARGET_TTFT_MS,
+                       max_num_batched_tokens=SERVE_MAX_NUM_BATCHED_TOKENS)
         s.add_argument("--host", default="127.0.0.1")
         s.add_argument("--port", type=int, default=8000, help="HTTP port of the OpenAI API")
         s.add_argument("--grpc-port", type=int, default=grpc_default, help="gRPC port (Replica service)")
