@@ -8,6 +8,7 @@ replaced by a new one until that many were sent, as `scalellm bench`'s clients d
 actual/predicted step time percentiles, the fitted cost terms, the steps' running counts.
 
     flock /work/cpu.lock python benchmarks/itl_target.py --targets 0,150,100 --quantization int8
+    python benchmarks/itl_target.py --targets 0,100 --target-ttft-ms 1000 --num-requests 128
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def pct(xs: list[float], q: float) -> float:
 
 def run(target: float, args: argparse.Namespace) -> dict:
     llm = LLM(None, quantization=args.quantization, dtype=args.dtype, target_step_ms=target or None,
-              target_ttft_ms=args.target_ttft_ms or None)
+              target_ttft_ms=args.target_ttft_ms or None, max_num_batched_tokens=args.max_num_batched_tokens)
     engine = llm.engine
     runner = engine.core.executor
     attn0 = runner.model.model.layers[0].self_attn
@@ -116,6 +117,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096, help="token budget (serve's default)")
     ap.add_argument("--target-ttft-ms", type=float, default=0, help="with each target: the TTFT goal (0: off)")
     ap.add_argument("--num-requests", type=int, default=0,
                     help="closed loop: each finished request is replaced until this many were sent (default: one wave)")

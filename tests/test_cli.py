@@ -59,3 +59,20 @@ def test_convert_gguf_roundtrip(tmp_path):
     a = LLM(str(out), dtype="float32", max_model_len=256).generate("The capital of France is", p)[0].outputs[0]
     b = LLM(dtype="float32", max_model_len=256).generate("The capital of France is", p)[0].outputs[0]
     assert a.token_ids == b.token_ids
+
+
+def test_serve_defaults_bound_latency_and_are_passed_to_replicas():
+    from scalellm.entrypoints.cli import _engine_kwargs, _replica_args, build_parser
+
+    a = build_parser().parse_args(["serve"])
+    kw = _engine_kwargs(a)
+    assert (kw["target_step_ms"], kw["target_ttft_ms"], kw["max_num_batched_tokens"]) == (100.0, 1000.0, 4096)
+    args = _replica_args(a)
+    for flag, value in (("--target-step-ms", "100.0"), ("--target-ttft-ms", "1000.0"),
+                        ("--max-num-batched-tokens", "4096")):
+        assert args[args.index(flag) + 1] == value
+    off = _engine_kwargs(build_parser().parse_args(["serve", "--target-ttft-ms", "0", "--target-step-ms", "0"]))
+    assert off["target_step_ms"] is None and off["target_ttft_ms"] is None
+    # offline generation keeps the full budget and no goals
+    gen = _engine_kwargs(build_parser().parse_args(["generate", "--prompt", "x"]))
+    assert (gen["target_step_ms"], gen["target_ttft_ms"], gen["max_num_batched_tokens"]) == (None, None, 2048)

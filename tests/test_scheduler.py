@@ -398,3 +398,48 @@ def test_step_cost_model_remembers_prefill_cost_through_decode_only_steps():
     for _ in range(40):
         m.observe(64, 0, 1.3 * (a + b * 64))
     assert m.predict(64, 0) == pytest.approx(1.3 * (a + b * 64), rel=0.05)
+
+
+def test_target_ttft_ms_yields_the_step_goal_for_a_burst_it_cannot_serve_in_time():
+    import time
+
+    def setup(ttft_ms, burst):
+        kv = KVCacheManager(1024, 4, False)
+        s = Scheduler(SchedulerConfig(512, 256, 256, target_step_ms=100.0, target_ttft_ms=ttft_ms), kv)
+        w = FakeWorker(s)
+        for i in range(8):
+            s.add_request(make_request(f"d{i}", prompt_len=6, max_tokens=50))
+        w.step()  # 8 decoding from now on
+        # 8 decodes: 36 ms; capped steps carry (100 - 20 - 16) / 1 = 64 prefill tokens a step,
+        # 640 tokens a second
+        s.step_cost = exact_cost_model(20.0, 2.0, 1.0)
+        for i in range(burst):
+            s.add_request(make_request(f"p{i}", prompt_len=100, max_tokens=5))
+        return s, w
+
+    # two 100-token prompts: 0.31 s at the capped rate, within a 1 s goal: capped
+    s, w = setup(1000.0, 2)
+    out, _ = w.step()
+    assert out.total_num_scheduled_tokens == 8 + 64
+    # ten: the last first token 1.6 s out at the capped rate: the goal yields (full budget,
+    # everyone admitted); the steps that took it are not fitted
+    s, w = setup(1000.0, 10)
+    fitted = s.step_cost.coefficients
+    out, _ = w.step()
+    assert out.total_num_scheduled_tokens == 512
+    assert s.step_cost.coefficients == fitted
+    # and once what is left fits in time, steps are capped again
+    while s.first_token_at_risk():
+        w.step()
+    out, _ = w.step()
+    assert out.total_num_scheduled_tokens <= 8 + 10 + 64
+    # without a TTFT goal the same burst only ever gets capped steps
+    s, w = setup(None, 10)
+    out, _ = w.step()
+    assert out.total_num_scheduled_tokens == 8 + 64
+    # a request that has waited past the goal already: yields at once, even alone
+    s, w = setup(1000.0, 1)
+    s.waiting[0].arrival_time = time.monotonic() - 2.0
+    assert s.first_token_at_risk()
+    out, _ = w.step()
+    assert out.num_scheduled_tokens["p0"] == 100
