@@ -77,7 +77,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.seed_offsets: dict[str, int] = {}
         self.step_cost = StepCostModel()  # measured steps -> predicted step time, for target_step_ms
-        self._overdue = False  # this step: a first token would miss target_ttft_ms (the step goal yields)
+        self._ttft_yield = False  # this step: a first token would miss target_ttft_ms, the step goal yields
 
     # -- intake ------------------------------------------------------------------
     def add_request(self, request: Request, seed_offset: int = 0) -> None:
@@ -143,13 +143,13 @@ class Scheduler:
     def observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
         """The executor's time for the step `sched` (call before `update_from_output`).
 
-        Only steps the goal could shape are fitted: not those without decodes nor those past
-        target_ttft_ms, which take the full budget whatever the model says. Their 1-2k-token
-        prefill runs the linears at a far better rate than a capped step's few hundred rows
-        and taught the model a prefill token ~35% too cheap: the next capped steps overran
-        the target by 60-80%."""
+        Only steps the goal could shape are fitted: not those without decodes nor those where
+        the TTFT goal made it yield, which take the full budget whatever the model says.
+        Their 2-4k-token prefill runs the linears at a far better rate than a capped step's
+        few hundred rows and taught the model a prefill token ~35% too cheap: the next
+        capped steps overran the target by 60-80%."""
         num_decodes, num_prefill = self.step_shape(sched)
-        if num_decodes and not self._overdue:
+        if num_decodes and not self._ttft_yield:
             self.step_cost.observe(num_decodes, num_prefill, seconds)
 
     def target_seconds(self) -> float | None:
@@ -187,7 +187,7 @@ class Scheduler:
         """This step's token budget (see the module docstring)."""
         full = self.config.max_num_batched_tokens
         target = self.target_seconds()
-        if target is None or self._overdue:
+        if target is None or self._ttft_yield:
             return full
         decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
         if decoding == 0:
@@ -200,13 +200,13 @@ class Scheduler:
         if len(self.running) >= self.config.max_num_seqs:
             return False
         target = self.target_seconds()
-        if target is None or self._overdue:
+        if target is None or self._ttft_yield:
             return True
         return self.step_cost.predict(len(self.running) + 1, MIN_PREFILL_TOKENS) <= target
 
     # -- one step ----------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        self._overdue = self.first_token_at_risk()
+        self._ttft_yield = self.first_token_at_risk()
         budget = step_budget = self.step_budget()
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
