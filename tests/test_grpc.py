@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -150,9 +151,21 @@ def test_load_models_health(replica):
     _wait_idle(stub)
     load = stub.Load(pb.LoadRequest())
     assert load.kv_blocks_total > 0 and load.num_running == 0
-    stream = stub.StreamLoad(pb.LoadRequest(interval_ms=20), timeout=5)
-    assert [next(stream).kv_blocks_total for _ in range(3)] == [load.kv_blocks_total] * 3
+    # StreamLoad: at once, then while idle (the load unchanged) only at the 2 s heartbeat
+    stream = stub.StreamLoad(pb.LoadRequest(interval_ms=20), timeout=15)
+    t0 = time.monotonic()
+    assert next(stream).kv_blocks_total == load.kv_blocks_total
+    assert next(stream) == load and time.monotonic() - t0 >= 1.5
+    # ... and every interval while it changes: a generation running
+    req = pb.GenerateRequest(model="tiny", prompt="Once upon a time", params=_params(max_tokens=200, ignore_eos=True))
+    worker = threading.Thread(target=lambda: list(stub.Generate(req, timeout=60)))
+    t1 = time.monotonic()
+    worker.start()
+    busy = next(stream)
+    assert time.monotonic() - t1 < 1.5 and busy != load
     stream.cancel()
+    worker.join(60)
+    _wait_idle(stub)
     models = stub.Models(pb.ModelsRequest())
     assert list(models.models) == ["tiny"] and models.max_model_len == 256
 

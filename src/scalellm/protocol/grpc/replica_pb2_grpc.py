@@ -121,7 +121,7 @@ class ReplicaServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamLoad(self, request, context):
-        """The same, pushed every `interval_ms`.
+        """The same, pushed every `interval_ms` while it changes, and at least every 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
