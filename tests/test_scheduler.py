@@ -443,3 +443,25 @@ def test_target_ttft_ms_yields_the_step_goal_for_a_burst_it_cannot_serve_in_time
     assert s.first_token_at_risk()
     out, _ = w.step()
     assert out.num_scheduled_tokens["p0"] == 100
+
+
+def test_target_ttft_ms_admits_while_the_kv_cache_has_headroom():
+    # yielding skips the decode-cost gate (a c=64 run once stalled at ~16 streams behind it) but
+    # not the KV cache: letting everyone in under sustained overload filled it and preempted
+    # streams for seconds
+    def setup(num_blocks):
+        kv = KVCacheManager(num_blocks, 4, False)
+        s = Scheduler(SchedulerConfig(512, 256, 256, target_step_ms=100.0, target_ttft_ms=1000.0), kv)
+        w = FakeWorker(s)
+        for i in range(40):
+            s.add_request(make_request(f"d{i}", prompt_len=6, max_tokens=50))
+        w.step()  # 40 decoding, 80 blocks
+        s.step_cost = exact_cost_model(20.0, 2.0, 1.0)  # one more decode: 20 + 82 + 8 = 110 ms > 100
+        for i in range(10):
+            s.add_request(make_request(f"p{i}", prompt_len=100, max_tokens=5))
+        assert s.first_token_at_risk()
+        return w
+    out, _ = setup(4096).step()  # plenty of room: admitted despite the cost gate
+    assert sum(n for r, n in out.num_scheduled_tokens.items() if r.startswith("p")) == 512 - 40
+    out, _ = setup(88).step()  # 80 of 88 blocks in use (91%): nobody else starts
+    assert not any(r.startswith("p") for r in out.num_scheduled_tokens)

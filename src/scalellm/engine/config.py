@@ -18,9 +18,10 @@ class SchedulerConfig:
     # waiting requests only while that still holds. Bounds ITL at the price of queueing
     # newcomers. None: always the full token budget, admission limited only by max_num_seqs.
     target_step_ms: float | None = None
-    # Time-to-first-token goal, with target_step_ms: once a request has waited this many ms
-    # without its first token, the step goal yields (the full token budget, admission open)
-    # until no request is past it. Bounds a burst's TTFT at the price of a few long steps.
+    # Time-to-first-token goal, with target_step_ms: while a request awaiting its first token
+    # would get it later than this many ms after arriving at the capped steps' rate, steps
+    # take the full token budget (admission up to 90% KV use). Bounds a burst's TTFT at the
+    # price of a few long steps.
     # None: the step goal always holds.
     target_ttft_ms: float | None = None
 

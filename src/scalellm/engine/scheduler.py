@@ -23,8 +23,11 @@ steps (`step_cost`, fed by `observe_step`) decides two things:
   never cut to meet it, so a burst queues instead of slowing every stream down.
 With `target_ttft_ms` as well (a time-to-first-token goal), the step goal yields while a
 request awaiting its first token would miss that goal were the prompts ahead of it and its
-own prefilled at the capped steps' rate: full-budget steps, admission limited only by
-`max_num_seqs`, until the rest fits in time. A burst larger than capped steps can prefill
+own prefilled at the capped steps' rate: full-budget steps until the rest fits in time.
+Admission then skips the decode-cost gate (extrapolated from small batches, it can shut at
+~16 streams: a c=64 run once fell to 462 tok/s) but stops at `TTFT_YIELD_KV_HEADROOM`
+free KV: letting everyone in under sustained overload (1,024-token prompts at 3 req/s)
+filled the cache, and preemptions stalled streams for up to 5 s. A burst larger than capped steps can prefill
 in time (a c=64 burst of 128-token prompts on 2 CPU cores: ~40 capped steps, TTFT p99
 ~3.8 s) is cleared in a few full steps instead: each stalls the running streams once, so
 fewer and larger steps cost the fewest long token intervals.
@@ -62,6 +65,9 @@ from scalellm.protocol.step import (
 # costs about as much as a decode row, so every reserved token is a decode stream fewer.
 MIN_PREFILL_TOKENS = 8
 MIN_BATCH = 16  # decodes a step may always carry, whatever the target says
+# While the TTFT goal makes the step goal yield, waiting requests start while the KV cache
+# has this much of itself free: their decodes grow into it instead of preempting others.
+TTFT_YIELD_KV_HEADROOM = 0.10
 
 
 class Scheduler:
@@ -200,8 +206,10 @@ class Scheduler:
         if len(self.running) >= self.config.max_num_seqs:
             return False
         target = self.target_seconds()
-        if target is None or self._ttft_yield:
+        if target is None:
             return True
+        if self._ttft_yield:  # the TTFT goal's steps: as many as the KV cache holds with headroom
+            return self.kv_cache.usage < 1.0 - TTFT_YIELD_KV_HEADROOM
         return self.step_cost.predict(len(self.running) + 1, MIN_PREFILL_TOKENS) <= target
 
     # -- one step ----------------------------------------------------------------

@@ -59,9 +59,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "every stream); 0: off, full token budget, no admission limit. serve/replica default: "
                         f"{SERVE_TARGET_STEP_MS:g}; generate: off")
     p.add_argument("--target-ttft-ms", type=float, default=None,
-                   help="time-to-first-token goal, with --target-step-ms: once a request has waited this many ms "
-                        "without its first token, steps take the full token budget and new requests start "
-                        "until none is past it; 0: off (the step goal always holds). serve/replica default: "
+                   help="time-to-first-token goal, with --target-step-ms: while a waiting request would get its "
+                        "first token later than this many ms after arriving at the capped steps' rate, steps "
+                        "take the full token budget; 0: off (the step goal always holds). serve/replica default: "
                         f"{SERVE_TARGET_TTFT_MS:g}")
 
 
