@@ -24,8 +24,8 @@ steps (`step_cost`, fed by `observe_step`) decides two things:
 With `target_ttft_ms` as well (a time-to-first-token goal), the step goal yields while a
 request awaiting its first token would miss that goal were the prompts ahead of it and its
 own prefilled at the capped steps' rate: full-budget steps until the rest fits in time.
-Admission then skips the decode-cost gate (extrapolated from small batches, it can shut at
-~16 streams: a c=64 run once fell to 462 tok/s) but stops at `TTFT_YIELD_KV_HEADROOM`
+Admission then skips the decode-cost gate (with it, one c=64 run held at ~16 streams and
+462 tok/s; the cause was not pinned down) but stops at `TTFT_YIELD_KV_HEADROOM`
 free KV: letting everyone in under sustained overload (1,024-token prompts at 3 req/s)
 filled the cache, and preemptions stalled streams for up to 5 s. A burst larger than capped steps can prefill
 in time (a c=64 burst of 128-token prompts on 2 CPU cores: ~40 capped steps, TTFT p99
