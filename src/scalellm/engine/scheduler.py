@@ -23,14 +23,14 @@ steps (`step_cost`, fed by `observe_step`) decides two things:
   never cut to meet it, so a burst queues instead of slowing every stream down.
 With `target_ttft_ms` as well (a time-to-first-token goal), the step goal yields while a
 request awaiting its first token would miss that goal were the prompts ahead of it and its
-own prefilled at the capped steps' rate: full-budget steps until the rest fits in time.
-Admission then skips the decode-cost gate (with it, one c=64 run held at ~16 streams and
-462 tok/s; the cause was not pinned down) but stops at `TTFT_YIELD_KV_HEADROOM`
-free KV: letting everyone in under sustained overload (1,024-token prompts at 3 req/s)
-filled the cache, and preemptions stalled streams for up to 5 s. A burst larger than capped steps can prefill
-in time (a c=64 burst of 128-token prompts on 2 CPU cores: ~40 capped steps, TTFT p99
-~3.8 s) is cleared in a few full steps instead: each stalls the running streams once, so
-fewer and larger steps cost the fewest long token intervals.
+own prefilled at the capped steps' rate: full-budget steps until the rest fits in time. A
+burst that capped steps cannot prefill in time (a c=64 burst of 128-token prompts on 2 CPU
+cores: ~40 capped steps, TTFT p99 ~3.8 s) is cleared in a few full steps instead; each
+stalls the running streams once, so fewer and larger steps cost the fewest long token
+intervals. While yielding, admission skips the decode-cost gate (with it, one c=64 run
+held at ~16 streams and 462 tok/s; the cause was not pinned down) but stops at
+`TTFT_YIELD_KV_HEADROOM` free KV: letting everyone in under sustained overload (1,024-token
+prompts at 3 req/s) filled the cache, and preemptions stalled streams for up to 5 s.
 The target never asks for batches below `MIN_BATCH` decodes: where even that many (and a
 slice) take longer than the target (a model or precision too slow for it, or a machine
 slowed down), the step aims at that batch's time instead. Continuous in the estimates, so
@@ -166,21 +166,25 @@ class Scheduler:
             return None
         return max(target / 1000.0, self.step_cost.predict(MIN_BATCH, MIN_PREFILL_TOKENS))
 
+    def _num_decoding(self) -> int:
+        """Running requests whose next step is a decode (one token left to compute)."""
+        return sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+
     def first_token_at_risk(self) -> bool:
         """Would a request awaiting its first token get it later than target_ttft_ms after its
         arrival, were the prompts still to compute prefilled in scheduling order (running
         ones, then the queue's) at the capped steps' rate? (False without both goals or
         before a step is measured.)"""
         limit = self.config.target_ttft_ms
-        target = self.target_seconds()
-        if limit is None or target is None:
+        target = self.target_seconds() if limit is not None else None
+        if target is None:
             return False
         pending = [r for r in self.running if r.first_token_time is None]
         pending += [r for r in self.waiting if r.first_token_time is None]
         if not pending:
             return False
-        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
-        rate = max(self.step_cost.max_prefill_tokens(target, decoding), MIN_PREFILL_TOKENS) / target  # tokens/s
+        room = max(self.step_cost.max_prefill_tokens(target, self._num_decoding()), MIN_PREFILL_TOKENS)
+        rate = room / target  # prefill tokens a second at the capped steps' pace
         now = time.monotonic()
         tokens = 0
         for r in pending:
@@ -195,7 +199,7 @@ class Scheduler:
         target = self.target_seconds()
         if target is None or self._ttft_yield:
             return full
-        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        decoding = self._num_decoding()
         if decoding == 0:
             return full
         prefill = self.step_cost.max_prefill_tokens(target, decoding)

@@ -20,9 +20,9 @@ from scalellm.protocol.errors import ScaleLLMError
 # shared 2-core machine, and serving adds its own delay; 100 ms steps kept c=64 ITL p99 <= 150 ms.
 SERVE_TARGET_STEP_MS = 100.0
 # NOTE: with the step goal alone a c=64 burst of 128-token prompts queued behind ~40 capped
-# steps: TTFT p99 3.7-3.9 s served, against vLLM's 2.3-2.6 s. Letting the goal yield once a
-# request has waited 1 s without its first token cut it to ~1.5 s in process, for an ITL
-# p99 of ~160 ms instead of ~115 (benchmarks/README.md, "session 9").
+# steps: TTFT p99 3.7-4.3 s served, against vLLM's 2.2-2.7 s. Letting the step goal yield
+# while a first token would miss 1 s (with the 4,096-token budget below): TTFT p99 1.2-1.6 s,
+# ITL p99 78-107 ms (benchmarks/README.md, "session 9").
 SERVE_TARGET_TTFT_MS = 1000.0
 # NOTE: online serving's token budget is 4,096 (offline: 2,048). A burst past the TTFT goal
 # runs full-budget steps and each stalls every running stream once: at c=64 (128-token

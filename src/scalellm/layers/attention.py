@@ -96,6 +96,18 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
+def _fresh_run_length(chunks: list[PrefillChunk], i: int) -> int:
+    """How many chunks from chunks[i] (a fresh prompt) on are fresh prompts of its length,
+    each right after the one before in the step's rows."""
+    first, n = chunks[i], 1
+    while i + n < len(chunks):
+        nxt = chunks[i + n]
+        if nxt.ctx_slots is not None or nxt.q_len != first.q_len or nxt.q_start != first.q_start + n * first.q_len:
+            break
+        n += 1
+    return n
+
+
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_idx: int) -> None:
         super().__init__()
@@ -178,10 +190,7 @@ class Attention(nn.Module):
             if chunk.ctx_slots is None:
                 # fresh prompts of one length, one after another: one causal SDPA call for the run
                 # (at 16 x 128 tokens, SmolLM2's heads: 1.19 ms a layer, where one call each took 1.55)
-                n = 1
-                while (i + n < len(chunks) and chunks[i + n].ctx_slots is None and chunks[i + n].q_len == chunk.q_len
-                       and chunks[i + n].q_start == chunk.q_start + n * chunk.q_len):
-                    n += 1
+                n = _fresh_run_length(chunks, i)
                 run = slice(chunk.q_start, chunk.q_start + n * chunk.q_len)
                 qp = q[run].view(n, chunk.q_len, *q.shape[1:]).transpose(1, 2)  # [n, H, q_len, D]
                 kp = k[run].view(n, chunk.q_len, *k.shape[1:]).transpose(1, 2)  # [n, Hkv, q_len, D]

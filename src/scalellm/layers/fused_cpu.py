@@ -53,19 +53,17 @@ def supports(x: torch.Tensor) -> bool:
 
 def warm_up(dtype: torch.dtype) -> bool:
     """Compile (or load from numba's disk cache) every kernel for `dtype` activations."""
-    global _kernels
+    global _kernels, _int8, _silu_table
     if dtype not in _DTYPES or not paged_attention_cpu.available():
         return False
     with _lock:
         if dtype in _compiled:
             return True
         t0 = time.monotonic()
-        global _int8
         from scalellm.layers import _numba_fused, _numba_int8
 
         _kernels, _int8 = _numba_fused, _numba_int8
         if dtype == torch.bfloat16:
-            global _silu_table
             table = np.empty(1 << 16, dtype=np.float32)
             _numba_fused.silu_table(table, np.zeros((1, 1), dtype=np.int16))
             _silu_table = table
@@ -183,7 +181,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2I] = [gate | up], contiguous -> silu(gate) * up: [T, I]."""
     out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
-    if x.dtype == torch.bfloat16 and _silu_table is not None:
+    if x.dtype == torch.bfloat16:  # warm_up built the table before marking bfloat16 compiled
         _kernels.silu_and_mul_table(_bits(x), _silu_table, _bits(out))
     else:
         _kernels.silu_and_mul(_bits(x), _bits(out))
