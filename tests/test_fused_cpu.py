@@ -127,6 +127,29 @@ def test_packed_bf16_linear_matches_f_linear(rows):
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=1.6e-2)
 
 
+@pytest.mark.skipif(not linear.onednn_packing_available(), reason="no oneDNN bf16 linear on this CPU")
+@pytest.mark.parametrize("rows", [1, 64, 300])
+def test_packed_gate_up_fuses_silu_and_mul(rows):
+    """A [gate | up] linear packed half by half: silu_and_mul (the activation and the product
+    in the GEMMs' epilogues) matches silu(gate) * up in float64, and a plain call still returns
+    the merged [gate | up] output."""
+    g = torch.Generator().manual_seed(rows)
+    layer = linear.MergedColumnParallelLinear(576, [1536, 1536], bias=False, dtype=torch.bfloat16)
+    layer.weight.data = (torch.randn(3072, 576, generator=g) * 0.05).bfloat16()
+    x = torch.randn(rows, 576, generator=g).bfloat16()
+    gu = x.double() @ layer.weight.double().t()
+    ref = torch.nn.functional.silu(gu[:, :1536]) * gu[:, 1536:]
+    assert layer.silu_and_mul(x) is None  # not packed yet: the caller runs the activation itself
+    layer.set_packed()
+    assert layer.weight.numel() == 0 and layer.packed_halves is not None
+    got = layer.silu_and_mul(x)
+    assert got is not None and got.dtype == torch.bfloat16 and got.shape == (rows, 1536)
+    # one bf16 rounding of the gate, one of the product: within ~2 bf16 ulps of the exact value
+    assert (got.double() - ref).abs().max() <= 1.6e-2 * ref.abs().max()
+    merged = layer(x)
+    torch.testing.assert_close(merged.double(), gu, atol=2e-2 * gu.abs().max().item(), rtol=1.6e-2)
+
+
 def test_softmax_draw_matches_the_distribution_and_the_torch_draw():
     g = torch.Generator().manual_seed(5)
     # frequencies over many rows of one small distribution, with a banned (-inf) token

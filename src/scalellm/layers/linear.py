@@ -59,6 +59,14 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return y if len(shape) == 2 else y.view(*shape[:-1], y.shape[-1])
 
 
+def silu_mul_packed(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) for weights from `pack_onednn`; x: [T, K] -> [T, N]. Two
+    GEMMs whose epilogues apply the activation and the product on the float32 accumulators
+    (oneDNN post-ops), so the [T, 2N] gate|up output is never written nor read back."""
+    g = torch.ops.mkldnn._linear_pointwise(x, gate, None, "swish", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, g, up, None, "mul")
+
+
 # NOTE: the row count oneDNN lays the weight out for; any count works. Measured on an AMX
 # Xeon (bf16, 2 threads, SmolLM2's shapes), packed for 64 vs F.linear: 1 row 27-66 vs 58-128 us,
 # 64 rows 62-145 vs 90-234 us, 256 rows 142-395 vs 186-523 us; the hint (1, 64, 256) moved
@@ -176,9 +184,44 @@ class ColumnParallelLinear(LinearBase):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel matrices (e.g. gate and up) stacked into one GEMM."""
 
+    # set by set_packed() for a bias-free [gate | up] pair: each half in oneDNN's layout
+    packed_halves: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, dtype: torch.dtype | None = None):
         self.output_sizes = output_sizes
         super().__init__(in_features, sum(output_sizes), bias, dtype)
+
+    def set_packed(self) -> int:
+        """As LinearBase.set_packed; a bias-free pair of halves ([gate | up]) is packed half by
+        half, for `silu_and_mul`."""
+        if len(self.output_sizes) != 2 or self.bias is not None:
+            return super().set_packed()
+        before = self.weight.numel() * self.weight.element_size()
+        gate, up = self.weight.detach().split(self.weight.shape[0] // 2)
+        self.packed_halves = (pack_onednn(gate.contiguous()), pack_onednn(up.contiguous()))
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+        return sum(p.numel() * p.element_size() for p in self.packed_halves) - before
+
+    def _on_halves(self, x: torch.Tensor) -> bool:
+        # an int8 weight (kept with the bf16 one) serves calls of up to INT8_MAX_ROWS rows
+        return self.packed_halves is not None and (
+            self.qweight is None or x.numel() > INT8_MAX_ROWS * x.shape[-1])
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._on_halves(x):
+            assert self.packed_halves is not None
+            return torch.cat([linear_packed(x, half, None) for half in self.packed_halves], dim=-1)
+        return super().matmul(x, bias)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of this [gate | up] projection of x [T, K], fused into the GEMMs
+        (`silu_mul_packed`); None where this linear has no such path (then: act(self(x))).
+        NOTE: at SmolLM2's MLP on the 2-core AMX Xeon, 4,096 rows: 5.96 ms against 7.53 ms for
+        the merged GEMM + the numba SiLU-mul pass; 64 rows: 0.179 against 0.216 ms."""
+        if not self._on_halves(x) or x.dim() != 2:
+            return None
+        assert self.packed_halves is not None
+        return silu_mul_packed(x, *self.packed_halves)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
         if not isinstance(shard_id, int):

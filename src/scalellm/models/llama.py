@@ -59,7 +59,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(args.intermediate_size, args.hidden_size, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))  # [T, E] -> [T, 2I] -> [T, I] -> [T, E]
+        h = self.gate_up_proj.silu_and_mul(x)  # [T, E] -> [T, I] in the GEMMs' epilogues, where it can
+        if h is None:
+            h = self.act(self.gate_up_proj(x))  # [T, E] -> [T, 2I] -> [T, I]
+        return self.down_proj(h)  # [T, E]
 
 
 class LlamaDecoderLayer(nn.Module):
