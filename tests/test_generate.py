@@ -89,8 +89,9 @@ def test_prefix_cache_reuse_gives_same_tokens(tiny_models):
 
 def test_bf16_on_cpu_without_bf16_units_keeps_bf16_numerics(tiny_models, monkeypatch, cpu_kernels):
     """On a CPU without bf16 units, bf16 GEMMs run in float32 on the bf16 values: the
-    log-probabilities match torch's own (emulated, slow) bf16 GEMMs and transformers' bf16
-    model to within bf16's rounding noise."""
+    log-probabilities match torch's own bf16 GEMMs (oneDNN, the MLP's activation in the GEMM
+    epilogue) and transformers' bf16 model to within bf16's rounding noise. The two paths
+    sum in different orders, so greedy decoding may part at a near tie, never elsewhere."""
     import transformers
 
     from scalellm.layers.linear import LinearBase
@@ -99,7 +100,7 @@ def test_bf16_on_cpu_without_bf16_units_keeps_bf16_numerics(tiny_models, monkeyp
     path = tiny_models["llama"]
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(1, 200, (n,), generator=g).tolist() for n in (5, 17, 33)]
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5)
     runs = {}
     for fast in (False, True):
         monkeypatch.setattr(worker, "cpu_has_fast_bf16", lambda fast=fast: fast)
@@ -108,11 +109,18 @@ def test_bf16_on_cpu_without_bf16_units_keeps_bf16_numerics(tiny_models, monkeyp
         assert linears and all((m.weight32 is None) == fast for m in linears)
         runs[fast] = llm.generate(prompts, params)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).eval()
+    compared = 0
     for p, emulated, native in zip(prompts, runs[False], runs[True]):
-        toks = emulated.outputs[0].token_ids
-        assert native.outputs[0].token_ids == toks
+        toks, native_toks = emulated.outputs[0].token_ids, native.outputs[0].token_ids
         with torch.inference_mode():
             lp = ref(torch.tensor([p + toks])).logits[0].float().log_softmax(-1)
-        for i, (t, e, n) in enumerate(zip(toks, emulated.outputs[0].logprobs, native.outputs[0].logprobs)):
-            assert abs(e[t] - n[t]) < 0.01
+        for i, (t, e) in enumerate(zip(toks, emulated.outputs[0].logprobs)):
             assert abs(e[t] - float(lp[len(p) - 1 + i][t])) < 0.05
+        for i, (t, e, n) in enumerate(zip(toks, emulated.outputs[0].logprobs, native.outputs[0].logprobs)):
+            if native_toks[i] != t:  # a near tie under both paths; the contexts differ from here on
+                other = native_toks[i]
+                assert other in e and e[t] - e[other] < 0.02 and t in n and n[other] - n[t] < 0.02
+                break
+            assert abs(e[t] - n[t]) < 0.02
+            compared += 1
+    assert compared >= 16

@@ -196,7 +196,9 @@ class Attention(nn.Module):
                 kp = k[run].view(n, chunk.q_len, *k.shape[1:]).transpose(1, 2)  # [n, Hkv, q_len, D]
                 vp = v[run].view(n, chunk.q_len, *v.shape[1:]).transpose(1, 2)
                 res = _sdpa(qp, kp, vp, None, True, self.scale)  # [n, H, q_len, D]
-                out[run] = res.transpose(1, 2).reshape(n * chunk.q_len, -1)
+                # one copy into out's rows (reshape, then assigning, copied twice: 0.41 vs 0.18 ms
+                # at 32 x 128 tokens)
+                out[run].view(n, chunk.q_len, *q.shape[1:]).copy_(res.transpose(1, 2))
                 i += n
                 continue
             i += 1

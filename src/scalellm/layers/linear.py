@@ -215,13 +215,20 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of this [gate | up] projection of x [T, K], fused into the GEMMs
-        (`silu_mul_packed`); None where this linear has no such path (then: act(self(x))).
+        (`silu_mul_packed`; with float32 weights standing in for bf16 ones, the same roundings);
+        None where this linear has no such path (then: act(self(x))).
         NOTE: at SmolLM2's MLP on the 2-core AMX Xeon, 4,096 rows: 5.96 ms against 7.53 ms for
         the merged GEMM + the numba SiLU-mul pass; 64 rows: 0.179 against 0.216 ms."""
-        if not self._on_halves(x) or x.dim() != 2:
+        if x.dim() != 2:
             return None
-        assert self.packed_halves is not None
-        return silu_mul_packed(x, *self.packed_halves)
+        if self._on_halves(x):
+            assert self.packed_halves is not None
+            return silu_mul_packed(x, *self.packed_halves)
+        if self.weight32 is not None and self.bias is None and len(self.output_sizes) == 2 and self.qweight is None:
+            # no bf16 units: the same arithmetic in float32 (the gate rounded once, then the product)
+            gate, up = F.linear(x.float(), self.weight32).chunk(2, dim=-1)
+            return (F.silu(gate).to(x.dtype).float() * up).to(x.dtype)
+        return None
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
         if not isinstance(shard_id, int):
