@@ -52,6 +52,34 @@ def test_batched_greedy_equals_transformers(tiny_models, arch, cpu_kernels):
     assert stats.num_kv_blocks_used == 0
 
 
+def test_cpu_steps_padded_to_recurring_sizes_match_transformers(tiny_models, monkeypatch, cpu_kernels):
+    """CPU steps of more than 64 tokens run at bucketed row counts (oneDNN builds a GEMM per
+    row count): the padding rows write K/V only to the scratch block and change no output."""
+    from scalellm.worker import model_runner
+
+    assert [model_runner.padded_rows(n) for n in (1, 64, 65, 96, 97, 512, 513, 4000)] == \
+        [1, 64, 96, 96, 128, 512, 576, 4032]
+    pads = []
+    real_tensors = model_runner.ModelRunner._tensors
+
+    def tensors(self, st):
+        pad = st.num_pad_tokens
+        pads.append((len(st.input_ids), pad, set(st.slot_mapping[len(st.input_ids) - pad:])))
+        return real_tensors(self, st)
+
+    monkeypatch.setattr(model_runner.ModelRunner, "_tensors", tensors)
+    path = tiny_models["llama"]
+    llm = LLM(path, dtype="float32", block_size=4, max_num_batched_tokens=200, max_num_seqs=8)
+    runner = llm.engine.core.executor
+    prompts = _prompts(llm.engine.vocab_size)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert any(pad for _, pad, _ in pads) and all(n == model_runner.padded_rows(n - pad) for n, pad, _ in pads)
+    scratch = set(range(runner.scratch_block * 4, runner.scratch_block * 4 + 4))
+    assert all(slots <= scratch for _, pad, slots in pads if pad)  # K/V of padding rows: the scratch block only
+    for o, exp in zip(outs, _reference(path, prompts)):
+        assert o.outputs[0].token_ids == exp
+
+
 def test_logprobs_match_transformers(tiny_models):
     import transformers
 

@@ -7,7 +7,9 @@ The KV cache of one layer is one tensor:
 
 A step's tokens are laid out decodes first, then prefill chunks:
 
-    | d0 | d1 | ... | d(Bd-1) | prefill 0 (q_len0) | prefill 1 (q_len1) | ...
+    | d0 | d1 | ... | d(Bd-1) | prefill 0 (q_len0) | prefill 1 (q_len1) | ... | padding |
+
+(padding: rows that round a CPU step up to a recurring size; they attend to nothing)
 
 Decodes (one query token each) run, on CPU, as one fused
 kernel that reads K/V where they lie (`paged_attention_cpu`, numba); on GPU as one
@@ -62,6 +64,7 @@ class AttentionMetadata:
     prefill_max_q: int = 0
     fused_index: paged_attention_cpu.DecodeIndex | None = None  # made by the first layer of a step
     prefills: list[PrefillChunk] = field(default_factory=list)
+    num_pad_tokens: int = 0  # the last rows pad the step to a bucketed size: their output is zero
 
 
 @dataclass(slots=True)
@@ -157,6 +160,8 @@ class Attention(nn.Module):
                 v_flat: torch.Tensor, md: AttentionMetadata, q_rows: torch.Tensor | None) -> torch.Tensor:
         # K/V already in the cache. q_rows: C-contiguous rows whose first H*D columns are q (or None)
         out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
+        if md.num_pad_tokens:
+            out[-md.num_pad_tokens:] = 0
         bd = md.num_decode_tokens
         if md.block_size:
             s, hkv, d = md.block_size, self.num_kv_heads, self.head_dim

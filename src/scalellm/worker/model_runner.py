@@ -55,6 +55,22 @@ class StepLists:
     prefill_tables: list[list[int]] = field(default_factory=list)  # block table per chunk (Triton path)
     sample_ids: list[str] = field(default_factory=list)  # requests that sample this step
     sample_rows: list[int] = field(default_factory=list)  # their last token's row
+    num_pad_tokens: int = 0  # padding rows at the end (ModelRunner._pad)
+
+
+def padded_rows(num_tokens: int) -> int:
+    """The row count a CPU step runs at: up to 64 tokens as they are (decode batches, whose
+    sizes recur), then rounded up to a multiple of 32 (to 512) or of 64.
+
+    NOTE: oneDNN builds (JIT) a primitive per GEMM shape on its first use and caches it: a
+    new row count cost SmolLM2's layer GEMMs 1-3 ms each at 64 rows and 3-15 ms at ~4,000
+    (once per shape, not per layer), and a stream of 4,096-token prefill steps of new sizes
+    ran at 629 ms a step against 605 ms padded (2-core AMX Xeon). Prefill and mixed steps
+    come in all sizes; buckets make them recur, for <= 31 (then <= 63) rows of waste."""
+    if num_tokens <= 64:
+        return num_tokens
+    step = 32 if num_tokens <= 512 else 64
+    return -(-num_tokens // step) * step
 
 
 @dataclass(slots=True)
@@ -106,13 +122,16 @@ class ModelRunner:
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.timings = StepTimings()
         attn = model.model.layers[0].self_attn  # head counts per rank
-        # On GPU one block more than the pool hands out: the scratch block that CUDA graphs'
-        # padding rows write to (see cuda_graph.py).
+        # One block more than the pool hands out: the scratch block that padding rows write
+        # to (CUDA graphs' batches, see cuda_graph.py; CPU steps' row buckets, `padded_rows`).
         self.scratch_block = num_blocks
-        cache_blocks = num_blocks + (device.type == "cuda")
+        cache_blocks = num_blocks + 1
         shape = (2, cache_blocks, block_size, attn.num_kv_heads, args.head_dim)
         self.kv_caches = [lazy_zeros(shape, dtype, device) for _ in range(args.num_layers)]
         self._prefault_next = 0 if device.type == "cpu" else num_blocks  # next block prefault_kv touches
+        # CPU steps run at bucketed row counts (`padded_rows`); not MoE models, whose routers
+        # would count the padding rows as expert load
+        self.pad_rows = device.type == "cpu" and not hasattr(model, "read_expert_load")
         self._compiling: torch.dtype | None = None  # CPU kernels being compiled for this dtype
         if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             fused_cpu.warm_up_in_background(dtype, args.head_dim, attn.num_heads, attn.num_kv_heads)
@@ -188,6 +207,8 @@ class ModelRunner:
             if len(st.sample_rows) < len(st.input_ids):  # a 1-token chunk that does not end its prompt
                 logits = logits[st.sample_rows]
         else:
+            if self.pad_rows:
+                self._pad(st)
             input_ids, positions, batch = self._tensors(st)
             t1 = time.perf_counter()
             hidden = self.model(input_ids, positions, batch)  # [T, E]
@@ -302,11 +323,20 @@ class ModelRunner:
                 st.sample_rows.append(len(st.input_ids) - 1)
         return st
 
+    def _pad(self, st: StepLists) -> None:
+        """Append padding rows up to `padded_rows`: token 0 at position 0, K/V written to the
+        scratch block; no chunk or decode covers them and nothing samples from them."""
+        n = padded_rows(len(st.input_ids)) - len(st.input_ids)
+        st.num_pad_tokens = n
+        st.input_ids.extend([0] * n)
+        st.positions.extend([0] * n)
+        st.slot_mapping.extend([self.scratch_block * self.block_size] * n)
+
     def _tensors(self, st: StepLists) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch]:
         dev = self.device
         md = AttentionMetadata(slot_mapping=torch.tensor(st.slot_mapping, device=dev),
                                num_decode_tokens=len(st.decode_tables), decode_slots=None, decode_mask=None,
-                               prefills=st.prefills)
+                               prefills=st.prefills, num_pad_tokens=st.num_pad_tokens)
         if st.decode_tables and self.use_block_tables:
             md.block_tables = torch.from_numpy(paged_attention_triton.pack_block_tables(st.decode_tables)).to(dev)
             md.block_size = self.block_size
