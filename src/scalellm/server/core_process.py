@@ -24,14 +24,11 @@ from scalellm.protocol import ipc
 logger = logging.getLogger("scalellm.core")
 
 IDLE_POLL_MS = 100
-# An idle engine that receives requests keeps taking more while they come less than
-# COALESCE_GAP_MS apart, for up to COALESCE_MAX_MS, before its first step: a burst's
-# requests reach the core one by one over tens of ms (HTTP, gRPC, tokenizing), and a first
-# step of the one or few that were there holds the rest back for that step's length.
-# NOTE: c=64 burst on the 2-core AMX Xeon: the first step took 1 request (128 tokens, ~90
-# ms) before 4,095 + 3,968; a lone request waits COALESCE_GAP_MS more.
-COALESCE_GAP_MS = 2
-COALESCE_MAX_MS = 30
+# NOTE: an idle engine steps as soon as the first request of a burst is in; the burst's
+# rest (a c=64 wave reaches the core over up to ~0.1 s: HTTP, gRPC, tokenizing) arrives
+# during that step. Gathering the burst first (a 2 ms gap, 30 ms cap) was tried: the window
+# caught ~57 of 64, and the stragglers' prefill then stalled 57 streams for 150-260 ms
+# (served c=64 ITL p99 138-223 ms against 94).
 EXPERT_LOAD_INTERVAL_S = 1.0
 
 
@@ -166,16 +163,8 @@ def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  
                 core.check_health()  # raises if a tensor-parallel rank died
                 continue
         t = clock()
-        added, changed, stop = _drain(core, pull)
+        _, changed, stop = _drain(core, pull)
         phases.ipc += clock() - t
-        if added and not busy:
-            # the first requests after idle: gather the rest of a burst before the first step
-            t = clock()
-            deadline = t + COALESCE_MAX_MS / 1e3
-            while not stop and clock() < deadline and pull.poll(COALESCE_GAP_MS):
-                _, aborted, stop = _drain(core, pull)
-                changed |= aborted
-            phases.idle += clock() - t
         if stop:
             return
         if core.has_unfinished_requests():
