@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "scalellm.entrypoints.cli", *args], capture_output=True, text=True,
@@ -76,3 +78,19 @@ def test_serve_defaults_bound_latency_and_are_passed_to_replicas():
     # offline generation keeps the full budget and no goals
     gen = _engine_kwargs(build_parser().parse_args(["generate", "--prompt", "x"]))
     assert (gen["target_step_ms"], gen["target_ttft_ms"], gen["max_num_batched_tokens"]) == (None, None, 2048)
+
+
+def test_kv_cache_dtype_reaches_the_engine_and_replicas_and_is_checked():
+    from scalellm.engine.config import EngineConfig
+    from scalellm.entrypoints.cli import _engine_kwargs, _replica_args, build_parser
+    from scalellm.protocol.errors import InvalidParameterError
+
+    a = build_parser().parse_args(["serve", "--kv-cache-dtype", "int8"])
+    assert _engine_kwargs(a)["kv_cache_dtype"] == "int8"
+    args = _replica_args(a)
+    assert args[args.index("--kv-cache-dtype") + 1] == "int8"
+    assert _engine_kwargs(build_parser().parse_args(["serve"]))["kv_cache_dtype"] == "auto"
+    with pytest.raises(InvalidParameterError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="fp4")
+    with pytest.raises(InvalidParameterError, match="tensor_parallel_size"):
+        EngineConfig(kv_cache_dtype="int8", tensor_parallel_size=2)

@@ -94,6 +94,36 @@ def test_rope_write_kv_matches_rotary_and_index_copy(dtype, monkeypatch):
     assert not cache[:, untouched].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_write_kv_into_8bit_codes_matches_kv_quant(dtype):
+    """Into an 8-bit cache: the rotated k and the v rows are written as kv_quant's codes and
+    scales (a code may differ by one where x / scale sits on a rounding boundary)."""
+    from scalellm.layers import kv_quant
+
+    heads, kv_heads, dim, tokens = 9, 3, 64, 6
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
+    qkv[2, (heads + kv_heads) * dim:(heads + kv_heads + 1) * dim] = 0  # an all-zero v row: scale 1
+    positions = torch.tensor([0, 1, 7, 100, 2047, 5])
+    slots = torch.tensor([3, 0, 17, 9, 30, 31])
+    rope = RotaryEmbedding(dim, 2048, 10000.0)
+    assert fused_cpu.warm_up_rope(dtype, dim, kv_codes=True) and fused_cpu.rope_ready(dtype, dim, True)
+    codes = torch.zeros(2, 32, kv_heads, dim, dtype=torch.int8)
+    scales = torch.zeros(2, 32, kv_heads)
+    got = qkv.clone()
+    fused_cpu.rope_write_kv(got, heads, kv_heads, dim, positions, rope.cos, rope.sin, slots, codes[0], codes[1],
+                            scales[0], scales[1])
+    k_rot = got[:, heads * dim:(heads + kv_heads) * dim].reshape(tokens, kv_heads, dim)  # as rotated in place
+    v = qkv[:, (heads + kv_heads) * dim:].reshape(tokens, kv_heads, dim)
+    for half, x in ((0, k_rot), (1, v)):
+        want_codes, want_scales = kv_quant.quantize(x)
+        torch.testing.assert_close(scales[half, slots], want_scales, atol=0, rtol=1e-6)
+        assert (codes[half, slots].int() - want_codes.int()).abs().max() <= 1
+    assert scales[1, slots[2], 0] == 1.0 and not codes[1, slots[2], 0].any()
+    untouched = [s for s in range(32) if s not in slots.tolist()]
+    assert not codes[:, untouched].any() and not scales[:, untouched].any()
+
+
 def test_inverse_cdf_draw_matches_cumsum_searchsorted():
     g = torch.Generator().manual_seed(0)
     probs = (torch.randn(64, 49152, generator=g) * 3).softmax(-1)

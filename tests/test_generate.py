@@ -52,6 +52,40 @@ def test_batched_greedy_equals_transformers(tiny_models, arch, cpu_kernels):
     assert stats.num_kv_blocks_used == 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_8bit_kv_cache_decodes_greedily_under_transformers(tiny_models, arch, cpu_kernels):
+    """kv_cache_dtype="int8" (codes + a scale per token and KV head) through chunked prefill,
+    preemption and prefix-cache reuse: every token the engine picks is transformers' greedy
+    choice on the same context up to 0.05 nats (the codes' error may split a near tie), and
+    at least half the sequences match transformers' own greedy generation exactly."""
+    import transformers
+
+    path = tiny_models[arch]
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    # int8: layers * KV heads * 2 (K, V) * (head_dim codes + a 4-byte scale) a token; 40 blocks of 4
+    token_bytes = cfg.num_hidden_layers * cfg.num_key_value_heads * 2 * (head_dim + 4)
+    llm = LLM(path, dtype="float32", block_size=4, max_num_batched_tokens=24, max_num_seqs=6,
+              kv_cache_memory=40 * 4 * token_bytes, max_model_len=80, kv_cache_dtype="int8")
+    runner = llm.engine.core.executor
+    assert runner.kv_caches[0].dtype == torch.int8 and runner.num_blocks == 40
+    prompts = _prompts(llm.engine.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = llm.generate(prompts + prompts[:2], params)  # the repeats hit the prefix cache
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    for p, o in zip(prompts + prompts[:2], outs):
+        toks = o.outputs[0].token_ids
+        with torch.inference_mode():
+            lp = ref(torch.tensor([p + toks])).logits[0].float().log_softmax(-1)
+        rows = lp[len(p) - 1: len(p) - 1 + len(toks)]
+        gaps = rows.max(-1).values - rows[torch.arange(len(toks)), torch.tensor(toks)]
+        assert float(gaps.max()) < 0.05
+    exact = sum(o.outputs[0].token_ids == e for o, e in zip(outs, _reference(path, prompts)))
+    assert exact >= len(prompts) // 2  # measured: 5 of 8 (llama)
+
+
 def test_cpu_steps_padded_to_recurring_sizes_match_transformers(tiny_models, monkeypatch, cpu_kernels):
     """CPU steps of more than 64 tokens run at bucketed row counts (oneDNN builds a GEMM per
     row count): the padding rows write K/V only to the scratch block and change no output."""

@@ -158,3 +158,81 @@ def test_prefill_runs_of_equal_fresh_prompts_match_the_dense_reference(monkeypat
     out = layer(q, k, v, ForwardBatch(attn=md, kv_caches=[cache]))
     assert batches == [3, 1, 2, 1]  # the runs in one call each
     torch.testing.assert_close(out.view(total, num_heads, head_dim), torch.stack(refs), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("query_dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_over_8bit_codes_matches_dense_on_the_dequantised_cache(query_dtype: torch.dtype) -> None:
+    """An 8-bit cache (kv_quant: int8 codes, a float32 scale per token and KV head): the kernel
+    scales each key's dot product and each value's weight by its row's scale, which is the
+    dense attention over code * scale."""
+    from scalellm.layers import kv_quant
+
+    num_heads, num_kv_heads, head_dim, block_size = 9, 3, 64, 16
+    lengths = [1, 16, 17, 100, 257]
+    cache, seqs = _paged_cache(lengths, num_kv_heads, head_dim, block_size, seed=11)
+    codes, scales = kv_quant.quantize(cache)  # [2, N, S, Hkv, D] int8, [2, N, S, Hkv]
+    assert codes.dtype == torch.int8 and scales.shape == cache.shape[:-1]
+    lmax = max(lengths)
+    slots = torch.zeros(len(lengths), lmax, dtype=torch.long)
+    for i, (s, _, _) in enumerate(seqs):
+        slots[i, :len(s)] = torch.tensor(s)
+    q = torch.randn(len(lengths), num_heads, head_dim, generator=torch.Generator().manual_seed(2)).to(query_dtype)
+    assert paged_attention_cpu.warm_up(torch.int8, head_dim, num_heads, num_kv_heads, query_dtype=query_dtype)
+    flat = codes.view(2, -1, num_kv_heads, head_dim)
+    flat_scales = scales.view(2, -1, num_kv_heads)
+    assert paged_attention_cpu.supports(flat[0], num_heads)
+    out = paged_attention_cpu.decode_attention(q, flat[0], flat[1], slots, torch.tensor(lengths), head_dim ** -0.5,
+                                               flat_scales[0], flat_scales[1])
+    assert out.dtype == query_dtype
+    deq = kv_quant.dequantize(flat, flat_scales, torch.float32)
+    tol = dict(atol=2e-5, rtol=1e-4) if query_dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    for i, (s, _, _) in enumerate(seqs):
+        idx = torch.tensor(s)
+        ref = _dense(q[i].float(), deq[0][idx], deq[1][idx], head_dim ** -0.5)
+        torch.testing.assert_close(out[i].float(), ref, **tol)
+
+
+def test_attention_layer_over_an_8bit_cache_writes_codes_and_reads_them_back() -> None:
+    """The layer with an 8-bit cache: new K/V are written as codes + scales (torch path and
+    fused kernel alike), decodes read them through the kernel or the dequantising gather,
+    and both agree with dense attention over the dequantised context; the codes are within
+    half a step of the values written."""
+    from scalellm.layers import kv_quant
+
+    num_heads, num_kv_heads, head_dim, block_size = 9, 3, 64, 16
+    lengths = [5, 40, 33]
+    cache, seqs = _paged_cache(lengths, num_kv_heads, head_dim, block_size, seed=8)
+    codes, scales = kv_quant.quantize(cache)
+    lmax = max(lengths)
+    slots = torch.zeros(len(lengths), lmax, dtype=torch.long)
+    mask = torch.zeros(len(lengths), lmax, dtype=torch.bool)
+    for i, (s, _, _) in enumerate(seqs):
+        slots[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = True
+    new_slots = torch.tensor([s[-1] for s, _, _ in seqs])
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(len(lengths), num_heads, head_dim, generator=gen)
+    k_new = torch.randn(len(lengths), num_kv_heads, head_dim, generator=gen)
+    v_new = torch.randn(len(lengths), num_kv_heads, head_dim, generator=gen)
+    layer = Attention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5, layer_idx=0)
+    assert paged_attention_cpu.warm_up(torch.int8, head_dim, num_heads, num_kv_heads, query_dtype=torch.float32)
+
+    def run(fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        md = AttentionMetadata(slot_mapping=new_slots, num_decode_tokens=len(lengths), decode_slots=slots,
+                               decode_mask=mask.view(len(lengths), 1, 1, -1),
+                               decode_lens=torch.tensor(lengths) if fused else None)
+        c, sc = codes.clone(), scales.clone()
+        return layer(q, k_new, v_new, ForwardBatch(attn=md, kv_caches=[c], kv_scales=[sc])), c, sc
+
+    fused, c, sc = run(True)
+    gathered, _, _ = run(False)
+    torch.testing.assert_close(fused, gathered, atol=1e-4, rtol=1e-3)
+    flat, flat_scales = c.view(2, -1, num_kv_heads, head_dim), sc.view(2, -1, num_kv_heads)
+    written = kv_quant.dequantize(flat[:, new_slots], flat_scales[:, new_slots], torch.float32)
+    for got, want in ((written[0], k_new), (written[1], v_new)):
+        assert ((got - want).abs() <= want.abs().amax(-1, keepdim=True) / 254 + 1e-6).all()
+    deq = kv_quant.dequantize(flat, flat_scales, torch.float32)
+    for i, (s, _, _) in enumerate(seqs):
+        idx = torch.tensor(s)
+        ref = _dense(q[i], deq[0][idx], deq[1][idx], head_dim ** -0.5)
+        torch.testing.assert_close(fused[i].view(num_heads, head_dim), ref, atol=2e-5, rtol=1e-4)

@@ -102,13 +102,17 @@ def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> E
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tp = config.tensor_parallel_size
-    num_blocks = num_kv_blocks(args, dtype, config.block_size, config.kv_cache_memory, info.max_model_len, tp)
+    if config.kv_cache_dtype == "int8" and device.type != "cpu":
+        raise InvalidParameterError("kv_cache_dtype", "int8 runs on CPU only (the GPU kernels read the model's dtype)")
+    num_blocks = num_kv_blocks(args, dtype, config.block_size, config.kv_cache_memory, info.max_model_len, tp,
+                               config.kv_cache_dtype)
     executor: Any
     if tp == 1:
         executor = build_model_runner(
             source, args, dtype=dtype, device=device, block_size=config.block_size, num_blocks=num_blocks,
             eos_token_ids=info.eos_token_ids, seed=config.seed, quantization=config.quantization,
             cuda_graph_max_batch=0 if config.enforce_eager else config.max_num_seqs, max_model_len=info.max_model_len,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
     else:
         from scalellm.worker.executor import MultiprocExecutor
@@ -128,7 +132,8 @@ def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> E
                                 target_step_ms=config.target_step_ms, target_ttft_ms=config.target_ttft_ms)
     kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
     core = EngineCore(Scheduler(sched_cfg, kv), executor)
-    logger.info("engine ready: %s, dtype %s, %d KV blocks of %d tokens (per rank), max_model_len %d, "
-                "tensor parallel %d%s", source.name, dtype, num_blocks, config.block_size, info.max_model_len, tp,
+    logger.info("engine ready: %s, dtype %s, %d KV blocks of %d tokens (per rank%s), max_model_len %d, "
+                "tensor parallel %d%s", source.name, dtype, num_blocks, config.block_size,
+                ", 8-bit" if config.kv_cache_dtype == "int8" else "", info.max_model_len, tp,
                 " (experts split across ranks)" if config.enable_expert_parallel else "")
     return EngineParts(info.tokenizer, core, info.max_model_len, info.vocab_size, info.eos_token_ids, info.model_name)

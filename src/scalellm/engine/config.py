@@ -69,6 +69,9 @@ class EngineConfig:
     # None | "int8": dynamic W8A8 linears on fbgemm (quant/int8.py), CPU
     #      | "fp8": e4m3 W8A8 linears on torch._scaled_mm (quant/fp8.py), GPU (sm89+) or CPU
     quantization: str | None = None
+    # "auto": the KV cache in the model's dtype | "int8": 8-bit codes + a float32 scale per
+    # (token, KV head) row (layers/kv_quant.py), CPU, one rank: half the bytes of bf16
+    kv_cache_dtype: str = "auto"
     target_step_ms: float | None = None  # SchedulerConfig.target_step_ms: bounds inter-token latency
     target_ttft_ms: float | None = None  # SchedulerConfig.target_ttft_ms: where the step goal yields to TTFT
     # ranks of one replica: rank 0 in the engine's process, 1..N-1 worker processes
@@ -85,6 +88,10 @@ class EngineConfig:
         if self.quantization is not None and self.tensor_parallel_size > 1:
             raise InvalidParameterError("quantization",
                                         f"{self.quantization} is not yet supported with tensor_parallel_size > 1")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise InvalidParameterError("kv_cache_dtype", f"must be auto or int8, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "int8" and self.tensor_parallel_size > 1:
+            raise InvalidParameterError("kv_cache_dtype", "int8 is not yet supported with tensor_parallel_size > 1")
         if self.tensor_parallel_size < 1:
             raise InvalidParameterError("tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
         if self.enable_expert_parallel and self.tensor_parallel_size == 1:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from numba.extending import register_jitable
+
 from scalellm.layers._numba_bits import bits_to_f32, fast_exp, ld, max_range, rnd, st
 
 _OPTS = {"parallel": True, "fastmath": True, "cache": True, "nogil": True, "error_model": "numpy"}
@@ -84,14 +86,32 @@ def silu_and_mul_table(x, table, out):  # pragma: no cover - numba
             st(out, t, i, s * ld(x, t, inter + i))
 
 
-def make_rope_write_kv(head_dim: int):  # type: ignore[no-untyped-def]
+@register_jitable
+def _write_codes(src, t, col, hd, cache, slot, h, scales):  # pragma: no cover - numba
+    """src[t, col:col+hd] -> 8-bit codes in cache[slot, h*hd:(h+1)*hd] and their scale in
+    scales[slot, h]: scale = max|x| / 127, code = round_half_even(x / scale) (as
+    kv_quant.quantize does in torch)."""
+    amax = np.float32(0.0)
+    for d in range(hd):
+        x = abs(ld(src, t, col + d))
+        amax = amax if amax > x else x
+    scale = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
+    scales[slot, h] = scale
+    for d in range(hd):
+        cache[slot, h * hd + d] = np.int8(np.rint(ld(src, t, col + d) / scale))
+
+
+def make_rope_write_kv(head_dim: int, codes: bool = False):  # type: ignore[no-untyped-def]
     """The rotary + KV-write kernel for heads of `head_dim` (a compile-time constant):
 
-        kernel(qkv, num_heads, num_kv_heads, positions, cos, sin, slots, k_cache, v_cache)
+        kernel(qkv, num_heads, num_kv_heads, positions, cos, sin, slots, k_cache, v_cache,
+               k_scales, v_scales)
 
     qkv: [T, (H + 2 Hkv) D] with q heads, then k heads, then v heads; positions, slots: [T];
-    cos, sin: [P, D/2] float32; k_cache, v_cache: [N*S, Hkv*D] in qkv's dtype. Rotates q and
-    k in place (neox "rotate half"), then copies the token's k and v rows to its slot.
+    cos, sin: [P, D/2] float32; k_cache, v_cache: [N*S, Hkv*D] in qkv's dtype, or with
+    `codes` int8 codes whose scales go to k_scales, v_scales [N*S, Hkv] float32 (unused
+    otherwise). Rotates q and k in place (neox "rotate half"), then copies (or quantises)
+    the token's k and v rows to its slot.
 
     NOTE: with the head size a run-time value LLVM left the rotation scalar (the halves it
     reads and writes might overlap): 0.75 ms for 2,048 tokens of SmolLM2's 12 q+k heads, 0.31
@@ -100,9 +120,11 @@ def make_rope_write_kv(head_dim: int):  # type: ignore[no-untyped-def]
     2,048 tokens with the KV write."""
     hd = head_dim
     half = hd // 2
+    quantised = codes
 
     @numba.njit(**_OPTS)
-    def rope_write_kv(qkv, num_heads, num_kv_heads, positions, cos, sin, slots, k_cache, v_cache):  # pragma: no cover - numba
+    def rope_write_kv(qkv, num_heads, num_kv_heads, positions, cos, sin, slots, k_cache, v_cache,
+                      k_scales, v_scales):  # pragma: no cover - numba
         num_tokens = qkv.shape[0]
         k_col = num_heads * hd
         v_col = (num_heads + num_kv_heads) * hd
@@ -118,9 +140,14 @@ def make_rope_write_kv(head_dim: int):  # type: ignore[no-untyped-def]
                     st(qkv, t, base + i, x1 * c - x2 * s)
                     st(qkv, t, base + half + i, x2 * c + x1 * s)
             slot = slots[t]
-            for j in range(num_kv_heads * hd):  # same dtype: the raw elements
-                k_cache[slot, j] = qkv[t, k_col + j]
-                v_cache[slot, j] = qkv[t, v_col + j]
+            if quantised:
+                for h in range(num_kv_heads):
+                    _write_codes(qkv, t, k_col + h * hd, hd, k_cache, slot, h, k_scales)
+                    _write_codes(qkv, t, v_col + h * hd, hd, v_cache, slot, h, v_scales)
+            else:
+                for j in range(num_kv_heads * hd):  # same dtype: the raw elements
+                    k_cache[slot, j] = qkv[t, k_col + j]
+                    v_cache[slot, j] = qkv[t, v_col + j]
 
     return rope_write_kv
 

@@ -60,17 +60,20 @@ def _softmax_rows(scores, length, lanes):  # pragma: no cover - numba
 # that do not fit in cache (measured at 64 x ~150 tokens, SmolLM2's 9/3 heads).
 
 
-def make_decode_attention(head_dim: int, group: int) -> Callable:
+def make_decode_attention(head_dim: int, group: int, codes: bool = False) -> Callable:
     """The decode attention kernel for heads of `head_dim` with `group` query heads per KV head:
 
-        kernel(q, num_heads, k_cache, v_cache, slots, lens, scale, out)
+        kernel(q, num_heads, k_cache, v_cache, k_scales, v_scales, slots, lens, scale, out)
 
     q: [B, >= H*D], out: [B, H*D], each float32 or int16 (bfloat16's raw bits); k_cache,
-    v_cache: [N*S, Hkv*D] float32 or int16; slots: [B, Lmax] int64; lens: [B] int64."""
-    hd, grp = head_dim, group  # closure constants: fixed at compile time
+    v_cache: [N*S, Hkv*D] float32 or int16, or with `codes` int8 codes whose scales are
+    k_scales, v_scales [N*S, Hkv] float32 (unused otherwise: a key's dot product and a
+    value's weight take its row's scale); slots: [B, Lmax] int64; lens: [B] int64."""
+    hd, grp, quantised = head_dim, group, codes  # closure constants: fixed at compile time
 
     @numba.njit(**_OPTS)
-    def decode_attention(q, num_heads, k_cache, v_cache, slots, lens, scale, out):  # pragma: no cover - numba
+    def decode_attention(q, num_heads, k_cache, v_cache, k_scales, v_scales, slots, lens, scale,
+                         out):  # pragma: no cover - numba
         num_seqs = q.shape[0]
         num_kv_heads = k_cache.shape[1] // hd
         for b in numba.prange(num_seqs):
@@ -95,7 +98,7 @@ def make_decode_attention(head_dim: int, group: int) -> Callable:
                         acc = np.float32(0.0)
                         for d in range(hd):
                             acc += qs[h * grp + g, d] * ld(k_cache, slot, h * hd + d)
-                        scores[h * grp + g, j] = acc
+                        scores[h * grp + g, j] = acc * k_scales[slot, h] if quantised else acc
             _softmax_rows(scores, length, lanes)
             acc2 = np.zeros((num_heads, hd), dtype=np.float32)
             for j in range(length):
@@ -104,7 +107,7 @@ def make_decode_attention(head_dim: int, group: int) -> Callable:
                 slot = slots[b, j]
                 for h in range(num_kv_heads):
                     for g in range(grp):
-                        p = scores[h * grp + g, j]
+                        p = scores[h * grp + g, j] * v_scales[slot, h] if quantised else scores[h * grp + g, j]
                         for d in range(hd):
                             acc2[h * grp + g, d] += p * ld(v_cache, slot, h * hd + d)
             for hh in range(num_heads):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalellm.layers import fused_cpu, fused_gpu, paged_attention_cpu, paged_attention_triton
+from scalellm.layers import fused_cpu, fused_gpu, kv_quant, paged_attention_cpu, paged_attention_triton
 from scalellm.layers.rotary import RotaryEmbedding
 
 _HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -73,6 +73,9 @@ class ForwardBatch:
 
     attn: AttentionMetadata
     kv_caches: list[torch.Tensor]  # one [2, N, S, Hkv, D] tensor per layer
+    # an 8-bit KV cache (kv_quant): kv_caches hold int8 codes, these their scales, one
+    # [2, N, S, Hkv] float32 tensor per layer
+    kv_scales: list[torch.Tensor] | None = None
 
 
 def fresh_prompt_batch(num_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -122,10 +125,17 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D]  ->  out: [T, H*D]
-        k_flat, v_flat = self._cache_views(batch)
-        k_flat.index_copy_(0, batch.attn.slot_mapping, k.to(k_flat.dtype))
-        v_flat.index_copy_(0, batch.attn.slot_mapping, v.to(v_flat.dtype))
-        return self._attend(q, k, v, k_flat, v_flat, batch.attn, None)
+        k_flat, v_flat, k_scales, v_scales = self._cache_views(batch)
+        slots = batch.attn.slot_mapping
+        if k_scales is not None and v_scales is not None:
+            for flat, scales, x in ((k_flat, k_scales, k), (v_flat, v_scales, v)):
+                codes, row_scales = kv_quant.quantize(x)
+                flat.index_copy_(0, slots, codes)
+                scales.index_copy_(0, slots, row_scales)
+        else:
+            k_flat.index_copy_(0, slots, k.to(k_flat.dtype))
+            v_flat.index_copy_(0, slots, v.to(v_flat.dtype))
+        return self._attend(q, k, v, k_flat, v_flat, batch.attn, None, k_scales, v_scales)
 
     def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                     batch: ForwardBatch) -> torch.Tensor:
@@ -134,31 +144,43 @@ class Attention(nn.Module):
         fused kernels are compiled (on GPU, with Triton), the rotation and the cache write are
         one pass over qkv (in place) and decode attention reads its queries from qkv as they lie."""
         t, h, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        k_flat, v_flat = self._cache_views(batch)
+        k_flat, v_flat, k_scales, v_scales = self._cache_views(batch)
         md = batch.attn
-        cpu = fused_cpu.supports(qkv) and qkv.is_contiguous() and fused_cpu.rope_ready(qkv.dtype, d)
-        gpu = not cpu and fused_gpu.supports(qkv) and qkv.stride(1) == 1 and k_flat.is_contiguous()
-        if ((cpu or gpu) and k_flat.dtype == qkv.dtype and positions.dtype == torch.long
+        codes = k_scales is not None
+        cpu = fused_cpu.supports(qkv) and qkv.is_contiguous() and fused_cpu.rope_ready(qkv.dtype, d, codes)
+        gpu = not cpu and not codes and fused_gpu.supports(qkv) and qkv.stride(1) == 1 and k_flat.is_contiguous()
+        if ((cpu or gpu) and (codes or k_flat.dtype == qkv.dtype) and positions.dtype == torch.long
                 and md.slot_mapping.dtype == torch.long):
-            fused = fused_cpu if cpu else fused_gpu
-            fused.rope_write_kv(qkv, h, hkv, d, positions, rotary.cos, rotary.sin, md.slot_mapping, k_flat, v_flat)
+            if cpu:
+                fused_cpu.rope_write_kv(qkv, h, hkv, d, positions, rotary.cos, rotary.sin, md.slot_mapping, k_flat,
+                                        v_flat, k_scales, v_scales)
+            else:
+                fused_gpu.rope_write_kv(qkv, h, hkv, d, positions, rotary.cos, rotary.sin, md.slot_mapping, k_flat,
+                                        v_flat)
             q = qkv[:, : h * d].view(t, h, d)
             k = qkv[:, h * d: (h + hkv) * d].view(t, hkv, d)
             v = qkv[:, (h + hkv) * d:].view(t, hkv, d)
-            return self._attend(q, k, v, k_flat, v_flat, md, qkv)
+            return self._attend(q, k, v, k_flat, v_flat, md, qkv, k_scales, v_scales)
         v = qkv[:, (h + hkv) * d:].reshape(t, hkv, d)
         qk = rotary.rotate(positions, qkv[:, : (h + hkv) * d].reshape(t, h + hkv, d))  # one call for both
         return self.forward(qk[:, :h], qk[:, h:], v, batch)
 
-    def _cache_views(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cache_views(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                         torch.Tensor | None]:
+        """This layer's K and V caches as [N*S, Hkv, D], and their scales [N*S, Hkv] (8-bit caches)."""
         kv_cache = batch.kv_caches[self.layer_idx]
         k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [N*S, Hkv, D]
         v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
-        return k_flat, v_flat
+        if batch.kv_scales is None:
+            return k_flat, v_flat, None, None
+        scales = batch.kv_scales[self.layer_idx]
+        return k_flat, v_flat, scales[0].view(-1, self.num_kv_heads), scales[1].view(-1, self.num_kv_heads)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_flat: torch.Tensor,
-                v_flat: torch.Tensor, md: AttentionMetadata, q_rows: torch.Tensor | None) -> torch.Tensor:
-        # K/V already in the cache. q_rows: C-contiguous rows whose first H*D columns are q (or None)
+                v_flat: torch.Tensor, md: AttentionMetadata, q_rows: torch.Tensor | None,
+                k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> torch.Tensor:
+        # K/V already in the cache (with their scales, 8-bit). q_rows: C-contiguous rows whose
+        # first H*D columns are q (or None)
         out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
         if md.num_pad_tokens:
             out[-md.num_pad_tokens:] = 0
@@ -171,17 +193,20 @@ class Attention(nn.Module):
         elif bd and md.decode_lens is not None and paged_attention_cpu.supports(k_flat, self.num_heads):
             if md.fused_index is None:
                 md.fused_index = paged_attention_cpu.prepare(md.decode_slots, md.decode_lens)
-            if q_rows is not None and q.dtype == k_flat.dtype:
+            if q_rows is not None and (q.dtype == k_flat.dtype or k_scales is not None):
                 paged_attention_cpu.run_rows(q_rows[:bd], self.num_heads, k_flat, v_flat, md.fused_index,
-                                             self.scale, out[:bd])
+                                             self.scale, out[:bd], k_scales, v_scales)
             else:
-                out[:bd] = paged_attention_cpu.run(q[:bd], k_flat, v_flat, md.fused_index, self.scale).flatten(1)
+                out[:bd] = paged_attention_cpu.run(q[:bd], k_flat, v_flat, md.fused_index, self.scale,
+                                                   k_scales, v_scales).flatten(1)
         elif bd:
             qd = q[:bd].unsqueeze(2)  # [Bd, H, 1, D]
             # NOTE: index_select over flat slots is ~5x faster than advanced indexing on CPU.
             flat_slots = md.decode_slots.view(-1)
-            kd = k_flat.index_select(0, flat_slots).view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            vd = v_flat.index_select(0, flat_slots).view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            kd = kv_quant.gather(k_flat, k_scales, flat_slots, q.dtype)
+            vd = kv_quant.gather(v_flat, v_scales, flat_slots, q.dtype)
+            kd = kd.view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            vd = vd.view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
             # [Bd, Lmax, Hkv, D] -> [Bd, Hkv, Lmax, D]
             out[:bd] = _sdpa(qd, kd, vd, md.decode_mask, False, self.scale).squeeze(2).flatten(1)
         if md.prefill_tables is not None:
@@ -210,8 +235,8 @@ class Attention(nn.Module):
             # a chunk that continues a cached context: its keys gathered from the cache
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
-            kp = k_flat.index_select(0, chunk.ctx_slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-            vp = v_flat.index_select(0, chunk.ctx_slots).transpose(0, 1).unsqueeze(0)
+            kp = kv_quant.gather(k_flat, k_scales, chunk.ctx_slots, q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+            vp = kv_quant.gather(v_flat, v_scales, chunk.ctx_slots, q.dtype).transpose(0, 1).unsqueeze(0)
             # query i (absolute position ctx-q_len+i) sees keys 0..ctx-q_len+i
             offset = chunk.ctx_len - chunk.q_len
             qi = torch.arange(chunk.q_len, device=q.device).unsqueeze(1)

@@ -29,9 +29,9 @@ logger = logging.getLogger(__name__)
 _DTYPES = (torch.float32, torch.bfloat16)
 _compiled: set[torch.dtype] = set()
 _int8: Any = None  # _numba_int8, once imported
-_warm_done: set[torch.dtype] = set()  # warm_up_model finished (compiled or not), heap trimmed
-_rope_kernels: dict[int, Any] = {}  # head_dim -> its rotary + KV-write kernel
-_rope_ready: set[tuple[torch.dtype, int]] = set()  # (dtype, head_dim) compiled
+_warm_done: set[tuple[torch.dtype, bool]] = set()  # warm_up_model (dtype, 8-bit KV) finished, heap trimmed
+_rope_kernels: dict[tuple[int, bool], Any] = {}  # (head_dim, 8-bit KV) -> its rotary + KV-write kernel
+_rope_ready: set[tuple[torch.dtype, int, bool]] = set()  # (dtype, head_dim, 8-bit KV) compiled
 _kernels: Any = None
 _silu_table: np.ndarray | None = None  # bfloat16 SiLU, by the input's 16 bits (silu_and_mul_table)
 _lock = threading.Lock()
@@ -83,15 +83,18 @@ def warm_up(dtype: torch.dtype) -> bool:
     return True
 
 
-def warm_up_model(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
+def warm_up_model(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int,
+                  kv_codes: bool = False) -> bool:
     """Compile (or load from numba's disk cache) every CPU kernel a model with these
     attention heads (per rank) and `dtype` activations uses: the decode attention and the
-    kernels here. Then hands the compiler's memory back. Returns whether any is usable."""
+    kernels here (for an 8-bit KV cache with `kv_codes`). Then hands the compiler's memory
+    back. Returns whether any is usable."""
     try:
-        ok = paged_attention_cpu.warm_up(dtype, head_dim, num_heads, num_kv_heads)
+        ok = paged_attention_cpu.warm_up(torch.int8 if kv_codes else dtype, head_dim, num_heads, num_kv_heads,
+                                         query_dtype=dtype)
         fused = warm_up(dtype)
         if fused:
-            warm_up_rope(dtype, head_dim)
+            warm_up_rope(dtype, head_dim, kv_codes)
         if fused or ok:
             trim_heap()  # compiling left this thread's malloc arena holding freed memory
             # LLVM's code pages (~65 MiB resident) serve compiling and loading kernels only;
@@ -100,49 +103,54 @@ def warm_up_model(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_head
             return True
         return False
     finally:
-        _warm_done.add(dtype)
+        _warm_done.add((dtype, kv_codes))
 
 
-def warmed_up(dtype: torch.dtype) -> bool:
-    """Whether `warm_up_model` for `dtype` is over (whatever it found): from then on no
-    compilation or heap trim runs beside the engine."""
-    return dtype in _warm_done
+def warmed_up(dtype: torch.dtype, kv_codes: bool = False) -> bool:
+    """Whether `warm_up_model` for `dtype` (and an 8-bit KV cache or not) is over (whatever it
+    found): from then on no compilation or heap trim runs beside the engine."""
+    return (dtype, kv_codes) in _warm_done
 
 
-def warm_up_in_background(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int) -> None:
+def warm_up_in_background(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int,
+                          kv_codes: bool = False) -> None:
     """`warm_up_model` on a daemon thread (a fresh installation compiles for ~15 s; numba's
     disk cache makes later starts ~1 s). Until it is done the model runs its torch paths."""
-    threading.Thread(target=warm_up_model, args=(dtype, head_dim, num_heads, num_kv_heads),
+    threading.Thread(target=warm_up_model, args=(dtype, head_dim, num_heads, num_kv_heads, kv_codes),
                      name="numba-warm-up", daemon=True).start()
 
 
-def rope_ready(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether `rope_write_kv` is compiled for this dtype and head size (see `warm_up_rope`)."""
-    return (dtype, head_dim) in _rope_ready
+def rope_ready(dtype: torch.dtype, head_dim: int, kv_codes: bool = False) -> bool:
+    """Whether `rope_write_kv` is compiled for this dtype and head size, writing K/V as they
+    are or (kv_codes) as 8-bit codes (see `warm_up_rope`)."""
+    return (dtype, head_dim, kv_codes) in _rope_ready
 
 
-def warm_up_rope(dtype: torch.dtype, head_dim: int) -> bool:
+def warm_up_rope(dtype: torch.dtype, head_dim: int, kv_codes: bool = False) -> bool:
     """Compile (or load from numba's disk cache) `rope_write_kv` for `dtype` and heads of
-    `head_dim` (even); from then on `rope_ready` says yes for them."""
+    `head_dim` (even), for a cache of `dtype` or of 8-bit codes; from then on `rope_ready`
+    says yes for them."""
     if dtype not in _compiled or head_dim % 2:
         return False
-    if (dtype, head_dim) not in _rope_ready:
+    if (dtype, head_dim, kv_codes) not in _rope_ready:
         qkv = torch.ones(1, 3 * head_dim, dtype=dtype)
-        cache = torch.zeros(1, 1, head_dim, dtype=dtype)
+        cache = torch.zeros(1, 1, head_dim, dtype=torch.int8 if kv_codes else dtype)
+        scales = torch.ones(1, 1) if kv_codes else None
         table = torch.ones(1, head_dim // 2)
         pos = torch.zeros(1, dtype=torch.long)
-        rope_write_kv(qkv, 1, 1, head_dim, pos, table, table, pos, cache, cache)
-        _rope_ready.add((dtype, head_dim))
+        rope_write_kv(qkv, 1, 1, head_dim, pos, table, table, pos, cache, cache, scales, scales)
+        _rope_ready.add((dtype, head_dim, kv_codes))
     return True
 
 
-def _rope_kernel(head_dim: int) -> Any:
-    kernel = _rope_kernels.get(head_dim)
+def _rope_kernel(head_dim: int, kv_codes: bool) -> Any:
+    key = (head_dim, kv_codes)
+    kernel = _rope_kernels.get(key)
     if kernel is None:
         with _lock:
-            kernel = _rope_kernels.get(head_dim)
+            kernel = _rope_kernels.get(key)
             if kernel is None:
-                kernel = _rope_kernels[head_dim] = _kernels.make_rope_write_kv(head_dim)
+                kernel = _rope_kernels[key] = _kernels.make_rope_write_kv(head_dim, kv_codes)
     return kernel
 
 
@@ -190,15 +198,20 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def rope_write_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, positions: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> None:
     """In place: rotate the q and k heads of qkv [T, (H + 2 Hkv) D] (contiguous) by the
     rotary cos/sin tables [P, D/2] (float32) at each token's position (neox layout), then
-    write each token's k and v to its slot of k_cache, v_cache ([N*S, Hkv, D], qkv's dtype).
-    positions and slot_mapping: [T] int64. Compiles the kernel for this head size on its
-    first use (callers inside a step check `rope_ready` first)."""
-    _rope_kernel(head_dim)(_bits(qkv), num_heads, num_kv_heads, positions.numpy(), cos.numpy(), sin.numpy(),
-                           slot_mapping.numpy(), _bits(k_cache.view(k_cache.shape[0], -1)),
-                           _bits(v_cache.view(v_cache.shape[0], -1)))
+    write each token's k and v to its slot of k_cache, v_cache ([N*S, Hkv, D], qkv's dtype;
+    or int8 codes with their scales in k_scales, v_scales [N*S, Hkv] float32, as
+    `kv_quant.quantize` makes them). positions and slot_mapping: [T] int64. Compiles the
+    kernel on its first use (callers inside a step check `rope_ready` first)."""
+    codes = k_scales is not None and v_scales is not None
+    dummy = np.ones((1, 1), dtype=np.float32)
+    _rope_kernel(head_dim, codes)(
+        _bits(qkv), num_heads, num_kv_heads, positions.numpy(), cos.numpy(), sin.numpy(), slot_mapping.numpy(),
+        _bits(k_cache.view(k_cache.shape[0], -1)), _bits(v_cache.view(v_cache.shape[0], -1)),
+        k_scales.numpy() if codes else dummy, v_scales.numpy() if codes else dummy)
 
 
 def inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

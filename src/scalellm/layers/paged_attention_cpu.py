@@ -28,7 +28,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _make_kernel: Any = None  # _numba_kernels.make_decode_attention, once numba is imported
-_kernels: dict[tuple[int, int], Any] = {}  # (head_dim, group) -> its specialised kernel
+_kernels: dict[tuple[int, int, bool], Any] = {}  # (head_dim, group, 8-bit codes) -> its specialised kernel
 _compiled: set[tuple[torch.dtype, int, int]] = set()  # (cache dtype, head_dim, group) warmed up
 _set_num_threads: Any = None
 _max_threads = 1
@@ -47,37 +47,43 @@ def _key(cache: torch.Tensor, num_heads: int) -> tuple[torch.dtype, int, int]:
 
 
 def supports(cache: torch.Tensor, num_heads: int) -> bool:
-    """Whether the fused kernel is compiled for this cache ([N*S, Hkv, D] view, CPU, float32
-    or bfloat16) and `num_heads` query heads (see `warm_up`). Until it is, callers take the
+    """Whether the fused kernel is compiled for this cache ([N*S, Hkv, D] view, CPU, float32,
+    bfloat16 or int8 codes) and `num_heads` query heads (see `warm_up`). Until it is, callers take the
     torch path: a decode step never waits for numba's compiler (seconds on a fresh installation)."""
     return _key(cache, num_heads) in _compiled and cache.device.type == "cpu"
 
 
-def warm_up(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
+def warm_up(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int,
+            query_dtype: torch.dtype | None = None) -> bool:
     """Import numba and compile (or load from its disk cache) the kernel for a `dtype` cache
-    and these head counts (per rank); from then on `supports` says yes for them. Returns
-    whether the kernel is usable."""
-    if dtype not in (torch.float32, torch.bfloat16) or not available() or num_heads % num_kv_heads:
+    (float32, bfloat16, or int8 codes read with `query_dtype` queries) and these head counts
+    (per rank); from then on `supports` says yes for them. Returns whether the kernel is usable."""
+    query_dtype = query_dtype or dtype
+    if (dtype not in (torch.float32, torch.bfloat16, torch.int8) or query_dtype not in (torch.float32, torch.bfloat16)
+            or not available() or num_heads % num_kv_heads):
         return False
     key = (dtype, head_dim, num_heads // num_kv_heads)
     if key not in _compiled:
         t0 = time.monotonic()
-        # queries, cache and output all in the model's dtype (its layout at run time)
-        q = torch.zeros(1, num_heads, head_dim, dtype=dtype)
+        # queries and output in the model's dtype, the cache in its own (the layout at run time)
+        q = torch.zeros(1, num_heads, head_dim, dtype=query_dtype)
         cache = torch.zeros(1, num_kv_heads, head_dim, dtype=dtype)
-        decode_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), 1.0)
+        scales = torch.ones(1, num_kv_heads) if dtype == torch.int8 else None
+        decode_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), 1.0,
+                         scales, scales)
         _compiled.add(key)
         logger.debug("fused CPU decode attention %s ready in %.2fs", key, time.monotonic() - t0)
     return True
 
 
-def _kernel_for(head_dim: int, group: int) -> Any:
-    kernel = _kernels.get((head_dim, group))
+def _kernel_for(head_dim: int, group: int, codes: bool) -> Any:
+    key = (head_dim, group, codes)
+    kernel = _kernels.get(key)
     if kernel is None:
         with _lock:
-            kernel = _kernels.get((head_dim, group))
+            kernel = _kernels.get(key)
             if kernel is None:
-                kernel = _kernels[(head_dim, group)] = _make_kernel(head_dim, group)
+                kernel = _kernels[key] = _make_kernel(head_dim, group, codes)
     return kernel
 
 
@@ -133,32 +139,40 @@ def numpy_bits(t: torch.Tensor) -> np.ndarray:
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
+_NO_SCALES = np.ones((1, 1), dtype=np.float32)  # the scales argument of a cache that has none
+
+
 def run_rows(q_rows: torch.Tensor, num_heads: int, k_flat: torch.Tensor, v_flat: torch.Tensor,
-             index: DecodeIndex, scale: float, out: torch.Tensor) -> None:
+             index: DecodeIndex, scale: float, out: torch.Tensor,
+             k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> None:
     """Decode attention written into `out` [B, H*D], queries read in place: q_rows is [B, W]
     (C-contiguous rows, e.g. a qkv projection's) whose first H*D columns are the B queries'
     heads. q_rows and out are float32 or bfloat16; k_flat, v_flat: a layer's [N*S, Hkv, D]
-    caches (float32 or bfloat16)."""
+    caches (float32 or bfloat16; or int8 codes with k_scales, v_scales [N*S, Hkv] float32)."""
     width = k_flat.shape[-2] * k_flat.shape[-1]
-    kernel = _kernel_for(k_flat.shape[-1], num_heads // k_flat.shape[-2])
-    kernel(numpy_bits(q_rows), num_heads, numpy_bits(k_flat.view(-1, width)),
-           numpy_bits(v_flat.view(-1, width)), index.slots, index.lens, np.float32(scale), numpy_bits(out))
+    codes = k_scales is not None and v_scales is not None
+    kernel = _kernel_for(k_flat.shape[-1], num_heads // k_flat.shape[-2], codes)
+    kernel(numpy_bits(q_rows), num_heads, numpy_bits(k_flat.view(-1, width)), numpy_bits(v_flat.view(-1, width)),
+           k_scales.numpy() if codes else _NO_SCALES, v_scales.numpy() if codes else _NO_SCALES,
+           index.slots, index.lens, np.float32(scale), numpy_bits(out))
 
 
-def run(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, index: DecodeIndex, scale: float) -> torch.Tensor:
+def run(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, index: DecodeIndex, scale: float,
+        k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, H, D] (any float dtype); k_flat, v_flat: a layer's [N*S, Hkv, D] K and V caches
-    (float32 or bfloat16) -> [B, H, D] in q's dtype."""
+    (float32, bfloat16, or int8 codes with their scales) -> [B, H, D] in q's dtype."""
     b, h, d = q.shape
     if q.dtype not in (torch.float32, torch.bfloat16):
-        return run(q.float(), k_flat, v_flat, index, scale).to(q.dtype)
+        return run(q.float(), k_flat, v_flat, index, scale, k_scales, v_scales).to(q.dtype)
     out = torch.empty(b, h * d, dtype=q.dtype)
-    run_rows(q.reshape(b, h * d).contiguous(), h, k_flat, v_flat, index, scale, out)
+    run_rows(q.reshape(b, h * d).contiguous(), h, k_flat, v_flat, index, scale, out, k_scales, v_scales)
     return out.view(b, h, d)
 
 
 def decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor,
-                     lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One call: q: [B, H, D]; k_flat, v_flat: [N*S, Hkv, D] float32 or bfloat16 cache views;
-    slots: [B, Lmax]; lens: [B] -> [B, H, D] in q's dtype. (The model's layers call
-    `prepare` once per step and `run` per layer.)"""
-    return run(q, k_flat, v_flat, prepare(slots, lens), scale)
+                     lens: torch.Tensor, scale: float, k_scales: torch.Tensor | None = None,
+                     v_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """One call: q: [B, H, D]; k_flat, v_flat: [N*S, Hkv, D] float32 or bfloat16 cache views
+    (or int8 codes with k_scales, v_scales [N*S, Hkv]); slots: [B, Lmax]; lens: [B] -> [B, H,
+    D] in q's dtype. (The model's layers call `prepare` once per step and `run` per layer.)"""
+    return run(q, k_flat, v_flat, prepare(slots, lens), scale, k_scales, v_scales)

@@ -109,6 +109,7 @@ class ModelRunner:
         is_driver: bool = True,
         cuda_graph_max_batch: int = 0,
         max_model_len: int | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.model = model
         self.is_driver = is_driver  # False: a tensor-parallel follower rank (forward only, no sampling)
@@ -127,14 +128,19 @@ class ModelRunner:
         self.scratch_block = num_blocks
         cache_blocks = num_blocks + 1
         shape = (2, cache_blocks, block_size, attn.num_kv_heads, args.head_dim)
-        self.kv_caches = [lazy_zeros(shape, dtype, device) for _ in range(args.num_layers)]
+        # kv_cache_dtype "int8": 8-bit codes with a float32 scale per (token, KV head) row (kv_quant)
+        self.kv_codes = kv_cache_dtype == "int8"
+        self.kv_caches = [lazy_zeros(shape, torch.int8 if self.kv_codes else dtype, device)
+                          for _ in range(args.num_layers)]
+        self.kv_scales = [lazy_zeros(shape[:-1], torch.float32, device) for _ in range(args.num_layers)] \
+            if self.kv_codes else None
         self._prefault_next = 0 if device.type == "cpu" else num_blocks  # next block prefault_kv touches
         # CPU steps run at bucketed row counts (`padded_rows`); not MoE models, whose routers
         # would count the padding rows as expert load
         self.pad_rows = device.type == "cpu" and not hasattr(model, "read_expert_load")
         self._compiling: torch.dtype | None = None  # CPU kernels being compiled for this dtype
         if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-            fused_cpu.warm_up_in_background(dtype, args.head_dim, attn.num_heads, attn.num_kv_heads)
+            fused_cpu.warm_up_in_background(dtype, args.head_dim, attn.num_heads, attn.num_kv_heads, self.kv_codes)
             self._compiling = dtype
         # decode attention through block tables (Triton) where it runs: on CUDA
         self.use_block_tables = paged_attention_triton.supports(
@@ -242,7 +248,7 @@ class ModelRunner:
 
     def kernels_ready(self) -> bool:
         """Whether the background compilation of the CPU kernels (if any) is over."""
-        return self._compiling is None or fused_cpu.warmed_up(self._compiling)
+        return self._compiling is None or fused_cpu.warmed_up(self._compiling, self.kv_codes)
 
     def prefault_kv(self, max_blocks: int = 8) -> bool:
         """Fault in the pages of the next `max_blocks` KV blocks (by id: the order the block
@@ -258,7 +264,7 @@ class ModelRunner:
         if b0 >= self.num_blocks:
             return False
         b1 = min(self.num_blocks, b0 + max_blocks)
-        for cache in self.kv_caches:
+        for cache in self.kv_caches + (self.kv_scales or []):
             for half in cache[:, b0:b1]:  # K, then V: each a contiguous run of whole blocks
                 raw = half.reshape(-1).view(torch.uint8).numpy()
                 raw[::4096] |= 0  # one byte a page (a plain self-assignment is skipped by numpy)
@@ -354,7 +360,7 @@ class ModelRunner:
                                             [c.ctx_len for c in st.prefills]], dtype=torch.int32).to(dev)
             md.prefill_max_q = max(c.q_len for c in st.prefills)
             md.block_size = self.block_size
-        batch = ForwardBatch(attn=md, kv_caches=self.kv_caches)
+        batch = ForwardBatch(attn=md, kv_caches=self.kv_caches, kv_scales=self.kv_scales)
         return torch.tensor(st.input_ids, device=dev), torch.tensor(st.positions, device=dev), batch
 
     def _sampling_row(self, state: RequestState) -> SamplingRow:

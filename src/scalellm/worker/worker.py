@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from scalellm.layers import kv_quant
 from scalellm.layers.linear import INT8_MAX_ROWS, onednn_packing_available
 from scalellm.loader.model_source import ModelSource
 from scalellm.models.args import ModelArgs
@@ -72,10 +73,13 @@ def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
 
 
 def num_kv_blocks(args: ModelArgs, dtype: torch.dtype, block_size: int, kv_cache_memory: int,
-                  max_model_len: int, tp_size: int = 1) -> int:
-    """Blocks that fit `kv_cache_memory` bytes of one rank (every rank gets the same count)."""
+                  max_model_len: int, tp_size: int = 1, kv_cache_dtype: str = "auto") -> int:
+    """Blocks that fit `kv_cache_memory` bytes of one rank (every rank gets the same count);
+    kv_cache_dtype "int8": a row of D values takes D bytes + its float32 scale (kv_quant)."""
     heads = kv_heads_per_rank(args.num_kv_heads, tp_size)
-    bytes_per_block = 2 * args.num_layers * heads * args.head_dim * block_size * torch.finfo(dtype).bits // 8
+    row_bytes = args.head_dim + kv_quant.SCALE_BYTES if kv_cache_dtype == "int8" else \
+        args.head_dim * torch.finfo(dtype).bits // 8
+    bytes_per_block = 2 * args.num_layers * heads * row_bytes * block_size
     num_blocks = kv_cache_memory // bytes_per_block
     needed = -(-max_model_len // block_size)
     if num_blocks < needed:
@@ -101,6 +105,7 @@ def build_model_runner(
     quantization: str | None = None,
     cuda_graph_max_batch: int = 0,
     max_model_len: int | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> ModelRunner:
     """cuda_graph_max_batch: on GPU, capture decode CUDA graphs up to this batch size (0: none)."""
     t0 = time.perf_counter()
@@ -155,6 +160,7 @@ def build_model_runner(
         model, args, block_size=block_size, num_blocks=num_blocks, dtype=dtype, device=device,
         eos_token_ids=eos_token_ids, seed=seed, is_driver=is_driver,
         cuda_graph_max_batch=cuda_graph_max_batch if device.type == "cuda" else 0, max_model_len=max_model_len,
+        kv_cache_dtype=kv_cache_dtype,
     )
 
 
