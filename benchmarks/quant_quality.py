@@ -1,5 +1,6 @@
 """Quality of a quantized path against the unquantized model (same weights, same engine):
-int8 (fbgemm W8A8) against float32, fp8 (e4m3 W8A8) against bfloat16.
+int8 (fbgemm W8A8) against float32, fp8 (e4m3 W8A8) against bfloat16, or the 8-bit KV
+cache (`--kv-cache-dtype int8`) against the model's dtype.
 
 - greedy agreement: a fixed set of chat prompts, --max-tokens greedy tokens each;
   reports identical outputs and the mean length of the common token prefix.
@@ -8,6 +9,11 @@ int8 (fbgemm W8A8) against float32, fp8 (e4m3 W8A8) against bfloat16.
 
     python benchmarks/quant_quality.py --out benchmarks/results/quant_quality.json
     python benchmarks/quant_quality.py --quantization fp8 --dtype bfloat16 --out benchmarks/results/quant_quality_fp8.json
+    python benchmarks/quant_quality.py --kv-cache-dtype int8 --dtype bfloat16 --out benchmarks/results/quant_quality_kv_int8.json
+
+With --kv-cache-dtype the perplexity pass runs the text in 32-token chunks, each attending
+to the earlier ones through the KV cache (in the run's format), so the cache's codes count;
+otherwise it is one fresh prefill.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import time
 import torch
 
 from scalellm import LLM, SamplingParams
-from scalellm.layers.attention import fresh_prompt_batch
+from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk, fresh_prompt_batch
 
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one paragraph.",
@@ -66,6 +72,30 @@ def perplexity(llm: LLM, text: str) -> tuple[float, int]:
     nll = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids[1:]), reduction="mean")
     return math.exp(nll.item()), t
 
+
+@torch.inference_mode()
+def perplexity_through_cache(llm: LLM, text: str, chunk: int = 32) -> tuple[float, int]:
+    """As `perplexity`, the text in `chunk`-token pieces: each attends to the ones before it
+    through a KV cache in the format of the engine's (its dtype, or 8-bit codes + scales)."""
+    runner = llm.engine.core.executor
+    model, args = runner.model, runner.args
+    ids = llm.tokenizer.encode(text)
+    t = len(ids)
+    shape = (2, t, 1, args.num_kv_heads, args.head_dim)  # blocks of one token: slot = position
+    caches = [torch.zeros(shape, dtype=torch.int8 if runner.kv_codes else runner.dtype) for _ in range(args.num_layers)]
+    scales = [torch.zeros(shape[:-1]) for _ in range(args.num_layers)] if runner.kv_codes else None
+    logits = []
+    for a in range(0, t, chunk):
+        b = min(t, a + chunk)
+        md = AttentionMetadata(slot_mapping=torch.arange(a, b), num_decode_tokens=0, decode_slots=None,
+                               decode_mask=None, prefills=[PrefillChunk(q_start=0, q_len=b - a, ctx_len=b,
+                                                                        ctx_slots=torch.arange(b) if a else None)])
+        hidden = model(torch.tensor(ids[a:b]), torch.arange(a, b), ForwardBatch(md, caches, scales))
+        logits.append(model.compute_logits(hidden))
+    nll = torch.nn.functional.cross_entropy(torch.cat(logits)[:-1].float(), torch.tensor(ids[1:]), reduction="mean")
+    return math.exp(nll.item()), t
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None)
@@ -73,17 +103,25 @@ def main() -> None:
     p.add_argument("--quantization", default="int8", choices=["int8", "fp8"])
     p.add_argument("--dtype", default="float32", help="of both runs (fp8: bfloat16)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="int8: compare the 8-bit KV cache with the model's dtype (no weight quantization)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens)
     runs = {}
     base, quant = a.dtype, a.quantization
-    for name, kw in ((base, {}), (quant, {"quantization": quant})):
+    variant = {"quantization": quant}
+    if a.kv_cache_dtype == "int8":
+        quant, variant = "kv-int8", {"kv_cache_dtype": "int8"}
+    for name, kw in ((base, {}), (quant, variant)):
         llm = LLM(a.model, dtype=a.dtype, device=a.device, **kw)
+        runner = llm.engine.core.executor
+        while not runner.kernels_ready():  # the CPU kernels compile in the background
+            time.sleep(0.1)
         t0 = time.perf_counter()
         outs = llm.chat([[{"role": "user", "content": q}] for q in PROMPTS], params)
         dt = time.perf_counter() - t0
-        ppl, ntok = perplexity(llm, TEXT)
+        ppl, ntok = perplexity_through_cache(llm, TEXT) if a.kv_cache_dtype == "int8" else perplexity(llm, TEXT)
         runs[name] = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs],
                       "perplexity": ppl, "text_tokens": ntok, "generate_s": dt}
         print(f"{name}: perplexity {ppl:.4f} over {ntok} tokens; {len(PROMPTS)} prompts in {dt:.1f}s", flush=True)

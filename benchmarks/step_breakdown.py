@@ -37,7 +37,8 @@ def measure(a: argparse.Namespace) -> dict:
     from scalellm.layers import activation, attention, embedding, fused_cpu, linear, norm, paged_attention_cpu
     from scalellm.worker import model_runner
 
-    llm = LLM(None, quantization=a.quantization) if a.quantization else LLM(None)
+    kw = {"quantization": a.quantization} if a.quantization else {}
+    llm = LLM(None, kv_cache_dtype=a.kv_cache_dtype, **kw)
     eng = llm.engine
     runner = eng.core.executor.runner if hasattr(eng.core.executor, "runner") else eng.core.executor
     attn0 = runner.model.model.layers[0].self_attn
@@ -97,6 +98,7 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--quantization", default=None)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
     p.add_argument("--variants", default="all,no-packed,no-numba")
     p.add_argument("--out", default="")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -107,7 +109,8 @@ def main() -> int:
     results = {}
     for v in a.variants.split(","):
         cmd = [sys.executable, __file__, "--child", "--concurrency", str(a.concurrency), "--input-len",
-               str(a.input_len), "--steps", str(a.steps)] + (["--quantization", a.quantization] if a.quantization else [])
+               str(a.input_len), "--steps", str(a.steps), "--kv-cache-dtype", a.kv_cache_dtype] + (
+                   ["--quantization", a.quantization] if a.quantization else [])
         out = subprocess.run(cmd, env=dict(os.environ, **VARIANTS[v]), capture_output=True, text=True, check=True)
         results[v] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[v]
@@ -115,7 +118,8 @@ def main() -> int:
         for k, ms in r["parts_ms_per_step"].items():
             print(f"    {k:44s} {ms:7.2f} ms")
     out_path = a.out or os.path.join(os.path.dirname(__file__), "results",
-                                      f"step_breakdown_c{a.concurrency}{'_' + a.quantization if a.quantization else ''}.json")
+                                      f"step_breakdown_c{a.concurrency}{'_' + a.quantization if a.quantization else ''}"
+                                      f"{'_kv_int8' if a.kv_cache_dtype == 'int8' else ''}.json")
     with open(out_path, "w") as f:
         json.dump({"args": {k: v for k, v in vars(a).items() if k != "child"}, "results": results}, f, indent=1)
     print(f"wrote {out_path}")
