@@ -33,6 +33,25 @@ def _paged_cache(lengths: list[int], num_kv_heads: int, head_dim: int, block_siz
     return cache, seqs
 
 
+def _decode_step(lengths: list[int], num_heads: int, num_kv_heads: int, head_dim: int, seed: int, qkv_seed: int):
+    """One decode step over a paged cache (block size 16): the cache and the sequences (as
+    `_paged_cache`), padded slots [B, Lmax] with their mask, the new tokens' slots (each
+    sequence's last position), and random q [B, H, D], k_new, v_new [B, Hkv, D]."""
+    cache, seqs = _paged_cache(lengths, num_kv_heads, head_dim, 16, seed=seed)
+    lmax = max(lengths)
+    slots = torch.zeros(len(lengths), lmax, dtype=torch.long)
+    mask = torch.zeros(len(lengths), lmax, dtype=torch.bool)
+    for i, (s, _, _) in enumerate(seqs):
+        slots[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = True
+    new_slots = torch.tensor([s[-1] for s, _, _ in seqs])
+    gen = torch.Generator().manual_seed(qkv_seed)
+    q = torch.randn(len(lengths), num_heads, head_dim, generator=gen)
+    k_new = torch.randn(len(lengths), num_kv_heads, head_dim, generator=gen)
+    v_new = torch.randn(len(lengths), num_kv_heads, head_dim, generator=gen)
+    return cache, seqs, slots, mask, new_slots, (q, k_new, v_new)
+
+
 def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     # q: [H, D]; k, v: [L, Hkv, D] -> [H, D], written out head by head (no SDPA)
     num_heads, group = q.shape[0], q.shape[0] // k.shape[1]
@@ -71,20 +90,10 @@ def test_fused_decode_matches_dense(num_heads: int, num_kv_heads: int, dtype: to
 def test_attention_layer_uses_fused_path_and_agrees_with_gather(monkeypatch: pytest.MonkeyPatch) -> None:
     """The layer's decode path: fused kernel (once compiled) and the gather + SDPA fallback
     give the same rows, and the new tokens' K/V are written to the cache before either reads it."""
-    num_heads, num_kv_heads, head_dim, block_size = 9, 3, 64, 16
+    num_heads, num_kv_heads, head_dim = 9, 3, 64
     lengths = [5, 40, 33]  # context after this step, the last token of each is new
-    cache, seqs = _paged_cache(lengths, num_kv_heads, head_dim, block_size, seed=7)
-    lmax = max(lengths)
-    slots = torch.zeros(len(lengths), lmax, dtype=torch.long)
-    mask = torch.zeros(len(lengths), lmax, dtype=torch.bool)
-    for i, (s, _, _) in enumerate(seqs):
-        slots[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = True
-    new_slots = torch.tensor([s[-1] for s, _, _ in seqs])
-    gen = torch.Generator().manual_seed(3)
-    q = torch.randn(len(lengths), num_heads, head_dim, generator=gen)
-    k_new = torch.randn(len(lengths), num_kv_heads, head_dim, generator=gen)
-    v_new = torch.randn(len(lengths), num_kv_heads, head_dim, generator=gen)
+    cache, seqs, slots, mask, new_slots, (q, k_new, v_new) = _decode_step(lengths, num_heads, num_kv_heads, head_dim,
+                                                                          seed=7, qkv_seed=3)
     layer = Attention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5, layer_idx=0)
 
     def run(fused: bool) -> torch.Tensor:
@@ -199,21 +208,11 @@ def test_attention_layer_over_an_8bit_cache_writes_codes_and_reads_them_back() -
     half a step of the values written."""
     from scalellm.layers import kv_quant
 
-    num_heads, num_kv_heads, head_dim, block_size = 9, 3, 64, 16
+    num_heads, num_kv_heads, head_dim = 9, 3, 64
     lengths = [5, 40, 33]
-    cache, seqs = _paged_cache(lengths, num_kv_heads, head_dim, block_size, seed=8)
+    cache, seqs, slots, mask, new_slots, (q, k_new, v_new) = _decode_step(lengths, num_heads, num_kv_heads, head_dim,
+                                                                          seed=8, qkv_seed=4)
     codes, scales = kv_quant.quantize(cache)
-    lmax = max(lengths)
-    slots = torch.zeros(len(lengths), lmax, dtype=torch.long)
-    mask = torch.zeros(len(lengths), lmax, dtype=torch.bool)
-    for i, (s, _, _) in enumerate(seqs):
-        slots[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = True
-    new_slots = torch.tensor([s[-1] for s, _, _ in seqs])
-    gen = torch.Generator().manual_seed(4)
-    q = torch.randn(len(lengths), num_heads, head_dim, generator=gen)
-    k_new = torch.randn(len(lengths), num_kv_heads, head_dim, generator=gen)
-    v_new = torch.randn(len(lengths), num_kv_heads, head_dim, generator=gen)
     layer = Attention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5, layer_idx=0)
     assert paged_attention_cpu.warm_up(torch.int8, head_dim, num_heads, num_kv_heads, query_dtype=torch.float32)
 

@@ -27,12 +27,13 @@ own prefilled at the capped steps' rate: full-budget steps until the rest fits i
 burst that capped steps cannot prefill in time (a c=64 burst of 128-token prompts on 2 CPU
 cores: ~40 capped steps, TTFT p99 ~3.8 s) is cleared in a few full steps instead; each
 stalls the running streams once, so fewer and larger steps cost the fewest long token
-intervals. In those steps the prompts get the whole budget and the decodes come on top
-(a c=64 burst of 8,192 prompt tokens: 4,096, then 32 decodes + 4,096, where counting the
-decodes in the budget left the last prompt's 32 tokens to a third step). While yielding, admission skips the decode-cost gate (with it, one c=64 run
-held at ~16 streams and 462 tok/s; the cause was not pinned down) but stops at
-`TTFT_YIELD_KV_HEADROOM` free KV: letting everyone in under sustained overload (1,024-token
-prompts at 3 req/s) filled the cache, and preemptions stalled streams for up to 5 s.
+intervals. In those steps the prompts get the whole budget and the decodes come on top (a
+c=64 burst of 8,192 prompt tokens: 4,096, then 32 decodes + 4,096, where counting the
+decodes in the budget left the last prompt's 32 tokens to a third step). While yielding,
+admission skips the decode-cost gate (with it, one c=64 run held at ~16 streams and 462
+tok/s; the cause was not pinned down) but stops at `TTFT_YIELD_KV_HEADROOM` free KV:
+letting everyone in under sustained overload (1,024-token prompts at 3 req/s) filled the
+cache, and preemptions stalled streams for up to 5 s.
 The target never asks for batches below `MIN_BATCH` decodes: where even that many (and a
 slice) take longer than the target (a model or precision too slow for it, or a machine
 slowed down), the step aims at that batch's time instead. Continuous in the estimates, so

@@ -2,8 +2,9 @@
 
 numba has no bfloat16: a bfloat16 tensor reaches a kernel as its 16 raw bits (an
 int16 view). `ld(a, r, c)` reads element [r, c] of a 2-D array as float32 whatever
-the array holds (float32, bfloat16 bits, or int8 codes); `st(a, r, c, v)` stores a float32 into it, rounding to nearest even
-for bfloat16 (as torch's float32 -> bfloat16 conversion does); `rnd(a, v)` rounds v to
+the array holds (float32, bfloat16 bits, or int8 codes); `st(a, r, c, v)` stores a float32
+into it, rounding to nearest even for bfloat16 (as torch's float32 -> bfloat16 conversion
+does); `rnd(a, v)` rounds v to
 a's element type and returns it as float32 (for the double rounding torch's bfloat16
 ops do between two operations). Each compiles to a few integer instructions that
 vectorise; float32 arrays take the plain path.

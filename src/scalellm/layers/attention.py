@@ -235,8 +235,9 @@ class Attention(nn.Module):
             # a chunk that continues a cached context: its keys gathered from the cache
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
-            kp = kv_quant.gather(k_flat, k_scales, chunk.ctx_slots, q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+            kp = kv_quant.gather(k_flat, k_scales, chunk.ctx_slots, q.dtype).transpose(0, 1).unsqueeze(0)
             vp = kv_quant.gather(v_flat, v_scales, chunk.ctx_slots, q.dtype).transpose(0, 1).unsqueeze(0)
+            # [1, Hkv, ctx, D]
             # query i (absolute position ctx-q_len+i) sees keys 0..ctx-q_len+i
             offset = chunk.ctx_len - chunk.q_len
             qi = torch.arange(chunk.q_len, device=q.device).unsqueeze(1)
