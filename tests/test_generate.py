@@ -86,7 +86,8 @@ def test_8bit_kv_cache_decodes_greedily_under_transformers(tiny_models, arch, cp
     assert exact >= len(prompts) // 2  # measured: 5 of 8 (llama)
 
 
-def test_cpu_steps_padded_to_recurring_sizes_match_transformers(tiny_models, monkeypatch, cpu_kernels):
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_cpu_steps_padded_to_recurring_sizes_match_transformers(tiny_models, arch, monkeypatch, cpu_kernels):
     """CPU steps of more than 64 tokens run at bucketed row counts (oneDNN builds a GEMM per
     row count): the padding rows write K/V only to the scratch block and change no output."""
     from scalellm.worker import model_runner
@@ -102,7 +103,7 @@ def test_cpu_steps_padded_to_recurring_sizes_match_transformers(tiny_models, mon
         return real_tensors(self, st)
 
     monkeypatch.setattr(model_runner.ModelRunner, "_tensors", tensors)
-    path = tiny_models["llama"]
+    path = tiny_models[arch]
     llm = LLM(path, dtype="float32", block_size=4, max_num_batched_tokens=200, max_num_seqs=8)
     runner = llm.engine.core.executor
     prompts = _prompts(llm.engine.vocab_size)
