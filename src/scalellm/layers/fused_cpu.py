@@ -207,11 +207,11 @@ def rope_write_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim
     `kv_quant.quantize` makes them). positions and slot_mapping: [T] int64. Compiles the
     kernel on its first use (callers inside a step check `rope_ready` first)."""
     codes = k_scales is not None and v_scales is not None
-    dummy = np.ones((1, 1), dtype=np.float32)
+    none = paged_attention_cpu.NO_SCALES
     _rope_kernel(head_dim, codes)(
         _bits(qkv), num_heads, num_kv_heads, positions.numpy(), cos.numpy(), sin.numpy(), slot_mapping.numpy(),
         _bits(k_cache.view(k_cache.shape[0], -1)), _bits(v_cache.view(v_cache.shape[0], -1)),
-        k_scales.numpy() if codes else dummy, v_scales.numpy() if codes else dummy)
+        k_scales.numpy() if codes else none, v_scales.numpy() if codes else none)
 
 
 def inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -191,10 +191,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
         super().__init__(in_features, sum(output_sizes), bias, dtype)
 
+    @property
+    def gate_up(self) -> bool:
+        """A bias-free pair of halves ([gate | up]): `silu_and_mul` applies."""
+        return len(self.output_sizes) == 2 and self.bias is None
+
     def set_packed(self) -> int:
-        """As LinearBase.set_packed; a bias-free pair of halves ([gate | up]) is packed half by
-        half, for `silu_and_mul`."""
-        if len(self.output_sizes) != 2 or self.bias is not None:
+        """As LinearBase.set_packed; a [gate | up] pair is packed half by half, for `silu_and_mul`."""
+        if not self.gate_up:
             return super().set_packed()
         before = self.weight.numel() * self.weight.element_size()
         gate, up = self.weight.detach().split(self.weight.shape[0] // 2)
@@ -224,7 +228,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         if self._on_halves(x):
             assert self.packed_halves is not None
             return silu_mul_packed(x, *self.packed_halves)
-        if self.weight32 is not None and self.bias is None and len(self.output_sizes) == 2 and self.qweight is None:
+        if self.weight32 is not None and self.qweight is None and self.gate_up:
             # no bf16 units: the same arithmetic in float32 (the gate rounded once, then the product)
             gate, up = F.linear(x.float(), self.weight32).chunk(2, dim=-1)
             return (F.silu(gate).to(x.dtype).float() * up).to(x.dtype)

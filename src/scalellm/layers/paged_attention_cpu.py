@@ -139,7 +139,7 @@ def numpy_bits(t: torch.Tensor) -> np.ndarray:
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
-_NO_SCALES = np.ones((1, 1), dtype=np.float32)  # the scales argument of a cache that has none
+NO_SCALES = np.ones((1, 1), dtype=np.float32)  # the scales argument of a kernel whose cache has none
 
 
 def run_rows(q_rows: torch.Tensor, num_heads: int, k_flat: torch.Tensor, v_flat: torch.Tensor,
@@ -153,7 +153,7 @@ def run_rows(q_rows: torch.Tensor, num_heads: int, k_flat: torch.Tensor, v_flat:
     codes = k_scales is not None and v_scales is not None
     kernel = _kernel_for(k_flat.shape[-1], num_heads // k_flat.shape[-2], codes)
     kernel(numpy_bits(q_rows), num_heads, numpy_bits(k_flat.view(-1, width)), numpy_bits(v_flat.view(-1, width)),
-           k_scales.numpy() if codes else _NO_SCALES, v_scales.numpy() if codes else _NO_SCALES,
+           k_scales.numpy() if codes else NO_SCALES, v_scales.numpy() if codes else NO_SCALES,
            index.slots, index.lens, np.float32(scale), numpy_bits(out))
 
 

@@ -117,27 +117,6 @@ class _ExpertLoadReport:
         return core.read_expert_load() or None
 
 
-def _drain(core, pull: zmq.Socket) -> tuple[bool, bool, bool]:  # type: ignore[no-untyped-def]
-    """Take every message waiting on `pull`; returns (requests added, requests aborted,
-    shutdown asked)."""
-    added = aborted = False
-    while True:
-        try:
-            data = pull.recv(flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return added, aborted, False
-        msg = ipc.decode_to_core(data)
-        if isinstance(msg, ipc.AddRequests):
-            for req in msg.requests:
-                core.add_core_request(req)
-            added = True
-        elif isinstance(msg, ipc.AbortRequests):
-            core.abort_requests(msg.request_ids)
-            aborted = True
-        elif isinstance(msg, ipc.Shutdown):
-            return added, aborted, True
-
-
 def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  # type: ignore[no-untyped-def]
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
@@ -163,10 +142,22 @@ def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  
                 core.check_health()  # raises if a tensor-parallel rank died
                 continue
         t = clock()
-        _, changed, stop = _drain(core, pull)
+        changed = False
+        while True:
+            try:
+                data = pull.recv(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            msg = ipc.decode_to_core(data)
+            if isinstance(msg, ipc.AddRequests):
+                for req in msg.requests:
+                    core.add_core_request(req)
+            elif isinstance(msg, ipc.AbortRequests):
+                core.abort_requests(msg.request_ids)
+                changed = True
+            elif isinstance(msg, ipc.Shutdown):
+                return
         phases.ipc += clock() - t
-        if stop:
-            return
         if core.has_unfinished_requests():
             outputs = core.step()
             t = clock()
