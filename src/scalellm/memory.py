@@ -39,12 +39,22 @@ _MADV_DONTNEED = 4
 _MADV_PAGEOUT = 21  # Linux 5.4+
 
 
-def drop_library_pages(name_fragment: str) -> int:
-    """Drop this process's resident pages of the read-only mappings (code, constants) of
-    shared libraries whose path contains `name_fragment`; returns the bytes of the ranges
-    advised. Clean file pages only: nothing is lost, a page touched again is read back from
-    the page cache (a minor fault). For a library needed at start-up only (LLVM, once numba's
-    kernels are compiled); a no-op off Linux."""
+def drop_library_pages(name_fragment: str, code_only: bool = False) -> int:
+    """Drop this process's resident pages of the read-only mappings of shared libraries
+    whose path contains `name_fragment`; returns the bytes of the ranges advised. Nothing is
+    lost: a page touched again is read back from its file.
+
+    - `code_only=False` (a library needed at start-up only: LLVM, once numba's kernels are
+      compiled): every read-only mapping, reclaimed (MADV_PAGEOUT): the kernel may also
+      evict the pages from the page cache, and it keeps what it cannot reclaim (the
+      relocated, copy-on-write pages of a RELRO segment).
+    - `code_only=True` (a library whose start-up code is large but some of it runs later:
+      torch): executable mappings only, unmapped (MADV_DONTNEED): the page cache keeps them,
+      so a page touched again costs a minor fault, not a read.
+
+    NOTE: never MADV_DONTNEED on a non-executable private mapping: a RELRO segment is
+    read-only but holds pages the loader wrote (relocations); dropping them would map the
+    file's unrelocated bytes back. A no-op off Linux."""
     try:
         with open("/proc/self/maps") as f:
             lines = f.read().splitlines()
@@ -57,9 +67,15 @@ def drop_library_pages(name_fragment: str) -> int:
         parts = line.split(maxsplit=5)
         if len(parts) < 6 or name_fragment not in parts[5] or "w" in parts[1]:
             continue  # NOTE: never writable mappings: their private pages may hold modified data
-        start, end = (int(x, 16) for x in parts[0].split("-"))
-        if libc.madvise(start, end - start, _MADV_PAGEOUT) != 0 and \
-                libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
+        executable = "x" in parts[1]
+        if code_only and not executable:
             continue
-        advised += end - start
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        if code_only:
+            ok = libc.madvise(start, end - start, _MADV_DONTNEED) == 0
+        else:
+            ok = libc.madvise(start, end - start, _MADV_PAGEOUT) == 0 or \
+                (executable and libc.madvise(start, end - start, _MADV_DONTNEED) == 0)
+        if ok:
+            advised += end - start
     return advised

@@ -28,6 +28,10 @@ class Executor(Protocol):
         """Whether the kernels a step uses are compiled (CPU kernels compile in the background)."""
         ...
 
+    def drop_start_up_pages(self) -> int:
+        """Before the warm-up step: drop resident pages only start-up used (returns bytes)."""
+        ...
+
     def prefault_kv(self, max_blocks: int = 8) -> bool:
         """Idle time only: fault in the next KV blocks' pages; returns whether any remain."""
         ...
@@ -139,6 +143,7 @@ class EngineCore:
         every TTFT of the burst. Afterwards the heap keeps those pages
         (memory.keep_freed_heap, set in the engine core process)."""
         self.warmed_up = True
+        self.executor.drop_start_up_pages()
         kv = self.scheduler.kv_cache
         counters = (self.num_steps, self.num_tokens_scheduled, self.schedule_seconds, self.update_seconds,
                     self.scheduler.num_preemptions)

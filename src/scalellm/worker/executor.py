@@ -157,6 +157,9 @@ class MultiprocExecutor:
     def kernels_ready(self) -> bool:
         return self.runner.kernels_ready()  # rank 0's (the other ranks compile at the same pace)
 
+    def drop_start_up_pages(self) -> int:
+        return self.runner.drop_start_up_pages()  # this process's (rank 0's) only
+
     def prefault_kv(self, max_blocks: int = 8) -> bool:
         return False  # the ranks' caches fill on use (the idle work would have to run on every rank)
 

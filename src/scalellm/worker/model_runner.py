@@ -22,6 +22,7 @@ from torch import nn
 
 from scalellm.layers import fused_cpu, paged_attention_triton
 from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk
+from scalellm.memory import drop_library_pages
 from scalellm.models.args import ModelArgs
 from scalellm.protocol.sampling_params import SamplingParams
 from scalellm.protocol.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
@@ -249,6 +250,17 @@ class ModelRunner:
     def kernels_ready(self) -> bool:
         """Whether the background compilation of the CPU kernels (if any) is over."""
         return self._compiling is None or fused_cpu.warmed_up(self._compiling, self.kv_codes)
+
+    def drop_start_up_pages(self) -> int:
+        """CPU: unmap torch's resident code pages (libtorch*), most of which only its import
+        and the model's load ran; returns the bytes advised. The engine calls this before its
+        warm-up step, which faults back (from the page cache) the code a step runs.
+
+        NOTE: on the AMX Xeon, SmolLM2: torch's resident code 113 -> 34 MiB, 50 after the
+        warm-up step and after serving."""
+        if self.device.type != "cpu":
+            return 0
+        return drop_library_pages("libtorch", code_only=True)
 
     def prefault_kv(self, max_blocks: int = 8) -> bool:
         """Fault in the pages of the next `max_blocks` KV blocks (by id: the order the block
