@@ -120,3 +120,17 @@ def test_priority_is_served_first(llm):
     while e.has_unfinished_requests():
         order += [o.request_id for o in e.step() if o.finished]
     assert order == ["high", "low"]
+
+
+def test_min_tokens_masks_the_eos_ids_each_request_brings(tiny_models):
+    # The worker takes the EOS ids from each request (the engine-core process has no
+    # tokenizer): make the greedy first token an EOS id of the requests; then a request
+    # stops on it at once, and with min_tokens=1 it may not sample it first.
+    llm = LLM(tiny_models["llama"], dtype="float32", block_size=4, max_num_batched_tokens=32, max_model_len=128)
+    base = llm.generate([5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0].outputs[0]
+    eos = base.token_ids[0]
+    llm.engine.outputs.eos_token_ids = frozenset({eos})
+    stopped = llm.generate([5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=3))[0].outputs[0]
+    assert stopped.token_ids == [eos] and stopped.finish_reason == "stop"
+    held = llm.generate([5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=3, min_tokens=1))[0].outputs[0]
+    assert held.token_ids[0] != eos

@@ -27,15 +27,21 @@ class ModelInfo:
     model_path: str
     max_model_len: int
     vocab_size: int
-    eos_token_ids: frozenset[int]
-    tokenizer: Tokenizer
+    eos_token_ids: frozenset[int]  # the tokenizer's and the model config's (the config's alone without a tokenizer)
+    tokenizer: Tokenizer | None  # None: resolved for an engine core (which sees token ids only)
     source: Any  # loader.ModelSource (typed loosely: this module imports no loader at import time)
     args: Any  # models.ModelArgs
+
+    def require_tokenizer(self) -> Tokenizer:
+        """The tokenizer, for a frontend (an info resolved with_tokenizer=False has none)."""
+        if self.tokenizer is None:
+            raise RuntimeError(f"model info for {self.model_name} was resolved without its tokenizer")
+        return self.tokenizer
 
 
 @dataclass(slots=True)
 class EngineParts:
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None when the ModelInfo came without one (the engine-core process)
     core: EngineCore
     max_model_len: int
     vocab_size: int
@@ -43,13 +49,16 @@ class EngineParts:
     model_name: str
 
 
-def resolve_model_info(config: EngineConfig) -> ModelInfo:
+def resolve_model_info(config: EngineConfig, with_tokenizer: bool = True) -> ModelInfo:
+    """with_tokenizer=False: for the engine-core process, which gets token ids (and each
+    request's EOS ids) from its frontend: building SmolLM2's tokenizer from the GGUF
+    vocabulary takes ~0.1 s and keeps ~30 MiB."""
     from scalellm.loader.model_source import resolve_model
     from scalellm.models.args import parse_model_args
 
     source = resolve_model(config.model)
     args = parse_model_args(source.read_config())
-    tokenizer = load_tokenizer(source.path)
+    tokenizer = load_tokenizer(source.path) if with_tokenizer else None
     max_model_len = config.max_model_len or args.max_position_embeddings
     if max_model_len > args.max_position_embeddings:
         raise InvalidParameterError(
@@ -59,7 +68,7 @@ def resolve_model_info(config: EngineConfig) -> ModelInfo:
         logger.warning("capping max_model_len to the sliding window %d", args.sliding_window)
         max_model_len = args.sliding_window
     check_parallel_fits(args, config)
-    eos = frozenset(tokenizer.eos_token_ids) | frozenset(args.eos_token_ids)
+    eos = frozenset(tokenizer.eos_token_ids if tokenizer is not None else ()) | frozenset(args.eos_token_ids)
     return ModelInfo(source.name, source.path, max_model_len, args.vocab_size, eos, tokenizer, source, args)
 
 
@@ -110,7 +119,7 @@ def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> E
     if tp == 1:
         executor = build_model_runner(
             source, args, dtype=dtype, device=device, block_size=config.block_size, num_blocks=num_blocks,
-            eos_token_ids=info.eos_token_ids, seed=config.seed, quantization=config.quantization,
+            seed=config.seed, quantization=config.quantization,
             cuda_graph_max_batch=0 if config.enforce_eager else config.max_num_seqs, max_model_len=info.max_model_len,
             kv_cache_dtype=config.kv_cache_dtype,
         )
@@ -126,7 +135,7 @@ def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> E
         executor = MultiprocExecutor(
             source, args, model=config.model, tp_size=tp, expert_parallel=config.enable_expert_parallel,
             dtype=dtype, device=device, block_size=config.block_size, num_blocks=num_blocks,
-            eos_token_ids=info.eos_token_ids, seed=config.seed,
+            seed=config.seed,
         )
     sched_cfg = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, info.max_model_len,
                                 target_step_ms=config.target_step_ms, target_ttft_ms=config.target_ttft_ms)

@@ -41,6 +41,7 @@ class LLMEngine:
         from scalellm.engine.builder import build_engine_parts
 
         parts = build_engine_parts(config)
+        assert parts.tokenizer is not None  # resolved here, with the tokenizer
         return cls(config, parts.tokenizer, parts.core, parts.max_model_len, parts.vocab_size, parts.eos_token_ids,
                    parts.model_name)
 

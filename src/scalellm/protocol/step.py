@@ -24,6 +24,7 @@ class NewRequestData:
     block_ids: list[int]  # the full block table
     num_computed_tokens: int  # tokens whose KV is already in the cache (prefix hits)
     seed_offset: int = 0  # added to sampling_params.seed: distinct streams for n > 1
+    eos_token_ids: frozenset[int] = frozenset()  # the request's (min_tokens keeps them from being sampled)
 
 
 @dataclass(slots=True)

@@ -38,9 +38,9 @@ class AsyncEngine:
                  log_level: str = "WARNING", client: CoreClient | None = None) -> None:
         self.config = config
         self.info = info
-        self.tokenizer = info.tokenizer
-        self.inputs = InputProcessor(info.tokenizer, info.max_model_len, info.vocab_size)
-        self.outputs = OutputProcessor(info.tokenizer, info.eos_token_ids)
+        self.tokenizer = info.require_tokenizer()
+        self.inputs = InputProcessor(self.tokenizer, info.max_model_len, info.vocab_size)
+        self.outputs = OutputProcessor(self.tokenizer, info.eos_token_ids)
         self.max_pending = max_pending
         if client is None:
             client = CoreClient(config, log_level=log_level)

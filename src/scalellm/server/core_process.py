@@ -75,9 +75,10 @@ def run_engine_core_process(config: EngineConfig, input_addr: str, output_addr: 
     push.connect(output_addr)
     core = None
     try:
-        from scalellm.engine.builder import build_engine_parts
+        from scalellm.engine.builder import build_engine_parts, resolve_model_info
 
-        core = build_engine_parts(config).core
+        # token ids only here: each request brings its EOS ids, the frontend holds the tokenizer
+        core = build_engine_parts(config, resolve_model_info(config, with_tokenizer=False)).core
         push.send(ipc.encode(ipc.CoreReady(_load(core))))
         _busy_loop(core, pull, push, parent)
     except Exception as e:  # noqa: BLE001 - report anything, then die loudly

@@ -78,7 +78,6 @@ class MultiprocExecutor:
         device: torch.device,
         block_size: int,
         num_blocks: int,
-        eos_token_ids: frozenset[int],
         seed: int,
     ) -> None:
         self.tp_size = tp_size
@@ -123,7 +122,7 @@ class MultiprocExecutor:
             torch.set_num_threads(num_threads)
             self.runner: ModelRunner = build_model_runner(
                 source, args, dtype=dtype, device=_rank_device_obj(device, 0), block_size=block_size,
-                num_blocks=num_blocks, eos_token_ids=eos_token_ids, seed=seed,
+                num_blocks=num_blocks, seed=seed,
             )
             self._wait_ready()
         except BaseException:

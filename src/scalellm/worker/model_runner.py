@@ -41,6 +41,7 @@ class RequestState:
     block_ids: list[int]
     num_computed_tokens: int
     generator: torch.Generator | None
+    eos_token_ids: frozenset[int]
 
 
 @dataclass(slots=True)
@@ -105,7 +106,6 @@ class ModelRunner:
         num_blocks: int,
         dtype: torch.dtype,
         device: torch.device,
-        eos_token_ids: frozenset[int],
         seed: int = 0,
         is_driver: bool = True,
         cuda_graph_max_batch: int = 0,
@@ -119,7 +119,6 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.dtype = dtype
         self.device = device
-        self.eos_token_ids = eos_token_ids
         self.states: dict[str, RequestState] = {}
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.timings = StepTimings()
@@ -179,6 +178,7 @@ class ModelRunner:
             block_ids=list(data.block_ids),
             num_computed_tokens=data.num_computed_tokens,
             generator=gen,
+            eos_token_ids=data.eos_token_ids,
         )
 
     def _update_states(self, sched: SchedulerOutput) -> None:
@@ -376,4 +376,4 @@ class ModelRunner:
         return torch.tensor(st.input_ids, device=dev), torch.tensor(st.positions, device=dev), batch
 
     def _sampling_row(self, state: RequestState) -> SamplingRow:
-        return SamplingRow(state.params, state.token_ids, state.num_prompt_tokens, self.eos_token_ids, state.generator)
+        return SamplingRow(state.params, state.token_ids, state.num_prompt_tokens, state.eos_token_ids, state.generator)

@@ -81,7 +81,7 @@ def run_worker_rank_process(spec: RankSpec) -> int:
         args = parse_model_args(source.read_config())
         runner = build_model_runner(
             source, args, dtype=getattr(torch, spec.dtype), device=device, block_size=spec.block_size,
-            num_blocks=spec.num_blocks, eos_token_ids=frozenset(), seed=spec.seed, is_driver=False,
+            num_blocks=spec.num_blocks, seed=spec.seed, is_driver=False,
         )
         status.send(rank_ipc.encode(rank_ipc.RankReady(spec.rank)))
         _step_loop(runner, steps, spec.parent_pid)

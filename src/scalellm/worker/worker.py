@@ -99,7 +99,6 @@ def build_model_runner(
     device: torch.device,
     block_size: int,
     num_blocks: int,
-    eos_token_ids: frozenset[int],
     seed: int,
     is_driver: bool = True,
     quantization: str | None = None,
@@ -158,7 +157,7 @@ def build_model_runner(
     logger.info("loaded %s (%s) in %.1fs", source.name, args.architecture, time.perf_counter() - t0)
     return ModelRunner(
         model, args, block_size=block_size, num_blocks=num_blocks, dtype=dtype, device=device,
-        eos_token_ids=eos_token_ids, seed=seed, is_driver=is_driver,
+        seed=seed, is_driver=is_driver,
         cuda_graph_max_batch=cuda_graph_max_batch if device.type == "cuda" else 0, max_model_len=max_model_len,
         kv_cache_dtype=kv_cache_dtype,
     )
