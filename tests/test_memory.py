@@ -12,13 +12,16 @@ import torch
 from scalellm.memory import drop_library_pages
 
 
-def _resident_kib(fragment: str) -> int:
+def _resident_kib(fragment: str, perms: str | None = None) -> int:
+    """Resident KiB of the mappings of files whose path contains `fragment`: the read-only
+    ones, or those with exactly `perms` (e.g. "r-xp")."""
     total, counting = 0, False
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split(maxsplit=5)
             if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
-                counting = len(head) == 6 and fragment in head[5] and "w" not in head[1]
+                counting = len(head) == 6 and fragment in head[5] and (
+                    "w" not in head[1] if perms is None else head[1] == perms)
             elif counting and line.startswith("Rss:"):
                 total += int(line.split()[1])
     return total
@@ -37,27 +40,15 @@ def test_drop_library_pages_frees_resident_code_and_the_library_still_runs():
     assert drop_library_pages("no-such-library-anywhere") == 0
 
 
-def _resident_kib_of(fragment: str, perms: str) -> int:
-    total, counting = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(maxsplit=5)
-            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:
-                counting = len(head) == 6 and fragment in head[5] and head[1] == perms
-            elif counting and line.startswith("Rss:"):
-                total += int(line.split()[1])
-    return total
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps and madvise: Linux")
 def test_drop_library_pages_code_only_unmaps_code_and_leaves_data_pages():
     a = torch.randn(64, 64)
     expected = torch.softmax(a, -1) @ a
-    code, data = _resident_kib_of("libtorch_cpu", "r-xp"), _resident_kib_of("libtorch_cpu", "r--p")
+    code, data = _resident_kib("libtorch_cpu", "r-xp"), _resident_kib("libtorch_cpu", "r--p")
     assert code > 1024 and data > 0
     assert drop_library_pages("libtorch_cpu", code_only=True) > 0
-    assert _resident_kib_of("libtorch_cpu", "r-xp") < code / 2
-    assert _resident_kib_of("libtorch_cpu", "r--p") == data  # RELRO/rodata: never dropped this way
+    assert _resident_kib("libtorch_cpu", "r-xp") < code / 2
+    assert _resident_kib("libtorch_cpu", "r--p") == data  # RELRO/rodata: never dropped this way
     assert torch.equal(torch.softmax(a, -1) @ a, expected)
 
 
