@@ -1,6 +1,7 @@
-"""Builds the engine's parts from an EngineConfig: model source, tokenizer, executor
-(the in-process ModelRunner, or with tensor_parallel_size > 1 a MultiprocExecutor whose
-rank 0 runs here), scheduler, KV-cache manager. Used in-process (LLM) and in the
+"""Builds the engine from an EngineConfig: `resolve_model_info` (model source, config,
+tokenizer), then `build_engine_core` (executor: the in-process ModelRunner, or with
+tensor_parallel_size > 1 a MultiprocExecutor whose rank 0 runs here; scheduler; KV-cache
+manager). Used in-process (LLM) and in the
 engine-core process. Checks that the model splits across the ranks before any starts."""
 
 from __future__ import annotations
@@ -37,16 +38,6 @@ class ModelInfo:
         if self.tokenizer is None:
             raise RuntimeError(f"model info for {self.model_name} was resolved without its tokenizer")
         return self.tokenizer
-
-
-@dataclass(slots=True)
-class EngineParts:
-    tokenizer: Tokenizer | None  # None when the ModelInfo came without one (the engine-core process)
-    core: EngineCore
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: frozenset[int]
-    model_name: str
 
 
 def resolve_model_info(config: EngineConfig, with_tokenizer: bool = True) -> ModelInfo:
@@ -102,11 +93,10 @@ def check_parallel_fits(args: Any, config: EngineConfig) -> None:
     # rank's slice and the gathered logits are cut back to the vocabulary size.
 
 
-def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> EngineParts:
+def build_engine_core(config: EngineConfig, info: ModelInfo) -> EngineCore:
     from scalellm.worker.worker import build_model_runner, num_kv_blocks, resolve_device, resolve_dtype
 
     logger.info("engine: torch and model code imported")
-    info = info or resolve_model_info(config)
     source, args = info.source, info.args
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -145,4 +135,4 @@ def build_engine_parts(config: EngineConfig, info: ModelInfo | None = None) -> E
                 "tensor parallel %d%s", source.name, dtype, num_blocks, config.block_size,
                 ", 8-bit" if config.kv_cache_dtype == "int8" else "", info.max_model_len, tp,
                 " (experts split across ranks)" if config.enable_expert_parallel else "")
-    return EngineParts(info.tokenizer, core, info.max_model_len, info.vocab_size, info.eos_token_ids, info.model_name)
+    return core

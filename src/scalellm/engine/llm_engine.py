@@ -38,12 +38,11 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
-        from scalellm.engine.builder import build_engine_parts
+        from scalellm.engine.builder import build_engine_core, resolve_model_info
 
-        parts = build_engine_parts(config)
-        assert parts.tokenizer is not None  # resolved here, with the tokenizer
-        return cls(config, parts.tokenizer, parts.core, parts.max_model_len, parts.vocab_size, parts.eos_token_ids,
-                   parts.model_name)
+        info = resolve_model_info(config)
+        return cls(config, info.require_tokenizer(), build_engine_core(config, info), info.max_model_len,
+                   info.vocab_size, info.eos_token_ids, info.model_name)
 
     def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams,
                     priority: int = 0, arrival_time: float | None = None, add_special_tokens: bool = True) -> str:

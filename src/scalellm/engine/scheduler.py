@@ -303,8 +303,8 @@ class Scheduler:
             sampling_params=request.sampling_params,
             block_ids=block_ids,
             num_computed_tokens=request.num_computed_tokens,
-            seed_offset=self.seed_offsets.get(request.request_id, 0),
             eos_token_ids=request.eos_token_ids,
+            seed_offset=self.seed_offsets.get(request.request_id, 0),
         )
 
     def _pick_victim(self, exclude: dict[str, int]) -> Request | None:

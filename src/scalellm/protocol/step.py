@@ -23,8 +23,8 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]  # the full block table
     num_computed_tokens: int  # tokens whose KV is already in the cache (prefix hits)
+    eos_token_ids: frozenset[int]  # the request's (min_tokens keeps them from being sampled)
     seed_offset: int = 0  # added to sampling_params.seed: distinct streams for n > 1
-    eos_token_ids: frozenset[int] = frozenset()  # the request's (min_tokens keeps them from being sampled)
 
 
 @dataclass(slots=True)

@@ -75,10 +75,10 @@ def run_engine_core_process(config: EngineConfig, input_addr: str, output_addr: 
     push.connect(output_addr)
     core = None
     try:
-        from scalellm.engine.builder import build_engine_parts, resolve_model_info
+        from scalellm.engine.builder import build_engine_core, resolve_model_info
 
         # token ids only here: each request brings its EOS ids, the frontend holds the tokenizer
-        core = build_engine_parts(config, resolve_model_info(config, with_tokenizer=False)).core
+        core = build_engine_core(config, resolve_model_info(config, with_tokenizer=False))
         push.send(ipc.encode(ipc.CoreReady(_load(core))))
         _busy_loop(core, pull, push, parent)
     except Exception as e:  # noqa: BLE001 - report anything, then die loudly
