@@ -270,3 +270,112 @@ def test_linear_runs_int8_up_to_max_rows_then_bf16(monkeypatch):
     big = torch.randn(linear.INT8_MAX_ROWS + 1, 64).to(torch.bfloat16)
     lin(small), lin(big)
     assert calls == [linear.INT8_MAX_ROWS]
+
+
+def _quantise_ref(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8-rows definition in float64: scale = max |row| / 127 (float32), codes rounded half up."""
+    s = (y.double().abs().amax(dim=1).clamp_min(1e-12).float() / 127).double()
+    return torch.floor(y.double() / s.unsqueeze(1) + 0.5).clamp(-127, 127), s
+
+
+def _assert_codes(codes: torch.Tensor, scales: torch.Tensor, y: torch.Tensor) -> None:
+    """codes/scales quantise y per row: scales within float32 rounding of the reference, codes
+    equal to it but for values within float32 rounding of a rounding tie (at most 1 off)."""
+    ref_codes, ref_scales = _quantise_ref(y)
+    torch.testing.assert_close(scales.double(), ref_scales, rtol=1e-5, atol=0)
+    diff = (codes.double() - ref_codes).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7, 300])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_quant_rows_matches_the_per_row_definition(dtype, rows, smooth):
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 80, generator=gen) * 5).to(dtype)
+    x[0, 3] = 60.0  # an outlier sets its row's scale only
+    inv = torch.rand(80, generator=gen) + 0.5 if smooth else None
+    codes, scales = fused_cpu.quant_rows(x, inv)
+    assert codes.dtype == torch.int8 and scales.shape == (rows,)
+    _assert_codes(codes, scales, x.float() * (inv if smooth else 1.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_scaled,residual,smooth", [(False, False, False), (True, True, True), (False, True, False),
+                                                      (True, False, True)])
+def test_norm_quant_is_rms_norm_then_int8_rows(dtype, x_scaled, residual, smooth):
+    """RMSNorm straight to int8 rows: the kept sum (the residual stream) equals the torch path's
+    (the row-scaled input rounded to the dtype, then the add rounded), and the codes quantise
+    the normed rows (rounded to the dtype as the torch path does, times the weight and the
+    smoothing in float32)."""
+    gen = torch.Generator().manual_seed(7)
+    t, e = 33, 96
+    x = torch.randn(t, e, generator=gen).to(dtype)
+    xs = torch.rand(t, generator=gen) + 0.5 if x_scaled else None
+    res = torch.randn(t, e, generator=gen).to(dtype) if residual else None
+    w = (torch.rand(e, generator=gen) + 0.5).to(dtype)
+    inv = torch.rand(e, generator=gen) + 0.5 if smooth else None
+    codes, scales, total = fused_cpu.norm_quant(x, xs, res, w, 1e-6, inv)
+    dense = (x.float() * xs.unsqueeze(1)).to(dtype) if x_scaled else x
+    ref_total = dense + res if residual else dense
+    if dtype == torch.bfloat16:
+        assert torch.equal(total, ref_total)
+    else:  # float32 may fuse the scaling into the add (one rounding fewer)
+        torch.testing.assert_close(total, ref_total, rtol=1e-6, atol=1e-6)
+    v = ref_total.float()
+    # the normed value rounded to the dtype (as the torch path), the weight applied in float32
+    normed = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype).float() * w.float()
+    _assert_codes(codes, scales, normed * (inv if smooth else 1.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("smooth", [False, True])
+def test_silu_mul_quant_applies_the_row_scale_then_quantises(dtype, smooth):
+    gen = torch.Generator().manual_seed(3)
+    t, i = 21, 160
+    gate = (torch.randn(t, i, generator=gen) * 2).to(dtype)
+    up = torch.randn(t, i, generator=gen).to(dtype)
+    s = torch.rand(t, generator=gen) + 0.5
+    inv = torch.rand(i, generator=gen) + 0.5 if smooth else None
+    codes, scales = fused_cpu.silu_mul_quant(gate, up, s, inv)
+    g, u = gate.double() * s.double().unsqueeze(1), up.double() * s.double().unsqueeze(1)
+    h = torch.nn.functional.silu(g) * u * (inv.double() if smooth else 1.0)
+    # the float32 SiLU (a polynomial exponential) may move a value across a rounding tie
+    ref_codes, ref_scales = _quantise_ref(h)
+    torch.testing.assert_close(scales.double(), ref_scales, rtol=1e-5, atol=0)
+    assert (codes.double() - ref_codes).abs().max() <= 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_rows_matches_torch(dtype):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 40, generator=gen).to(dtype)
+    s = torch.rand(9, generator=gen) + 0.5
+    b = torch.randn(40, generator=gen).to(dtype)
+    assert torch.equal(fused_cpu.scale_rows(x, s), (x.float() * s.unsqueeze(1)).to(dtype))
+    # (with a bias, float32 may fuse the multiply-add: one rounding fewer)
+    torch.testing.assert_close(fused_cpu.scale_rows(x, s, b), (x.float() * s.unsqueeze(1)).to(dtype) + b,
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_write_kv_applies_row_scales_first(dtype):
+    """An int8 QKV projection's output with its row scales still to apply: the kernel scales,
+    rotates and writes as it would the dense output (to float32 rounding)."""
+    h, hkv, d, t = 4, 2, 16, 6
+    gen = torch.Generator().manual_seed(11)
+    raw = torch.randn(t, (h + 2 * hkv) * d, generator=gen).to(dtype)
+    s = torch.rand(t, generator=gen) + 0.5
+    dense = (raw.float() * s.unsqueeze(1)).to(dtype)
+    rot = RotaryEmbedding(d, 64, 10000.0)
+    pos = torch.tensor([0, 3, 5, 9, 2, 1])
+    slots = torch.tensor([4, 0, 7, 1, 2, 3])
+    assert fused_cpu.warm_up_rope(dtype, d)
+    caches = []
+    for qkv, scales in ((raw.clone(), s), (dense.clone(), None)):
+        kc, vc = torch.zeros(8, hkv, d, dtype=dtype), torch.zeros(8, hkv, d, dtype=dtype)
+        fused_cpu.rope_write_kv(qkv, h, hkv, d, pos, rot.cos, rot.sin, slots, kc, vc, row_scales=scales)
+        caches.append((qkv, kc, vc))
+    tol = {"rtol": 0, "atol": 2e-2 if dtype == torch.bfloat16 else 1e-5}
+    for a, b in zip(caches[0], caches[1], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), **tol)

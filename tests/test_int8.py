@@ -105,3 +105,43 @@ def test_calibration_is_cached_on_disk(tiny_models, tmp_path, monkeypatch):
         f.write_bytes(b"not safetensors")
     LLM(tiny_models["llama"], dtype="float32", quantization="int8")
     assert passes == [1, 1]
+
+
+def test_int8_rows_chain_in_a_bf16_model(tiny_models, monkeypatch):
+    """bf16 with int8 linears on oneDNN's int8 GEMM (where the CPU has it): the norms, the rotary
+    pass and SiLU-mul carry int8 rows and row scales between the GEMMs (layers/int8_rows.py).
+    Its logits stay close to bf16's and to the same int8 arithmetic done by torch ops (the path
+    taken before the numba kernels are compiled), and the engine runs on it end to end."""
+    from scalellm import LLM, SamplingParams
+    from scalellm.layers import fused_cpu
+    from scalellm.quant.int8 import qlinear_fast
+    from scalellm.worker.worker import _pack_weights, cpu_has_fast_bf16
+
+    if not (qlinear_fast() and cpu_has_fast_bf16() and _pack_weights() and fused_cpu.warm_up(torch.bfloat16)):
+        pytest.skip("needs oneDNN's int8 GEMM, bf16 units and the numba kernels")
+    ref_llm = LLM(tiny_models["llama"], dtype="bfloat16")
+    q_llm = LLM(tiny_models["llama"], dtype="bfloat16", quantization="int8")
+    model = q_llm.engine.core.executor.model
+    for layer in model.model.layers:
+        assert layer.input_layernorm.int8_out and layer.post_attention_layernorm.int8_out
+        assert layer.self_attn.qkv_proj.rows_out and layer.mlp.gate_up_proj.silu_rows_out
+        assert layer.mlp.down_proj.qweight.onednn is not None and layer.mlp.down_proj.weight.numel() == 0
+    calls: dict[str, int] = {}
+    for name in ("norm_quant", "silu_mul_quant", "quant_rows"):
+        real = getattr(fused_cpu, name)
+        monkeypatch.setattr(fused_cpu, name, lambda *a, _r=real, _n=name, **k: calls.update({_n: calls.get(_n, 0) + 1})
+                            or _r(*a, **k))
+    ids = list(range(3, 200, 7))
+    ref, out = _all_logits(ref_llm, ids), _all_logits(q_llm, ids)
+    layers = len(model.model.layers)
+    assert calls == {"norm_quant": 2 * layers, "silu_mul_quant": layers, "quant_rows": layers}  # o_proj's input
+    assert _rel_err(out, ref) < 0.08
+    top2 = ref.topk(2, dim=-1).values
+    wide = (top2[:, 0] - top2[:, 1]) > 0.5 * ref.std(dim=-1)
+    assert torch.equal(out.argmax(-1)[wide], ref.argmax(-1)[wide])
+    with monkeypatch.context() as m:  # the same model through torch ops only
+        m.setattr(fused_cpu, "_compiled", set())
+        via_torch = _all_logits(q_llm, ids)
+    assert _rel_err(out, via_torch) < 0.03
+    outs = q_llm.generate([ids[:9], ids[5:20]], SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6]

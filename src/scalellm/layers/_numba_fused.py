@@ -111,7 +111,8 @@ def make_rope_write_kv(head_dim: int, codes: bool = False):  # type: ignore[no-u
     cos, sin: [P, D/2] float32; k_cache, v_cache: [N*S, Hkv*D] in qkv's dtype, or with
     `codes` int8 codes whose scales go to k_scales, v_scales [N*S, Hkv] float32 (unused
     otherwise). Rotates q and k in place (neox "rotate half"), then copies (or quantises)
-    the token's k and v rows to its slot.
+    the token's k and v rows to its slot. With has_row_scales, qkv is an int8 linear's output
+    whose row t is still to be multiplied by row_scales[t] [T] float32: done in place first.
 
     NOTE: with the head size a run-time value LLVM left the rotation scalar (the halves it
     reads and writes might overlap): 0.75 ms for 2,048 tokens of SmolLM2's 12 q+k heads, 0.31
@@ -124,21 +125,36 @@ def make_rope_write_kv(head_dim: int, codes: bool = False):  # type: ignore[no-u
 
     @numba.njit(**_OPTS)
     def rope_write_kv(qkv, num_heads, num_kv_heads, positions, cos, sin, slots, k_cache, v_cache,
-                      k_scales, v_scales):  # pragma: no cover - numba
+                      k_scales, v_scales, row_scales, has_row_scales):  # pragma: no cover - numba
         num_tokens = qkv.shape[0]
         k_col = num_heads * hd
         v_col = (num_heads + num_kv_heads) * hd
         for t in numba.prange(num_tokens):
             p = positions[t]
-            for h in range(num_heads + num_kv_heads):
-                base = h * hd
-                for i in range(half):
-                    x1 = ld(qkv, t, base + i)
-                    x2 = ld(qkv, t, base + half + i)
-                    c = cos[p, i]
-                    s = sin[p, i]
-                    st(qkv, t, base + i, x1 * c - x2 * s)
-                    st(qkv, t, base + half + i, x2 * c + x1 * s)
+            if has_row_scales:  # an int8 linear's output, its row scale still to apply: v here,
+                # q and k as they are rotated
+                rs = row_scales[t]
+                for j in range(v_col, v_col + num_kv_heads * hd):
+                    st(qkv, t, j, ld(qkv, t, j) * rs)
+                for h in range(num_heads + num_kv_heads):
+                    base = h * hd
+                    for i in range(half):
+                        x1 = ld(qkv, t, base + i) * rs
+                        x2 = ld(qkv, t, base + half + i) * rs
+                        c = cos[p, i]
+                        s = sin[p, i]
+                        st(qkv, t, base + i, x1 * c - x2 * s)
+                        st(qkv, t, base + half + i, x2 * c + x1 * s)
+            else:
+                for h in range(num_heads + num_kv_heads):
+                    base = h * hd
+                    for i in range(half):
+                        x1 = ld(qkv, t, base + i)
+                        x2 = ld(qkv, t, base + half + i)
+                        c = cos[p, i]
+                        s = sin[p, i]
+                        st(qkv, t, base + i, x1 * c - x2 * s)
+                        st(qkv, t, base + half + i, x2 * c + x1 * s)
             slot = slots[t]
             if quantised:
                 for h in range(num_kv_heads):

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalellm.layers import fused_cpu, fused_gpu, kv_quant, paged_attention_cpu, paged_attention_triton
+from scalellm.layers.int8_rows import ScaledRows
 from scalellm.layers.rotary import RotaryEmbedding
 
 _HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -137,12 +138,16 @@ class Attention(nn.Module):
             v_flat.index_copy_(0, slots, v.to(v_flat.dtype))
         return self._attend(q, k, v, k_flat, v_flat, batch.attn, None, k_scales, v_scales)
 
-    def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+    def forward_qkv(self, qkv: torch.Tensor | ScaledRows, positions: torch.Tensor, rotary: RotaryEmbedding,
                     batch: ForwardBatch) -> torch.Tensor:
         """qkv: [T, (H + 2 Hkv) D], a QKV projection's output (q heads, k heads, v heads):
         rotary on q and k, K/V written to the cache, attention -> [T, H*D]. On CPU, once the
         fused kernels are compiled (on GPU, with Triton), the rotation and the cache write are
-        one pass over qkv (in place) and decode attention reads its queries from qkv as they lie."""
+        one pass over qkv (in place) and decode attention reads its queries from qkv as they lie.
+        An int8 projection's ScaledRows get their row scales applied in that pass."""
+        row_scales = qkv.scales if isinstance(qkv, ScaledRows) else None
+        if isinstance(qkv, ScaledRows):
+            qkv = qkv.data
         t, h, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         k_flat, v_flat, k_scales, v_scales = self._cache_views(batch)
         md = batch.attn
@@ -150,10 +155,10 @@ class Attention(nn.Module):
         cpu = fused_cpu.supports(qkv) and qkv.is_contiguous() and fused_cpu.rope_ready(qkv.dtype, d, codes)
         gpu = not cpu and not codes and fused_gpu.supports(qkv) and qkv.stride(1) == 1 and k_flat.is_contiguous()
         if ((cpu or gpu) and (codes or k_flat.dtype == qkv.dtype) and positions.dtype == torch.long
-                and md.slot_mapping.dtype == torch.long):
+                and md.slot_mapping.dtype == torch.long and (cpu or row_scales is None)):
             if cpu:
                 fused_cpu.rope_write_kv(qkv, h, hkv, d, positions, rotary.cos, rotary.sin, md.slot_mapping, k_flat,
-                                        v_flat, k_scales, v_scales)
+                                        v_flat, k_scales, v_scales, row_scales)
             else:
                 fused_gpu.rope_write_kv(qkv, h, hkv, d, positions, rotary.cos, rotary.sin, md.slot_mapping, k_flat,
                                         v_flat)
@@ -161,6 +166,8 @@ class Attention(nn.Module):
             k = qkv[:, h * d: (h + hkv) * d].view(t, hkv, d)
             v = qkv[:, (h + hkv) * d:].view(t, hkv, d)
             return self._attend(q, k, v, k_flat, v_flat, md, qkv, k_scales, v_scales)
+        if row_scales is not None:
+            qkv = ScaledRows(qkv, row_scales).dense()
         v = qkv[:, (h + hkv) * d:].reshape(t, hkv, d)
         qk = rotary.rotate(positions, qkv[:, : (h + hkv) * d].reshape(t, h + hkv, d))  # one call for both
         return self.forward(qk[:, :h], qk[:, h:], v, batch)

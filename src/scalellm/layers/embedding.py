@@ -73,9 +73,13 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.packed = pack_onednn(self.weight)
         return self.packed.numel() * self.packed.element_size()
 
-    def set_int8(self, act_amax: torch.Tensor | None = None, keep_weight: bool = True) -> int:
+    def set_int8(self, act_amax: torch.Tensor | None = None, keep_weight: bool = True, onednn: bool = False) -> int:
         """Compute logits with an int8 copy of the weight; the top candidates are re-scored exactly.
-        The float weight always stays (re-scoring, the tied embedding): keep_weight is moot."""
+        The float weight always stays (re-scoring, the tied embedding): keep_weight is moot.
+        onednn (the layers' int8-rows chain): the logits stay bf16, from a prepacked copy, as
+        with int8 decode linears beside prepacked bf16 ones; returns the bytes added, negated."""
+        if onednn:
+            return -self.set_packed()
         self.qweight = Int8Weight(self.weight, act_amax)
         return -self.qweight.nbytes  # the float weight stays for re-scoring (and the tied embedding)
 

@@ -75,6 +75,11 @@ def warm_up(dtype: torch.dtype) -> bool:
         silu_and_mul(x)
         # (smoothing and bias are run-time flags over arrays of fixed types: one call compiles all)
         int8_rows(x, torch.ones(8), torch.ones(4, 8, dtype=torch.int8), torch.ones(4), torch.ones(4, dtype=dtype))
+        one = torch.ones(1)  # the int8-rows chain (layers/int8_rows.py)
+        quant_rows(x, torch.ones(8))
+        norm_quant(x, one, x, w, 1e-6, torch.ones(8))
+        silu_mul_quant(x, x, one, torch.ones(8))
+        scale_rows(x, one, w)
         inverse_cdf_draw(torch.ones(1, 4), torch.zeros(1, dtype=torch.float64))
         softmax_draw(torch.zeros(1, 4), torch.ones(1), torch.zeros(1, dtype=torch.float64))
         rescore_near_max(torch.zeros(1, 4), torch.zeros(1, 8), torch.zeros(4, 8, dtype=dtype), 0.0, 0.0)
@@ -138,7 +143,7 @@ def warm_up_rope(dtype: torch.dtype, head_dim: int, kv_codes: bool = False) -> b
         scales = torch.ones(1, 1) if kv_codes else None
         table = torch.ones(1, head_dim // 2)
         pos = torch.zeros(1, dtype=torch.long)
-        rope_write_kv(qkv, 1, 1, head_dim, pos, table, table, pos, cache, cache, scales, scales)
+        rope_write_kv(qkv, 1, 1, head_dim, pos, table, table, pos, cache, cache, scales, scales, torch.ones(1))
         _rope_ready.add((dtype, head_dim, kv_codes))
     return True
 
@@ -199,19 +204,22 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rope_write_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, positions: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> None:
+                  k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
+                  row_scales: torch.Tensor | None = None) -> None:
     """In place: rotate the q and k heads of qkv [T, (H + 2 Hkv) D] (contiguous) by the
     rotary cos/sin tables [P, D/2] (float32) at each token's position (neox layout), then
     write each token's k and v to its slot of k_cache, v_cache ([N*S, Hkv, D], qkv's dtype;
     or int8 codes with their scales in k_scales, v_scales [N*S, Hkv] float32, as
     `kv_quant.quantize` makes them). positions and slot_mapping: [T] int64. Compiles the
-    kernel on its first use (callers inside a step check `rope_ready` first)."""
+    kernel on its first use (callers inside a step check `rope_ready` first). row_scales [T]
+    float32: qkv is an int8 linear's output whose rows are first multiplied by these."""
     codes = k_scales is not None and v_scales is not None
     none = paged_attention_cpu.NO_SCALES
     _rope_kernel(head_dim, codes)(
         _bits(qkv), num_heads, num_kv_heads, positions.numpy(), cos.numpy(), sin.numpy(), slot_mapping.numpy(),
         _bits(k_cache.view(k_cache.shape[0], -1)), _bits(v_cache.view(v_cache.shape[0], -1)),
-        k_scales.numpy() if codes else none, v_scales.numpy() if codes else none)
+        k_scales.numpy() if codes else none, v_scales.numpy() if codes else none,
+        (row_scales if row_scales is not None else positions[:0].float()).numpy(), row_scales is not None)
 
 
 def inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -242,3 +250,66 @@ def rescore_near_max(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.T
     ([V, E], float32 or bfloat16)."""
     _kernels.rescore_near_max(logits.numpy(), hidden.contiguous().numpy(), _bits(weight),
                               np.float32(rel_margin), np.float32(abs_margin))
+
+
+def _scratch(width: int) -> np.ndarray:
+    # a float32 row per worker thread of numba's pool, for the int8-rows kernels
+    return np.empty((numba_threads(), width), dtype=np.float32)
+
+
+def numba_threads() -> int:
+    import numba
+
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def quant_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (contiguous; times inv_smooth [K] float32 if given) -> int8 codes [M, K] and one
+    float32 scale a row [M] (max |row| / 127; codes rounded half up), in one pass."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8)
+    s = torch.empty(m, dtype=torch.float32)
+    has_smooth = inv_smooth is not None
+    _int8.quant_rows_fast(_bits(x), (inv_smooth if has_smooth else s).numpy(), has_smooth, q.numpy(), s.numpy(),
+                          _scratch(k))
+    return q, s
+
+
+def norm_quant(x: torch.Tensor, x_scales: torch.Tensor | None, residual: torch.Tensor | None, weight: torch.Tensor,
+               eps: float, inv_smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RMSNorm straight to int8 rows: v = x * x_scales[:, None] (x an int8 linear's row-scaled
+    output; as is without x_scales) + residual, rounded to x's dtype; y = weight * norm(v)
+    (* inv_smooth). Returns (codes [T, E] int8, scales [T] float32, v [T, E])."""
+    t, e = x.shape
+    codes = torch.empty(t, e, dtype=torch.int8)
+    scales = torch.empty(t, dtype=torch.float32)
+    total = torch.empty_like(x)
+    dummy = scales[:0]
+    _int8.norm_quant(_bits(x), (x_scales if x_scales is not None else dummy).numpy(), x_scales is not None,
+                     _bits(residual if residual is not None else x), residual is not None, _bits(weight.view(1, -1)),
+                     (inv_smooth if inv_smooth is not None else dummy).numpy(), inv_smooth is not None,
+                     np.float32(eps), _bits(total), codes.numpy(), scales.numpy(), _scratch(e))
+    return codes, scales, total
+
+
+def silu_mul_quant(gate: torch.Tensor, up: torch.Tensor, row_scales: torch.Tensor,
+                   inv_smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(gate * s) * (up * s) for row scales s [T] (the int8 GEMMs' outputs [T, I],
+    contiguous), times inv_smooth [I] if given, as int8 rows: (codes [T, I], scales [T])."""
+    t, i = gate.shape
+    codes = torch.empty(t, i, dtype=torch.int8)
+    scales = torch.empty(t, dtype=torch.float32)
+    has_smooth = inv_smooth is not None
+    _int8.silu_mul_quant(_bits(gate), _bits(up), row_scales.numpy(),
+                         (inv_smooth if has_smooth else scales).numpy(), has_smooth, codes.numpy(), scales.numpy(),
+                         _scratch(i))
+    return codes, scales
+
+
+def scale_rows(x: torch.Tensor, row_scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, N] (contiguous) * row_scales[:, None] (+ bias [N]) in x's dtype."""
+    out = torch.empty_like(x)
+    has_bias = bias is not None
+    _int8.scale_rows(_bits(x), row_scales.numpy(), _bits((bias if has_bias else x[0]).view(1, -1)), has_bias,
+                     _bits(out))
+    return out

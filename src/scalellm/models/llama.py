@@ -146,6 +146,41 @@ class LlamaForCausalLM(nn.Module):
                             layer.mlp.gate_up_proj))
         return out
 
+    def link_int8_rows(self) -> int:
+        """Wire the int8-rows chain (layers/int8_rows.py) between layers whose linears hold
+        oneDNN int8 weights: each RMSNorm feeding one emits int8 rows (smoothed for it), the
+        QKV projection hands its row-scaled output to the rotary pass, SiLU-mul quantises for
+        `down`, and o/down hand theirs to the next residual add + RMSNorm. One rank only (a
+        row-parallel linear's partial sums are reduced dense). Returns the links made."""
+        if get_parallel_state().tp_size != 1:
+            return 0
+
+        def onednn(linear: nn.Module) -> bool:
+            qw = getattr(linear, "qweight", None)
+            return qw is not None and qw.onednn is not None
+
+        links = 0
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if onednn(attn.qkv_proj):
+                layer.input_layernorm.int8_out = True
+                layer.input_layernorm.int8_smooth = attn.qkv_proj.qweight.inv_smooth
+                attn.qkv_proj.rows_out = attn.q_norm is None and attn.qkv_proj.bias is None
+                links += 1 + attn.qkv_proj.rows_out
+            if onednn(attn.o_proj) and attn.o_proj.bias is None:
+                attn.o_proj.rows_out = True  # -> post_attention_layernorm
+                links += 1
+            if isinstance(mlp, LlamaMLP) and onednn(mlp.gate_up_proj) and mlp.gate_up_proj.gate_up:
+                layer.post_attention_layernorm.int8_out = True
+                layer.post_attention_layernorm.int8_smooth = mlp.gate_up_proj.qweight.inv_smooth
+                links += 1
+                if onednn(mlp.down_proj):
+                    mlp.gate_up_proj.silu_rows_out = True
+                    mlp.gate_up_proj.silu_rows_smooth = mlp.down_proj.qweight.inv_smooth
+                    mlp.down_proj.rows_out = True  # -> the next input_layernorm, or the final norm
+                    links += 2
+        return links
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)  # [B, V] float32
 

@@ -116,13 +116,23 @@ def build_model_runner(
     if quantization == "int8":
         if device.type != "cpu":
             raise InvalidParameterError("quantization", "int8 (fbgemm W8A8) runs on CPU only")
-        from scalellm.quant.int8 import int_mm_fast, quantize_int8
+        from scalellm.distributed.parallel_state import get_parallel_state
+        from scalellm.quant.int8 import int_mm_fast, qlinear_fast, quantize_int8
 
-        # with int8 units (torch._int_mm) and bf16 ones, large calls (prefill) stay bf16, where
-        # int8 is slower at these shapes (layers/linear.py INT8_MAX_ROWS): both weights are kept
-        hybrid = dtype == torch.bfloat16 and int_mm_fast() and cpu_has_fast_bf16() and _pack_weights()
-        saved = quantize_int8(model, _int8_calibration(model, args, source, dtype, device), keep_weight=hybrid)
-        if hybrid:
+        stats = _int8_calibration(model, args, source, dtype, device)
+        # oneDNN's int8 GEMM for every call, the quantisation and row scales fused into the
+        # kernels around it (layers/int8_rows.py); else, with int8 units (torch._int_mm) and
+        # bf16 ones, large calls (prefill) stay bf16, where torch._int_mm is slower at these
+        # shapes (layers/linear.py INT8_MAX_ROWS): both weights are kept
+        rows = (dtype == torch.bfloat16 and qlinear_fast() and cpu_has_fast_bf16() and _pack_weights()
+                and get_parallel_state().tp_size == 1 and hasattr(model, "link_int8_rows"))
+        hybrid = not rows and dtype == torch.bfloat16 and int_mm_fast() and cpu_has_fast_bf16() and _pack_weights()
+        saved = quantize_int8(model, stats, keep_weight=hybrid, onednn=rows)
+        if rows:
+            links = model.link_int8_rows()
+            logger.info("int8 linears on oneDNN's int8 GEMM, %d int8-rows links: %.0f MB of weights freed "
+                        "(the LM head stays bf16, prepacked)", links, saved / 2**20)
+        elif hybrid:
             saved -= sum(m.set_packed() for m in model.modules() if getattr(m, "qweight", None) is not None)
             logger.info("int8 linears on torch._int_mm for calls up to %d rows, bf16 (prepacked) above: +%.0f MB",
                         INT8_MAX_ROWS, -saved / 2**20)
