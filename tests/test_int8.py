@@ -145,3 +145,29 @@ def test_int8_rows_chain_in_a_bf16_model(tiny_models, monkeypatch):
     assert _rel_err(out, via_torch) < 0.03
     outs = q_llm.generate([ids[:9], ids[5:20]], SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True))
     assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mixtral"])
+def test_int8_rows_chain_leaves_out_what_it_cannot_carry(arch, tiny_models, tiny_moe_models):
+    """Where a link cannot carry row-scaled rows (Qwen2's QKV bias, Qwen3's q/k norms, an MoE
+    block after the attention), that producer hands on dense rows, and the logits stay close
+    to bf16's."""
+    from scalellm import LLM
+    from scalellm.layers import fused_cpu
+    from scalellm.quant.int8 import qlinear_fast
+    from scalellm.worker.worker import _pack_weights, cpu_has_fast_bf16
+
+    if not (qlinear_fast() and cpu_has_fast_bf16() and _pack_weights() and fused_cpu.warm_up(torch.bfloat16)):
+        pytest.skip("needs oneDNN's int8 GEMM, bf16 units and the numba kernels")
+    path = {**tiny_models, **tiny_moe_models}[arch]
+    ref_llm = LLM(path, dtype="bfloat16")
+    q_llm = LLM(path, dtype="bfloat16", quantization="int8")
+    layers = q_llm.engine.core.executor.model.model.layers
+    assert all(layer.input_layernorm.int8_out for layer in layers)
+    if arch == "mixtral":  # the router and experts read the post-attention norm's dense rows
+        assert not any(layer.post_attention_layernorm.int8_out for layer in layers)
+    else:  # QKV bias / q and k norms: the projection's output leaves dense
+        assert not any(layer.self_attn.qkv_proj.rows_out for layer in layers)
+    ids = list(range(3, 200, 7))
+    ref, out = _all_logits(ref_llm, ids), _all_logits(q_llm, ids)
+    assert _rel_err(out, ref) < 0.08
