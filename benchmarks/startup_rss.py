@@ -6,12 +6,17 @@ INFO) and measures:
 - start-up: spawn -> the first 200 from /ready, and the phases from the log lines'
   timestamps (the processes' own `ready`/`loaded` lines, see PHASES);
 - RSS and PSS (proportional: shared pages split between the processes that map them,
-  so the sum is the memory the tree really holds) per process role when ready, and
-  again after a short load (--load-requests streaming requests at concurrency 16,
-  which touches KV pages and the allocator's working set).
+  so the sum is the memory the tree really holds) per process role when ready (1 s
+  after /ready), with --settle after that many seconds idle too (the warm-up step and
+  the KV-cache prefault done), and again after a load (--load-requests streaming
+  requests of ~120 prompt tokens, --load-max-tokens out, at --load-concurrency), which
+  touches KV pages and the allocator's working set.
 
     flock /work/cpu.lock python benchmarks/startup_rss.py             # ~1 min
     python benchmarks/startup_rss.py --serve-args "--quantization int8"
+    # settled (15 s idle) and after a c=64 run of 128 x ~128 in / 128 out, the smallest footprint:
+    python benchmarks/startup_rss.py --repeats 2 --settle 15 --load-requests 128 --load-concurrency 64 \\
+        --load-max-tokens 128 --serve-args "--quantization int8 --kv-cache-dtype int8 --kv-cache-memory 0.25"
 """
 
 from __future__ import annotations
@@ -69,8 +74,8 @@ def memory(top: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def load(url: str, n: int, concurrency: int = 16) -> None:
-    body = json.dumps({"model": "x", "prompt": "Hello " * 120, "max_tokens": 16, "stream": True,
+def load(url: str, n: int, concurrency: int = 16, max_tokens: int = 16) -> None:
+    body = json.dumps({"model": "x", "prompt": "Hello " * 120, "max_tokens": max_tokens, "stream": True,
                        "ignore_eos": True}).encode()
     models = json.load(urllib.request.urlopen(f"{url}/v1/models"))
     body = body.replace(b'"x"', json.dumps(models["data"][0]["id"]).encode())
@@ -90,7 +95,8 @@ def load(url: str, n: int, concurrency: int = 16) -> None:
         t.join()
 
 
-def one_start(serve_args: list[str], load_requests: int) -> dict:
+def one_start(serve_args: list[str], load_requests: int, settle_s: float = 0.0, load_concurrency: int = 16,
+              load_max_tokens: int = 16) -> dict:
     port = free_port()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "scalellm.entrypoints.cli", "--log-level", "INFO", "serve",
@@ -123,13 +129,21 @@ def one_start(serve_args: list[str], load_requests: int) -> dict:
         ready_s = time.perf_counter() - t0
         time.sleep(1.0)  # let start-up garbage settle
         at_ready = memory(proc.pid)
-        load(url, load_requests)
+        settled = None
+        if settle_s > 0:  # idle: the warm-up step and the KV-cache prefault have run
+            time.sleep(settle_s)
+            settled = memory(proc.pid)
+        load(url, load_requests, load_concurrency, load_max_tokens)
+        time.sleep(1.0)
         after_load = memory(proc.pid)
     finally:
         proc.terminate()
         proc.wait(60)
-    return {"ready_s": ready_s, "phases_s": phases, "memory_at_ready": at_ready, "memory_after_load": after_load,
-            "log_tail": lines[-12:]}
+    out = {"ready_s": ready_s, "phases_s": phases, "memory_at_ready": at_ready, "memory_after_load": after_load,
+           "log_tail": lines[-12:]}
+    if settled is not None:
+        out["memory_settled"] = settled
+    return out
 
 
 def main() -> int:
@@ -137,9 +151,14 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--serve-args", default="")
     p.add_argument("--load-requests", type=int, default=32)
+    p.add_argument("--load-concurrency", type=int, default=16)
+    p.add_argument("--load-max-tokens", type=int, default=16)
+    p.add_argument("--settle", type=float, default=0.0,
+                   help="also measure after this many seconds idle past ready (0: skip)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "startup_rss.json"))
     a = p.parse_args()
-    runs = [one_start(shlex.split(a.serve_args), a.load_requests) for _ in range(a.repeats)]
+    runs = [one_start(shlex.split(a.serve_args), a.load_requests, a.settle, a.load_concurrency, a.load_max_tokens)
+            for _ in range(a.repeats)]
     out = {"config": vars(a), "machine": {"cores": os.cpu_count(),
                                           "start_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
            "runs": runs, "ready_s_min": min(r["ready_s"] for r in runs),
@@ -150,7 +169,9 @@ def main() -> int:
     for r in runs:
         mem = r["memory_at_ready"]
         print(f"ready {r['ready_s']:.2f} s  phases " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_s"].items()))
-        for key in ("memory_at_ready", "memory_after_load"):
+        for key in ("memory_at_ready", "memory_settled", "memory_after_load"):
+            if key not in r:
+                continue
             mem = r[key]
             print(f"  {key}: " + ", ".join(f"{k} rss {v['rss_mb']:.0f} / pss {v['pss_mb']:.0f} MB"
                                            for k, v in mem.items()))
