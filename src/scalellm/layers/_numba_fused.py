@@ -132,15 +132,16 @@ def make_rope_write_kv(head_dim: int, codes: bool = False):  # type: ignore[no-u
         for t in numba.prange(num_tokens):
             p = positions[t]
             if has_row_scales:  # an int8 linear's output, its row scale still to apply: v here,
-                # q and k as they are rotated
+                # q and k as they are rotated, each rounded first as the dense output would be
+                # (the same values as ScaledRows.dense(), then rotated)
                 rs = row_scales[t]
                 for j in range(v_col, v_col + num_kv_heads * hd):
                     st(qkv, t, j, ld(qkv, t, j) * rs)
                 for h in range(num_heads + num_kv_heads):
                     base = h * hd
                     for i in range(half):
-                        x1 = ld(qkv, t, base + i) * rs
-                        x2 = ld(qkv, t, base + half + i) * rs
+                        x1 = rnd(qkv, ld(qkv, t, base + i) * rs)
+                        x2 = rnd(qkv, ld(qkv, t, base + half + i) * rs)
                         c = cos[p, i]
                         s = sin[p, i]
                         st(qkv, t, base + i, x1 * c - x2 * s)
