@@ -14,8 +14,9 @@ touch each activation do it (numba, fused_cpu):
     down ──ScaledRows──► the next layer's residual add + RMSNorm
 
 Which producer hands which consumer these (instead of plain tensors) is wired once, after
-quantisation (`link` flags on the layers; see LlamaForCausalLM.link_int8_rows); a consumer
-that gets one where it has no fused path calls `dense()`.
+quantisation, by flags on the layers (`rows_out` on linears, `int8_out` on RMSNorm,
+`silu_rows_out` on a [gate | up] linear; see LlamaForCausalLM.link_int8_rows); a consumer
+that gets ScaledRows where it has no fused path calls `dense()`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from scalellm.layers import fused_cpu
+from scalellm.quant.int8 import quantise_rows
 
 
 @dataclass(slots=True, frozen=True)
@@ -33,9 +35,6 @@ class Int8Rows:
 
     codes: torch.Tensor
     scales: torch.Tensor
-
-    def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.codes.float() * self.scales.unsqueeze(1)).to(dtype)
 
 
 @dataclass(slots=True, frozen=True)
@@ -60,7 +59,5 @@ def quantise(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> Int8Rows:
     torch ops until they are compiled."""
     if x.dim() == 2 and x.is_contiguous() and fused_cpu.supports(x):
         return Int8Rows(*fused_cpu.quant_rows(x, inv_smooth))
-    x32 = x.float() * inv_smooth if inv_smooth is not None else x.float()
-    s = (x32.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12) / 127.0)
-    codes = torch.floor(x32 / s + 0.5).clamp_(-127, 127).to(torch.int8)
-    return Int8Rows(codes, s.squeeze(1).contiguous())
+    codes, scales = quantise_rows(x, inv_smooth)
+    return Int8Rows(codes, scales.squeeze(1).contiguous())

@@ -158,19 +158,22 @@ class LinearBase(nn.Module):
         rows = x if isinstance(x, Int8Rows) else quantise(x.reshape(-1, x.shape[-1]), qw.inv_smooth)
         return qw.gemm(rows.codes, self.weight.dtype), rows.scales  # (the freed weight keeps its dtype)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.fp8 is not None:
-            return self.fp8(x, bias)
+    def matmul(self, x: torch.Tensor | Int8Rows, bias: torch.Tensor | None) -> torch.Tensor | ScaledRows:
+        """x @ W.T (+ bias). With a oneDNN int8 weight x may be int8 rows, and when wired
+        (`rows_out`) the output is ScaledRows, its row scales left to the consumer."""
         qw = self.qweight
         if qw is not None and qw.onednn is not None:
             out = self.int8_gemm(x)
             assert out is not None
             parts, scales = out
-            y = ScaledRows(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1), scales)
+            rows_y = ScaledRows(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1), scales)
             if self.rows_out and bias is None:
-                return y  # type: ignore[return-value]  # the wired consumer takes ScaledRows
-            dense = y.dense(bias)
+                return rows_y
+            dense = rows_y.dense(bias)
             return dense if isinstance(x, Int8Rows) else dense.view(*x.shape[:-1], dense.shape[-1])
+        assert isinstance(x, torch.Tensor)
+        if self.fp8 is not None:
+            return self.fp8(x, bias)
         if qw is not None and (self.packed is None or x.numel() <= INT8_MAX_ROWS * x.shape[-1]):
             if qw.q is not None and x.dim() == 2 and x.is_contiguous() and fused_cpu.supports(x):
                 return fused_cpu.int8_rows(x, qw.inv_smooth, qw.q, qw.w_scales, bias)
@@ -182,7 +185,7 @@ class LinearBase(nn.Module):
             return y.to(x.dtype)
         return F.linear(x, self.weight, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Int8Rows) -> torch.Tensor | ScaledRows:
         return self.matmul(x, self.bias)
 
 
@@ -245,8 +248,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         return self.packed_halves is not None and (
             self.qweight is None or x.numel() > INT8_MAX_ROWS * x.shape[-1])
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self._on_halves(x):
+    def matmul(self, x: torch.Tensor | Int8Rows, bias: torch.Tensor | None) -> torch.Tensor | ScaledRows:
+        if isinstance(x, torch.Tensor) and self._on_halves(x):
             assert self.packed_halves is not None
             return torch.cat([linear_packed(x, half, None) for half in self.packed_halves], dim=-1)
         return super().matmul(x, bias)
@@ -259,6 +262,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         the merged GEMM + the numba SiLU-mul pass; 64 rows: 0.179 against 0.216 ms."""
         if self.gate_up and self.qweight is not None and self.qweight.onednn is not None:
             return self._silu_and_mul_int8(x) if isinstance(x, Int8Rows) or x.dim() == 2 else None
+        assert isinstance(x, torch.Tensor)  # (int8 rows come only to a oneDNN int8 pair)
         if x.dim() != 2:
             return None
         if self._on_halves(x):
@@ -361,8 +365,10 @@ class RowParallelLinear(LinearBase):
         _check_shape(param, shard, "row-parallel weight")
         param.data.copy_(shard)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Int8Rows) -> torch.Tensor | ScaledRows:
         if self.tp_size == 1:
             return self.matmul(x, self.bias)
-        out = tensor_parallel_all_reduce(self.matmul(x, None))
+        out = self.matmul(x, None)  # (one rank only wires int8 rows: a dense partial sum here)
+        assert isinstance(out, torch.Tensor)
+        out = tensor_parallel_all_reduce(out)
         return out + self.bias if self.bias is not None else out

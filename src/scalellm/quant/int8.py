@@ -65,6 +65,14 @@ def int8_available() -> bool:
     return hasattr(torch.ops.quantized, "linear_dynamic") and ("fbgemm" in engines or "x86" in engines)
 
 
+def quantise_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (times inv_smooth [K], if given) per row to int8 in torch ops: codes [M, K] and
+    scales [M, 1] float32 (max |row| / 127, rounded half up: fused_cpu.quant_rows' definition)."""
+    x32 = x.float() * inv_smooth if inv_smooth is not None else x.float()
+    s = x32.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12) / 127.0
+    return torch.floor(x32 / s + 0.5).clamp_(-127, 127).to(torch.int8), s
+
+
 # the row count oneDNN's int8 weights are prepacked for (measured at SmolLM2's shapes, 1-4,096
 # rows: a hint of 64, 4,096 or none made no consistent difference)
 _PREPACK_ROWS = 64
@@ -130,11 +138,7 @@ class Int8Weight:
         # x: [T, K] any float dtype -> [T, N] in x's dtype
         dtype = x.dtype
         if self.onednn is not None:  # torch ops around oneDNN's GEMM (layers/int8_rows fuses them)
-            x32 = x.reshape(-1, self.in_features).float()
-            if self.inv_smooth is not None:
-                x32 = x32 * self.inv_smooth
-            s = x32.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12) / 127.0
-            codes = torch.floor(x32 / s + 0.5).clamp_(-127, 127).to(torch.int8)
+            codes, s = quantise_rows(x.reshape(-1, self.in_features), self.inv_smooth)
             y = torch.cat(self.gemm(codes, torch.float32), dim=-1) * s
             if bias is not None:
                 y.add_(bias)
