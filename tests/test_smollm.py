@@ -62,3 +62,39 @@ def test_greedy_chat_equals_transformers(llm, hf_model):
             assert expected[len(got) - 1] in (2,)  # EOS <|im_end|>
         assert out.outputs[0].text == tok.decode(got, skip_special_tokens=True)
     assert "Paris" in outs[0].outputs[0].text
+
+
+def test_int8_perplexity_stays_near_bf16():
+    """--quantization int8 on the default model (on AMX CPUs: the int8-rows chain, layers/
+    int8_rows.py) keeps the model's perplexity on plain prose within 2.5% of bf16's (measured
+    +1.0%, session 10's int8 path +2.3%: benchmarks/quant_quality.py); a misapplied row scale or
+    smoothing factor costs far more."""
+    import math
+    import sys
+    import time
+
+    from scalellm import LLM
+    from scalellm.layers.attention import fresh_prompt_batch
+    from scalellm.quant.int8 import int8_available
+    from scalellm.worker.worker import cpu_has_fast_bf16
+
+    if not (int8_available() and cpu_has_fast_bf16()):
+        pytest.skip("needs an int8 engine and bf16 units")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from quant_quality import TEXT as text  # the opening of A Tale of Two Cities, ~300 tokens
+
+    def perplexity(quantization: str | None) -> float:
+        llm = LLM(dtype="bfloat16", max_model_len=1024, quantization=quantization)
+        runner = llm.engine.core.executor
+        while not runner.kernels_ready():  # the fused kernels (what serving runs) compile in the background
+            time.sleep(0.1)
+        ids = llm.tokenizer.encode(text)
+        batch = fresh_prompt_batch(len(ids), runner.args.num_layers, runner.args.num_kv_heads,
+                                   runner.args.head_dim, runner.dtype)
+        with torch.inference_mode():
+            hidden = runner.model(torch.tensor(ids), torch.arange(len(ids)), batch)
+            logits = runner.model.compute_logits(hidden[:-1])
+        return math.exp(torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids[1:])).item())
+
+    ref, q = perplexity(None), perplexity("int8")
+    assert q < ref * 1.025, (ref, q)
