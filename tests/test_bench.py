@@ -261,7 +261,7 @@ def test_cli_end_to_end_json_schema_plots_and_compare(slow_standin, odd_standin,
                    "--num-requests", "8", "--input-len", "12", "--output-len", "4", "--warmup", "2",
                    "--slo", "ttft_ms=50", "--out", str(out), "--plot", str(plots), "--no-progress"])
     assert rc == 0
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
     assert tuple(doc) == TOP_KEYS and doc["schema"] == "scalellm.bench/1"
     assert [e["label"] for e in doc["endpoints"]] == ["A", "B"]
     assert doc["workload"]["fit_misses"] == 0 and doc["workload"]["num_requests"] == 10
@@ -372,7 +372,7 @@ def test_against_scalellm_serve(tmp_path):
             rc = cli_main(["bench", "--url", url, "--api", api, "--concurrency", "2", "--num-requests", str(n),
                            "--input-len", str(n_in), "--output-len", "3", "--out", str(out), "--no-progress"])
             assert rc == 0
-            doc = json.loads(out.read_text())
+            doc = json.loads(out.read_text(encoding="utf-8"))
             assert doc["workload"]["token_counter"].startswith("server:")
             s = doc["runs"][0]["summary"]
             assert s["num_ok"] == n and s["output_token_sources"] == {"usage": n}

@@ -126,7 +126,7 @@ def test_api_keys(env):
     assert out.choices[0].text == TOKEN_TEXT * 3
     with pytest.raises(openai.AuthenticationError):
         _client(env, "key-a-but-longer").models.list()
-    log = env["log"].read_text()
+    log = env["log"].read_text(encoding="utf-8")
     assert "invalid_api_key" in log and "key-a" not in log.replace("team-a", "")
 
 
@@ -142,7 +142,7 @@ def test_rate_limits_per_key(env):
     assert _post(env, {**body, "max_tokens": 8}, key="key-c").status_code == 200
     r = _post(env, body, key="key-c")
     assert r.status_code == 429 and "tokens/min" in r.json()["error"]["message"]
-    entries = [line for line in env["log"].read_text().splitlines() if "requests_per_min" in line]
+    entries = [line for line in env["log"].read_text(encoding="utf-8").splitlines() if "requests_per_min" in line]
     assert entries and '"key_id":"team-b"' in entries[0] and '"request_id"' in entries[0]
 
 
@@ -356,7 +356,7 @@ def test_docs_example_config_loads(tmp_path):
     from scalellm.gateway.config import load_config
     from scalellm.gateway.routing import make_policy
 
-    text = DOCS.read_text()
+    text = DOCS.read_text(encoding="utf-8")
     example = text.split("```toml\n", 1)[1].split("```", 1)[0]
     keys_example = text.split("```text\n# /etc/scalellm/keys\n", 1)[1].split("```", 1)[0]
     assert [k.key_id for k in parse_keys(keys_example)] == ["web-app", "batch-team"]
@@ -383,5 +383,5 @@ def test_docs_name_every_metric(env):
         for sample in family.samples:
             if not sample.name.endswith("_created"):
                 exported.add(re.sub(r"_(bucket|sum|count)$", "", sample.name))
-    documented = set(re.findall(r"`(scalellm_[a-z0-9_]+)", DOCS.read_text()))
+    documented = set(re.findall(r"`(scalellm_[a-z0-9_]+)", DOCS.read_text(encoding="utf-8")))
     assert documented == exported, (documented - exported, exported - documented)

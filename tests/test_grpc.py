@@ -178,5 +178,6 @@ def test_generated_stubs_are_up_to_date(tmp_path):
                       os.path.join(src, "scalellm/protocol/grpc/replica.proto")])
     assert rc == 0
     for name in ("replica_pb2.py", "replica_pb2_grpc.py"):
-        with open(tmp_path / "scalellm/protocol/grpc" / name) as a, open(os.path.join(src, "scalellm/protocol/grpc", name)) as b:
+        with open(tmp_path / "scalellm/protocol/grpc" / name, encoding="utf-8") as a, \
+                open(os.path.join(src, "scalellm/protocol/grpc", name), encoding="utf-8") as b:
             assert a.read() == b.read(), f"{name} is stale: regenerate with grpc_tools.protoc"

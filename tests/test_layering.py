@@ -32,7 +32,7 @@ NO_TORCH = ["api", "gateway", "engine/request.py", "engine/block_pool.py", "engi
 
 
 def _imports(path: pathlib.Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

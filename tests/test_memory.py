@@ -16,7 +16,7 @@ def _resident_kib(fragment: str, perms: str | None = None) -> int:
     """Resident KiB of the mappings of files whose path contains `fragment`: the read-only
     ones, or those with exactly `perms` (e.g. "r-xp")."""
     total, counting = 0, False
-    with open("/proc/self/smaps") as f:
+    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as f:
         for line in f:
             head = line.split(maxsplit=5)
             if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line

@@ -211,7 +211,7 @@ def test_missing_expert_is_named(tmp_path, tiny_moe_models):
     save_file(state, str(out / "model.safetensors"))
     with pytest.raises(ModelLoadError, match=r"missing 1 tensors.*layers\.1\.mlp\.w13_weight#w3@2"):
         _our_model(str(out))
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
     cfg["num_local_experts"] = 3
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="expert id 3 is out of range"):
@@ -273,7 +273,7 @@ def _write_moe_gguf(hf_dir: str, out: str, arch: str, qtype, stacked: bool = Tru
     from gguf.quants import quantize
     from safetensors.torch import load_file
 
-    cfg = json.loads(open(os.path.join(hf_dir, "config.json")).read())
+    cfg = json.loads(open(os.path.join(hf_dir, "config.json"), encoding="utf-8").read())
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     num_experts = cfg.get("num_experts") or cfg["num_local_experts"]
     tensors: dict[str, np.ndarray] = {}
@@ -337,7 +337,7 @@ def test_gguf_moe_logits_match_transformers(tmp_path, tiny_moe_models, name, arc
         hf_dir = tiny_moe_models[name]
     path = _write_moe_gguf(hf_dir, str(tmp_path / "m.gguf"), arch, Q.F32)
     ours, args = _our_model(path)
-    assert args.architecture == json.loads(open(os.path.join(hf_dir, "config.json")).read())["architectures"][0]
+    assert args.architecture == json.loads(open(os.path.join(hf_dir, "config.json"), encoding="utf-8").read())["architectures"][0]
     assert args.moe is not None and args.moe.renormalize and not args.moe.dense_layer_ids
     ids = list(range(5, 36))
     torch.testing.assert_close(_prefill_logits(ours, args, ids), _reference_logits(hf_dir, ids), atol=1e-4, rtol=1e-4)

@@ -88,7 +88,7 @@ def test_frontend_process_never_loads_torch(server):
     import psutil
 
     def maps(pid: int) -> str:
-        with open(f"/proc/{pid}/maps") as f:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
             return f.read()
 
     front = psutil.Process(server.proc.pid)

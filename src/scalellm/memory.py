@@ -56,7 +56,7 @@ def drop_library_pages(name_fragment: str, code_only: bool = False) -> int:
     read-only but holds pages the loader wrote (relocations); dropping them would map the
     file's unrelocated bytes back. A no-op off Linux."""
     try:
-        with open("/proc/self/maps") as f:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:

@@ -82,7 +82,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
 
 def _read_prompts(path: str) -> list[str]:
     prompts = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for line in f:
             line = line.rstrip("\n")
             if not line.strip():

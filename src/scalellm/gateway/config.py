@@ -135,7 +135,7 @@ def load_config(path: str | None = None, *, env: dict[str, str] | None = None, *
     key_text = []
     key_file = overrides.pop("api_key_file", None) or auth.get("api_key_file") or env.get("SCALELLM_API_KEY_FILE")
     if key_file:
-        with open(key_file) as f:
+        with open(key_file, encoding="utf-8") as f:
             key_text.append(f.read())
     if env.get("SCALELLM_API_KEYS"):
         key_text.append(env["SCALELLM_API_KEYS"])

@@ -20,11 +20,11 @@ def read_hf_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ModelLoadError(f"{path} has no config.json")
-    with open(cfg_path) as f:
+    with open(cfg_path, encoding="utf-8") as f:
         cfg = json.load(f)
     gen_path = os.path.join(path, "generation_config.json")
     if os.path.isfile(gen_path):
-        with open(gen_path) as f:
+        with open(gen_path, encoding="utf-8") as f:
             gen = json.load(f)
         if gen.get("eos_token_id") is not None:
             cfg["eos_token_id"] = gen["eos_token_id"]  # generation config's list wins
@@ -34,7 +34,7 @@ def read_hf_config(path: str) -> dict:
 def safetensors_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
+        with open(index, encoding="utf-8") as f:
             weight_map = json.load(f).get("weight_map", {})
         files = sorted(set(weight_map.values()))
         missing = [n for n in files if not os.path.isfile(os.path.join(path, n))]
