@@ -52,7 +52,7 @@ def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def _cpu_model() -> str:
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
@@ -92,5 +92,5 @@ def build_result(*, config: dict[str, Any], env: dict[str, Any], endpoints: list
 
 def write_result(doc: dict[str, Any], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1, allow_nan=False)
