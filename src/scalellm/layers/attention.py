@@ -145,9 +145,9 @@ class Attention(nn.Module):
         fused kernels are compiled (on GPU, with Triton), the rotation and the cache write are
         one pass over qkv (in place) and decode attention reads its queries from qkv as they lie.
         An int8 projection's ScaledRows get their row scales applied in that pass."""
-        row_scales = qkv.scales if isinstance(qkv, ScaledRows) else None
+        row_scales = None
         if isinstance(qkv, ScaledRows):
-            qkv = qkv.data
+            qkv, row_scales = qkv.data, qkv.scales
         t, h, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         k_flat, v_flat, k_scales, v_scales = self._cache_views(batch)
         md = batch.attn

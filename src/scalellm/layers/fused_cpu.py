@@ -38,6 +38,7 @@ _lock = threading.Lock()
 
 
 _bits = paged_attention_cpu.numpy_bits
+_NO_ROW_SCALES = np.ones(1, dtype=np.float32)  # rope_write_kv's row scales when there are none
 
 
 def ready() -> bool:
@@ -165,13 +166,9 @@ def int8_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None, q_weight: torch.
     Each row of x (times inv_smooth [K] float32, if given) is quantised to int8 with its own
     scale in one pass, multiplied by q_weight [N, K] int8 (per-channel scales w_scales [N]
     float32), and the int32 sums scaled back (+ bias [N]) in one more pass."""
-    m, k = x.shape
-    q = torch.empty(m, k, dtype=torch.int8)
-    s = torch.empty(m, dtype=torch.float32)
-    has_smooth = inv_smooth is not None
-    _int8.quant_rows(_bits(x), (inv_smooth if has_smooth else s).numpy(), has_smooth, q.numpy(), s.numpy())
+    q, s = quant_rows(x, inv_smooth)
     acc = torch._int_mm(q, q_weight.t())
-    out = torch.empty(m, q_weight.shape[0], dtype=x.dtype)
+    out = torch.empty(x.shape[0], q_weight.shape[0], dtype=x.dtype)
     has_bias = bias is not None
     _int8.dequant_rows(acc.numpy(), s.numpy(), w_scales.numpy(), _bits((bias if has_bias else out[:1]).view(1, -1)),
                        has_bias, _bits(out))
@@ -219,7 +216,7 @@ def rope_write_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim
         _bits(qkv), num_heads, num_kv_heads, positions.numpy(), cos.numpy(), sin.numpy(), slot_mapping.numpy(),
         _bits(k_cache.view(k_cache.shape[0], -1)), _bits(v_cache.view(v_cache.shape[0], -1)),
         k_scales.numpy() if codes else none, v_scales.numpy() if codes else none,
-        (row_scales if row_scales is not None else positions[:0].float()).numpy(), row_scales is not None)
+        row_scales.numpy() if row_scales is not None else _NO_ROW_SCALES, row_scales is not None)
 
 
 def inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -253,14 +250,9 @@ def rescore_near_max(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.T
 
 
 def _scratch(width: int) -> np.ndarray:
-    # a float32 row per worker thread of numba's pool, for the int8-rows kernels
-    return np.empty((numba_threads(), width), dtype=np.float32)
-
-
-def numba_threads() -> int:
-    import numba
-
-    return int(numba.config.NUMBA_NUM_THREADS)
+    # a float32 row per thread of numba's pool (numba.get_thread_id() < its size), for the
+    # quantising kernels
+    return np.empty((_int8.numba.config.NUMBA_NUM_THREADS, width), dtype=np.float32)
 
 
 def quant_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,8 +262,8 @@ def quant_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> tuple[torch.
     q = torch.empty(m, k, dtype=torch.int8)
     s = torch.empty(m, dtype=torch.float32)
     has_smooth = inv_smooth is not None
-    _int8.quant_rows_fast(_bits(x), (inv_smooth if has_smooth else s).numpy(), has_smooth, q.numpy(), s.numpy(),
-                          _scratch(k))
+    _int8.quant_rows(_bits(x), (inv_smooth if has_smooth else s).numpy(), has_smooth, q.numpy(), s.numpy(),
+                     _scratch(k))
     return q, s
 
 

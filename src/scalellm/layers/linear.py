@@ -149,12 +149,11 @@ class LinearBase(nn.Module):
     def _onednn_parts(self) -> int:
         return 1
 
-    def int8_gemm(self, x: torch.Tensor | Int8Rows) -> tuple[list[torch.Tensor], torch.Tensor] | None:
-        """With a oneDNN int8 weight: x (quantised here unless it is int8 rows already) through
-        the int8 GEMM -> (the parts' outputs, the row scales they still need); else None."""
+    def int8_gemm(self, x: torch.Tensor | Int8Rows) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """x (quantised here unless it is int8 rows already) through oneDNN's int8 GEMM (this
+        linear holds a oneDNN int8 weight) -> (the parts' outputs, the row scales they still need)."""
         qw = self.qweight
-        if qw is None or qw.onednn is None:
-            return None
+        assert qw is not None and qw.onednn is not None
         rows = x if isinstance(x, Int8Rows) else quantise(x.reshape(-1, x.shape[-1]), qw.inv_smooth)
         return qw.gemm(rows.codes, self.weight.dtype), rows.scales  # (the freed weight keeps its dtype)
 
@@ -163,9 +162,7 @@ class LinearBase(nn.Module):
         (`rows_out`) the output is ScaledRows, its row scales left to the consumer."""
         qw = self.qweight
         if qw is not None and qw.onednn is not None:
-            out = self.int8_gemm(x)
-            assert out is not None
-            parts, scales = out
+            parts, scales = self.int8_gemm(x)
             rows_y = ScaledRows(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1), scales)
             if self.rows_out and bias is None:
                 return rows_y
@@ -277,16 +274,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def _silu_and_mul_int8(self, x: torch.Tensor | Int8Rows) -> torch.Tensor | Int8Rows:
         # oneDNN int8 halves: [gate, up] with their row scales still to apply; SiLU-mul applies
         # them (and, wired, quantises for down)
-        out = self.int8_gemm(x)
-        assert out is not None
-        (gate, up), scales = out
-        if fused_cpu.supports(gate):
-            if self.silu_rows_out:
-                return Int8Rows(*fused_cpu.silu_mul_quant(gate, up, scales, self.silu_rows_smooth))
-            gate, up = fused_cpu.scale_rows(gate, scales), fused_cpu.scale_rows(up, scales)
-        else:
-            s = scales.unsqueeze(1)
-            gate, up = (gate.float() * s).to(gate.dtype), (up.float() * s).to(up.dtype)
+        (gate, up), scales = self.int8_gemm(x)
+        if self.silu_rows_out and fused_cpu.supports(gate):
+            return Int8Rows(*fused_cpu.silu_mul_quant(gate, up, scales, self.silu_rows_smooth))
+        gate, up = ScaledRows(gate, scales).dense(), ScaledRows(up, scales).dense()
         return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:

@@ -124,14 +124,18 @@ def build_model_runner(
         # kernels around it (layers/int8_rows.py); else, with int8 units (torch._int_mm) and
         # bf16 ones, large calls (prefill) stay bf16, where torch._int_mm is slower at these
         # shapes (layers/linear.py INT8_MAX_ROWS): both weights are kept
-        rows = (dtype == torch.bfloat16 and qlinear_fast() and cpu_has_fast_bf16() and _pack_weights()
-                and get_parallel_state().tp_size == 1 and hasattr(model, "link_int8_rows"))
-        hybrid = not rows and dtype == torch.bfloat16 and int_mm_fast() and cpu_has_fast_bf16() and _pack_weights()
+        packed_bf16 = dtype == torch.bfloat16 and cpu_has_fast_bf16() and _pack_weights()
+        rows = (packed_bf16 and qlinear_fast() and get_parallel_state().tp_size == 1
+                and hasattr(model, "link_int8_rows"))
+        hybrid = packed_bf16 and not rows and int_mm_fast()
         saved = quantize_int8(model, stats, keep_weight=hybrid, onednn=rows)
         if rows:
             links = model.link_int8_rows()
-            logger.info("int8 linears on oneDNN's int8 GEMM, %d int8-rows links: %.0f MB of weights freed "
-                        "(the LM head stays bf16, prepacked)", links, saved / 2**20)
+            # what stays bf16 (the LM head) is prepacked, as in a bf16 model
+            saved -= sum(m.set_packed() for m in model.modules()
+                         if hasattr(m, "set_packed") and getattr(m, "qweight", None) is None)
+            logger.info("int8 linears on oneDNN's int8 GEMM, %d int8-rows links: %.0f MB of weights freed",
+                        links, saved / 2**20)
         elif hybrid:
             saved -= sum(m.set_packed() for m in model.modules() if getattr(m, "qweight", None) is not None)
             logger.info("int8 linears on torch._int_mm for calls up to %d rows, bf16 (prepacked) above: +%.0f MB",
