@@ -54,12 +54,16 @@ def _abs_bits(v):  # pragma: no cover - numba (inlined)
 
 
 @register_jitable(inline="always")
-def _quantise_row(row, n, codes, t, scales):  # pragma: no cover - numba (inlined)
-    # row[:n] (float32) -> codes[t, :n] with one scale, max|row| / 127, in scales[t]
-    top = np.int32(0)
-    for i in range(n):
-        b = _abs_bits(row[i])
-        top = top if top > b else b
+def _max_bits(top, v):  # pragma: no cover - numba (inlined)
+    # a running max|v| as float bits, kept inside the loop that makes the row: one pass fewer over
+    # it (SiLU-mul + quantise at 4,096 x 1,536: 1.47 -> 1.30 ms)
+    b = _abs_bits(v)
+    return top if top > b else b
+
+
+@register_jitable(inline="always")
+def _codes_from_max(row, n, codes, t, scales, top):  # pragma: no cover - numba (inlined)
+    # row[:n] (float32) whose max |.| has the bits `top` -> codes[t, :n], one scale max / 127 in scales[t]
     amax = bits_to_f32(np.uint32(top))
     sc = max(amax, np.float32(1e-12)) / np.float32(127.0)
     inv = np.float32(1.0) / sc
@@ -93,13 +97,18 @@ def norm_quant(x, x_scales, has_x_scales, residual, has_residual, weight, inv_sm
                 st(sum_out, t, e, s)
                 ss += s * s
         inv = np.float32(1.0) / np.sqrt(ss / np.float32(hidden) + eps)
+        top = np.int32(0)
         if has_smooth:
             for e in range(hidden):
-                row[e] = ld(weight, 0, e) * rnd(sum_out, ld(sum_out, t, e) * inv) * inv_smooth[e]
+                y = ld(weight, 0, e) * rnd(sum_out, ld(sum_out, t, e) * inv) * inv_smooth[e]
+                row[e] = y
+                top = _max_bits(top, y)
         else:
             for e in range(hidden):
-                row[e] = ld(weight, 0, e) * rnd(sum_out, ld(sum_out, t, e) * inv)
-        _quantise_row(row, hidden, codes, t, scales)
+                y = ld(weight, 0, e) * rnd(sum_out, ld(sum_out, t, e) * inv)
+                row[e] = y
+                top = _max_bits(top, y)
+        _codes_from_max(row, hidden, codes, t, scales, top)
 
 
 @numba.njit(**_OPTS)
@@ -114,15 +123,20 @@ def silu_mul_quant(gate, up, row_scales, inv_smooth, has_smooth, codes, scales, 
     for t in numba.prange(num_tokens):
         row = scratch[numba.get_thread_id()]
         rs = row_scales[t]
+        top = np.int32(0)
         if has_smooth:  # (branches outside the loops, which then vectorise)
             for i in range(inter):
                 g = ld(gate, t, i) * rs
-                row[i] = g / (np.float32(1.0) + fast_exp(-g)) * (ld(up, t, i) * (rs * inv_smooth[i]))
+                h = g / (np.float32(1.0) + fast_exp(-g)) * (ld(up, t, i) * (rs * inv_smooth[i]))
+                row[i] = h
+                top = _max_bits(top, h)
         else:
             for i in range(inter):
                 g = ld(gate, t, i) * rs
-                row[i] = g / (np.float32(1.0) + fast_exp(-g)) * (ld(up, t, i) * rs)
-        _quantise_row(row, inter, codes, t, scales)
+                h = g / (np.float32(1.0) + fast_exp(-g)) * (ld(up, t, i) * rs)
+                row[i] = h
+                top = _max_bits(top, h)
+        _codes_from_max(row, inter, codes, t, scales, top)
 
 
 @numba.njit(**_OPTS)
@@ -132,13 +146,18 @@ def quant_rows(x, inv_smooth, has_smooth, q, scales, scratch):  # pragma: no cov
     num_rows, k_dim = x.shape
     for t in numba.prange(num_rows):
         row = scratch[numba.get_thread_id()]
+        top = np.int32(0)
         if has_smooth:
             for k in range(k_dim):
-                row[k] = ld(x, t, k) * inv_smooth[k]
+                y = ld(x, t, k) * inv_smooth[k]
+                row[k] = y
+                top = _max_bits(top, y)
         else:
             for k in range(k_dim):
-                row[k] = ld(x, t, k)
-        _quantise_row(row, k_dim, q, t, scales)
+                y = ld(x, t, k)
+                row[k] = y
+                top = _max_bits(top, y)
+        _codes_from_max(row, k_dim, q, t, scales, top)
 
 
 @numba.njit(**_OPTS)

@@ -87,6 +87,27 @@ def _kernel_for(head_dim: int, group: int, codes: bool) -> Any:
     return kernel
 
 
+def _vector_features() -> str | None:
+    """LLVM's target features for numba: the host's, with 512-bit vectors preferred where the
+    CPU has AVX-512 (SCALELLM_NUMBA_ZMM=0 keeps LLVM's choice). LLVM tunes Intel's AVX-512
+    cores to prefer 256-bit vectors, so every kernel loop vectorised to 8 lanes; with 16, at
+    4,096 rows: SiLU-mul + quantise 1.93 -> 1.61 ms hot and 3.5 -> 2.5 cold, quantising RMSNorm
+    0.77 -> 0.69, row quantisation 0.45 -> 0.34. Set into NUMBA_CPU_FEATURES (a value already
+    there wins) before numba is imported; it also keys numba's on-disk cache."""
+    if os.environ.get("NUMBA_CPU_FEATURES") or os.environ.get("SCALELLM_NUMBA_ZMM") == "0":
+        return None
+    try:
+        import llvmlite.binding as ll
+
+        host = ll.get_host_cpu_features()
+    except (ImportError, RuntimeError):
+        return None
+    if not host.get("avx512f"):
+        return None
+    os.environ["NUMBA_CPU_FEATURES"] = features = host.flatten() + ",-prefer-256-bit"
+    return features
+
+
 def _load() -> bool:
     if _make_kernel is not None or _import_failed:
         return _make_kernel is not None
@@ -102,8 +123,11 @@ def _load_locked() -> bool:
         _import_failed = True
         return False
     try:
+        features = _vector_features()
         import numba
 
+        if features and numba.config.CPU_FEATURES is None:  # numba was imported before: tell its config too
+            numba.config.CPU_FEATURES = features
         from scalellm.layers import _numba_kernels
     except ImportError:
         _import_failed = True
