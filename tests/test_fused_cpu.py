@@ -379,3 +379,31 @@ def test_rope_write_kv_applies_row_scales_first(dtype):
     tol = {"rtol": 0, "atol": 2e-2 if dtype == torch.bfloat16 else 1e-5}
     for a, b in zip(caches[0], caches[1], strict=True):
         torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_write_kv_row_scales_into_an_8bit_cache(dtype):
+    """Row scales and an 8-bit KV cache together: the codes and their scales are those the dense
+    output would get (a code may differ by one where float32 rounding lands on a half)."""
+    h, hkv, d, t = 4, 2, 16, 6
+    gen = torch.Generator().manual_seed(12)
+    raw = torch.randn(t, (h + 2 * hkv) * d, generator=gen).to(dtype)
+    s = torch.rand(t, generator=gen) + 0.5
+    dense = (raw.float() * s.unsqueeze(1)).to(dtype)
+    rot = RotaryEmbedding(d, 64, 10000.0)
+    pos = torch.tensor([0, 3, 5, 9, 2, 1])
+    slots = torch.tensor([4, 0, 7, 1, 2, 3])
+    assert fused_cpu.warm_up_rope(dtype, d, kv_codes=True)
+    out = []
+    for qkv, scales in ((raw.clone(), s), (dense.clone(), None)):
+        kc, vc = torch.zeros(8, hkv, d, dtype=torch.int8), torch.zeros(8, hkv, d, dtype=torch.int8)
+        ks, vs = torch.zeros(8, hkv), torch.zeros(8, hkv)
+        fused_cpu.rope_write_kv(qkv, h, hkv, d, pos, rot.cos, rot.sin, slots, kc, vc, ks, vs, row_scales=scales)
+        out.append((qkv, kc, vc, ks, vs))
+    (q_a, kc_a, vc_a, ks_a, vs_a), (q_b, kc_b, vc_b, ks_b, vs_b) = out
+    torch.testing.assert_close(q_a.float(), q_b.float(), rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+    for a, b in ((kc_a, kc_b), (vc_a, vc_b)):
+        assert (a.int() - b.int()).abs().max() <= 1
+    torch.testing.assert_close(ks_a, ks_b, rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(vs_a, vs_b, rtol=1e-2, atol=1e-6)
+    assert vs_a[slots].abs().min() > 0  # every token's V written
