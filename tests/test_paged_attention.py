@@ -235,3 +235,26 @@ def test_attention_layer_over_an_8bit_cache_writes_codes_and_reads_them_back() -
         idx = torch.tensor(s)
         ref = _dense(q[i], deq[0][idx], deq[1][idx], head_dim ** -0.5)
         torch.testing.assert_close(fused[i].view(num_heads, head_dim), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_numba_target_features_prefer_512_bit_vectors_on_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where LLVM sees AVX-512, numba gets the host's features with 256-bit preference off (and
+    the process that imports numba later inherits them); a value already set, or
+    SCALELLM_NUMBA_ZMM=0, is left alone."""
+    ll = pytest.importorskip("llvmlite.binding")
+    host = ll.get_host_cpu_features()
+    monkeypatch.delenv("NUMBA_CPU_FEATURES", raising=False)
+    monkeypatch.delenv("SCALELLM_NUMBA_ZMM", raising=False)
+    got = paged_attention_cpu._vector_features()
+    if host.get("avx512f"):
+        assert got is not None and got.endswith(",-prefer-256-bit") and "+avx512f" in got
+        assert paged_attention_cpu.os.environ["NUMBA_CPU_FEATURES"] == got
+    else:
+        assert got is None and "NUMBA_CPU_FEATURES" not in paged_attention_cpu.os.environ
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+sse2")
+    assert paged_attention_cpu._vector_features() is None
+    assert paged_attention_cpu.os.environ["NUMBA_CPU_FEATURES"] == "+sse2"
+    monkeypatch.delenv("NUMBA_CPU_FEATURES")
+    monkeypatch.setenv("SCALELLM_NUMBA_ZMM", "0")
+    assert paged_attention_cpu._vector_features() is None
+    assert "NUMBA_CPU_FEATURES" not in paged_attention_cpu.os.environ
