@@ -53,7 +53,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="MoE models: whole experts per rank (attention stays tensor-parallel)")
     p.add_argument("--quantization", choices=["int8", "fp8"], default=None,
                    help="int8: dynamic W8A8 linears, int8 rows with a scale each (CPU: oneDNN's int8 GEMM with bf16 "
-                        "activations where AMX/VNNI, else torch._int_mm or fbgemm; perplexity +1.0%% against bf16 on "
+                        "activations where AMX/VNNI, else torch._int_mm or fbgemm; perplexity +0.7-1.0%% against bf16 on "
                         "SmolLM2); "
                         "fp8: e4m3 W8A8 linears on torch._scaled_mm (GPU with compute capability 8.9+, e.g. H100)")
     p.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode steps")
