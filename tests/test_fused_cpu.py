@@ -358,23 +358,32 @@ def test_scale_rows_matches_torch(dtype):
                                rtol=1e-6, atol=1e-6)
 
 
+_ROW_SCALED_POS = torch.tensor([0, 3, 5, 9, 2, 1])
+_ROW_SCALED_SLOTS = torch.tensor([4, 0, 7, 1, 2, 3])
+
+
+def _row_scaled_qkv(dtype, seed):
+    """6 tokens of a 4/2-head, head size 16 QKV output with row scales still to apply: (raw,
+    scales, the dense output raw * scales rounded to dtype)."""
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randn(6, (4 + 2 * 2) * 16, generator=gen).to(dtype)
+    s = torch.rand(6, generator=gen) + 0.5
+    return raw, s, (raw.float() * s.unsqueeze(1)).to(dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_write_kv_applies_row_scales_first(dtype):
     """An int8 QKV projection's output with its row scales still to apply: the kernel scales,
     rotates and writes as it would the dense output (to float32 rounding)."""
-    h, hkv, d, t = 4, 2, 16, 6
-    gen = torch.Generator().manual_seed(11)
-    raw = torch.randn(t, (h + 2 * hkv) * d, generator=gen).to(dtype)
-    s = torch.rand(t, generator=gen) + 0.5
-    dense = (raw.float() * s.unsqueeze(1)).to(dtype)
+    h, hkv, d = 4, 2, 16
+    raw, s, dense = _row_scaled_qkv(dtype, 11)
     rot = RotaryEmbedding(d, 64, 10000.0)
-    pos = torch.tensor([0, 3, 5, 9, 2, 1])
-    slots = torch.tensor([4, 0, 7, 1, 2, 3])
     assert fused_cpu.warm_up_rope(dtype, d)
     caches = []
     for qkv, scales in ((raw.clone(), s), (dense.clone(), None)):
         kc, vc = torch.zeros(8, hkv, d, dtype=dtype), torch.zeros(8, hkv, d, dtype=dtype)
-        fused_cpu.rope_write_kv(qkv, h, hkv, d, pos, rot.cos, rot.sin, slots, kc, vc, row_scales=scales)
+        fused_cpu.rope_write_kv(qkv, h, hkv, d, _ROW_SCALED_POS, rot.cos, rot.sin, _ROW_SCALED_SLOTS, kc, vc,
+                                row_scales=scales)
         caches.append((qkv, kc, vc))
     tol = {"rtol": 0, "atol": 2e-2 if dtype == torch.bfloat16 else 1e-5}
     for a, b in zip(caches[0], caches[1], strict=True):
@@ -385,20 +394,16 @@ def test_rope_write_kv_applies_row_scales_first(dtype):
 def test_rope_write_kv_row_scales_into_an_8bit_cache(dtype):
     """Row scales and an 8-bit KV cache together: the codes and their scales are those the dense
     output would get (a code may differ by one where float32 rounding lands on a half)."""
-    h, hkv, d, t = 4, 2, 16, 6
-    gen = torch.Generator().manual_seed(12)
-    raw = torch.randn(t, (h + 2 * hkv) * d, generator=gen).to(dtype)
-    s = torch.rand(t, generator=gen) + 0.5
-    dense = (raw.float() * s.unsqueeze(1)).to(dtype)
+    h, hkv, d = 4, 2, 16
+    raw, s, dense = _row_scaled_qkv(dtype, 12)
     rot = RotaryEmbedding(d, 64, 10000.0)
-    pos = torch.tensor([0, 3, 5, 9, 2, 1])
-    slots = torch.tensor([4, 0, 7, 1, 2, 3])
     assert fused_cpu.warm_up_rope(dtype, d, kv_codes=True)
     out = []
     for qkv, scales in ((raw.clone(), s), (dense.clone(), None)):
         kc, vc = torch.zeros(8, hkv, d, dtype=torch.int8), torch.zeros(8, hkv, d, dtype=torch.int8)
         ks, vs = torch.zeros(8, hkv), torch.zeros(8, hkv)
-        fused_cpu.rope_write_kv(qkv, h, hkv, d, pos, rot.cos, rot.sin, slots, kc, vc, ks, vs, row_scales=scales)
+        fused_cpu.rope_write_kv(qkv, h, hkv, d, _ROW_SCALED_POS, rot.cos, rot.sin, _ROW_SCALED_SLOTS, kc, vc, ks, vs,
+                                row_scales=scales)
         out.append((qkv, kc, vc, ks, vs))
     (q_a, kc_a, vc_a, ks_a, vs_a), (q_b, kc_b, vc_b, ks_b, vs_b) = out
     torch.testing.assert_close(q_a.float(), q_b.float(), rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
@@ -406,4 +411,4 @@ def test_rope_write_kv_row_scales_into_an_8bit_cache(dtype):
         assert (a.int() - b.int()).abs().max() <= 1
     torch.testing.assert_close(ks_a, ks_b, rtol=1e-2, atol=1e-6)
     torch.testing.assert_close(vs_a, vs_b, rtol=1e-2, atol=1e-6)
-    assert vs_a[slots].abs().min() > 0  # every token's V written
+    assert vs_a[_ROW_SCALED_SLOTS].abs().min() > 0  # every token's V written
