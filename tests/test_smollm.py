@@ -64,16 +64,19 @@ def test_greedy_chat_equals_transformers(llm, hf_model):
     assert "Paris" in outs[0].outputs[0].text
 
 
-def test_int8_perplexity_stays_near_bf16():
+def test_int8_perplexity_stays_near_bf16(monkeypatch):
     """--quantization int8 on the default model (on AMX CPUs: the int8-rows chain, layers/
     int8_rows.py) keeps the model's perplexity on plain prose within 2.5% of bf16's (measured
-    +1.0%, session 10's int8 path +2.3%: benchmarks/quant_quality.py); a misapplied row scale or
-    smoothing factor costs far more."""
+    +0.7%, session 10's int8 path +2.3%: benchmarks/quant_quality.py); a misapplied row scale or
+    smoothing factor costs far more. The torch ops that stand in for the fused kernels until they
+    are compiled (right after start-up) stay within 1.5% too (measured +0.5%; with the scaled gate
+    and up rounded before SiLU-mul, +2.1%)."""
     import math
     import sys
     import time
 
     from scalellm import LLM
+    from scalellm.layers import fused_cpu
     from scalellm.layers.attention import fresh_prompt_batch
     from scalellm.quant.int8 import int8_available
     from scalellm.worker.worker import cpu_has_fast_bf16
@@ -83,11 +86,8 @@ def test_int8_perplexity_stays_near_bf16():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     from quant_quality import TEXT as text  # the opening of A Tale of Two Cities, ~300 tokens
 
-    def perplexity(quantization: str | None) -> float:
-        llm = LLM(dtype="bfloat16", max_model_len=1024, quantization=quantization)
+    def perplexity(llm: LLM) -> float:
         runner = llm.engine.core.executor
-        while not runner.kernels_ready():  # the fused kernels (what serving runs) compile in the background
-            time.sleep(0.1)
         ids = llm.tokenizer.encode(text)
         batch = fresh_prompt_batch(len(ids), runner.args.num_layers, runner.args.num_kv_heads,
                                    runner.args.head_dim, runner.dtype)
@@ -96,5 +96,15 @@ def test_int8_perplexity_stays_near_bf16():
             logits = runner.model.compute_logits(hidden[:-1])
         return math.exp(torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids[1:])).item())
 
-    ref, q = perplexity(None), perplexity("int8")
+    def ready(quantization: str | None) -> LLM:
+        llm = LLM(dtype="bfloat16", max_model_len=1024, quantization=quantization)
+        while not llm.engine.core.executor.kernels_ready():  # the fused kernels (what serving runs) compile
+            time.sleep(0.1)
+        return llm
+
+    q_llm = ready("int8")
+    ref, q = perplexity(ready(None)), perplexity(q_llm)
     assert q < ref * 1.025, (ref, q)
+    monkeypatch.setattr(fused_cpu, "_compiled", set())  # the stand-ins: torch ops only
+    q_torch = perplexity(q_llm)
+    assert q_torch < ref * 1.015, (ref, q_torch)

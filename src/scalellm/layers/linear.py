@@ -277,8 +277,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         (gate, up), scales = self.int8_gemm(x)
         if self.silu_rows_out and fused_cpu.supports(gate):
             return Int8Rows(*fused_cpu.silu_mul_quant(gate, up, scales, self.silu_rows_smooth))
-        gate, up = ScaledRows(gate, scales).dense(), ScaledRows(up, scales).dense()
-        return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+        # the row scales applied in float32, not rounded to gate's dtype first (as silu_mul_quant):
+        # rounding the scaled gate and up costs ~1 point of perplexity on SmolLM2 (int8 with the
+        # numba kernels off: +2.1% against bf16, +0.7% with them), enough to flip near-tied greedy
+        # tokens while the kernels are still loading after start-up
+        s = scales.unsqueeze(1)
+        return (F.silu(gate.float() * s) * (up.float() * s)).to(gate.dtype)
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
         if not isinstance(shard_id, int):
