@@ -412,3 +412,23 @@ def test_rope_write_kv_row_scales_into_an_8bit_cache(dtype):
     torch.testing.assert_close(ks_a, ks_b, rtol=1e-2, atol=1e-6)
     torch.testing.assert_close(vs_a, vs_b, rtol=1e-2, atol=1e-6)
     assert vs_a[_ROW_SCALED_SLOTS].abs().min() > 0  # every token's V written
+
+
+def test_numpy_views_share_memory_and_follow_moved_data():
+    """The kernels' arrays: outputs allocated by numpy are the tensors' own memory (bfloat16
+    as its int16 bits); a kept view of a long-lived tensor is made again when the tensor's data
+    is replaced (`param.data = ...`), never read from the old memory."""
+    from scalellm.layers import numpy_views
+
+    for dtype in (torch.float32, torch.bfloat16, torch.int8):
+        t, a = numpy_views.empty((3, 4), dtype)
+        assert t.dtype == dtype and t.shape == (3, 4) and a.shape == (3, 4)
+        a[1, 2] = 1 if dtype == torch.int8 else (0x3F80 if dtype == torch.bfloat16 else 1.0)  # 1.0 in bf16 bits
+        assert t[1, 2].item() == 1
+    w = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16), requires_grad=False)
+    row = numpy_views.const_bits(w, (1, -1))
+    assert row.shape == (1, 8) and numpy_views.const_bits(w, (1, -1)) is row  # kept
+    assert numpy_views.const_bits(w).shape == (8,)  # another shape, another view
+    w.data = torch.full((8,), 2.0, dtype=torch.bfloat16)
+    again = numpy_views.const_bits(w, (1, -1))
+    assert again is not row and torch.equal(torch.from_numpy(again.copy()).view(torch.bfloat16), w.data.view(1, -1))

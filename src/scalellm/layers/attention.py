@@ -123,6 +123,9 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.layer_idx = layer_idx
+        # the last cache's views (`_cache_views`): (its KV tensor, its scales or None, views);
+        # they keep that cache alive until the next one (a plain attribute: no module state)
+        self._views: tuple | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, Hkv, D]  ->  out: [T, H*D]
@@ -174,14 +177,23 @@ class Attention(nn.Module):
 
     def _cache_views(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                                                          torch.Tensor | None]:
-        """This layer's K and V caches as [N*S, Hkv, D], and their scales [N*S, Hkv] (8-bit caches)."""
+        """This layer's K and V caches as [N*S, Hkv, D], and their scales [N*S, Hkv] (8-bit caches).
+        The views are made once per cache and kept (with them, the numpy views the CPU kernels
+        take: numpy_views.const_bits)."""
         kv_cache = batch.kv_caches[self.layer_idx]
+        scales = batch.kv_scales[self.layer_idx] if batch.kv_scales is not None else None
+        kept = self._views
+        if kept is not None and kept[0] is kv_cache and kept[1] is scales:
+            return kept[2]
         k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [N*S, Hkv, D]
         v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
-        if batch.kv_scales is None:
-            return k_flat, v_flat, None, None
-        scales = batch.kv_scales[self.layer_idx]
-        return k_flat, v_flat, scales[0].view(-1, self.num_kv_heads), scales[1].view(-1, self.num_kv_heads)
+        if scales is None:
+            views: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] = (
+                k_flat, v_flat, None, None)
+        else:
+            views = (k_flat, v_flat, scales[0].view(-1, self.num_kv_heads), scales[1].view(-1, self.num_kv_heads))
+        self._views = (kv_cache, scales, views)
+        return views
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_flat: torch.Tensor,
                 v_flat: torch.Tensor, md: AttentionMetadata, q_rows: torch.Tensor | None,

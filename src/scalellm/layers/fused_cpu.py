@@ -13,15 +13,19 @@ requests: tensors in, tensors out.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from scalellm.layers import paged_attention_cpu
+from scalellm.layers.numpy_views import bits as _bits
+from scalellm.layers.numpy_views import const_bits, empty, scratch
 from scalellm.memory import drop_library_pages, trim_heap
 
 logger = logging.getLogger(__name__)
@@ -29,16 +33,18 @@ logger = logging.getLogger(__name__)
 _DTYPES = (torch.float32, torch.bfloat16)
 _compiled: set[torch.dtype] = set()
 _int8: Any = None  # _numba_int8, once imported
+_warm_started: set[tuple[torch.dtype, int, int, int, bool]] = set()  # warm_up_in_background's
 _warm_done: set[tuple[torch.dtype, bool]] = set()  # warm_up_model (dtype, 8-bit KV) finished, heap trimmed
 _rope_kernels: dict[tuple[int, bool], Any] = {}  # (head_dim, 8-bit KV) -> its rotary + KV-write kernel
 _rope_ready: set[tuple[torch.dtype, int, bool]] = set()  # (dtype, head_dim, 8-bit KV) compiled
 _kernels: Any = None
 _silu_table: np.ndarray | None = None  # bfloat16 SiLU, by the input's 16 bits (silu_and_mul_table)
 _lock = threading.Lock()
+_torch_only = 0  # > 0 inside torch_paths()
 
 
-_bits = paged_attention_cpu.numpy_bits
 _NO_ROW_SCALES = np.ones(1, dtype=np.float32)  # rope_write_kv's row scales when there are none
+_NO_VECTOR = np.empty(0, dtype=np.float32)  # a float32 vector argument that is not used (its flag is off)
 
 
 def ready() -> bool:
@@ -48,8 +54,21 @@ def ready() -> bool:
 
 
 def supports(x: torch.Tensor) -> bool:
-    """Whether the kernels are compiled for x's dtype (and x is on the CPU)."""
-    return x.dtype in _compiled and x.device.type == "cpu"
+    """Whether the kernels are compiled for x's dtype (and x is on the CPU), outside `torch_paths`."""
+    return not _torch_only and x.dtype in _compiled and x.device.type == "cpu"
+
+
+@contextlib.contextmanager
+def torch_paths() -> Iterator[None]:
+    """Within it, `supports` and `rope_ready` say no: a model runs its torch ops whether or
+    not the kernels have finished compiling in the background. For passes whose result must
+    not depend on that race (the int8 calibration, which runs while they compile)."""
+    global _torch_only
+    _torch_only += 1
+    try:
+        yield
+    finally:
+        _torch_only -= 1
 
 
 def warm_up(dtype: torch.dtype) -> bool:
@@ -121,15 +140,20 @@ def warmed_up(dtype: torch.dtype, kv_codes: bool = False) -> bool:
 def warm_up_in_background(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int,
                           kv_codes: bool = False) -> None:
     """`warm_up_model` on a daemon thread (a fresh installation compiles for ~15 s; numba's
-    disk cache makes later starts ~1 s). Until it is done the model runs its torch paths."""
-    threading.Thread(target=warm_up_model, args=(dtype, head_dim, num_heads, num_kv_heads, kv_codes),
-                     name="numba-warm-up", daemon=True).start()
+    disk cache makes later starts ~1 s). Until it is done the model runs its torch paths.
+    Once per set of arguments: a second call starts nothing."""
+    key = (dtype, head_dim, num_heads, num_kv_heads, kv_codes)
+    with _lock:
+        if key in _warm_started:
+            return
+        _warm_started.add(key)
+    threading.Thread(target=warm_up_model, args=key, name="numba-warm-up", daemon=True).start()
 
 
 def rope_ready(dtype: torch.dtype, head_dim: int, kv_codes: bool = False) -> bool:
     """Whether `rope_write_kv` is compiled for this dtype and head size, writing K/V as they
     are or (kv_codes) as 8-bit codes (see `warm_up_rope`)."""
-    return (dtype, head_dim, kv_codes) in _rope_ready
+    return not _torch_only and (dtype, head_dim, kv_codes) in _rope_ready
 
 
 def warm_up_rope(dtype: torch.dtype, head_dim: int, kv_codes: bool = False) -> bool:
@@ -168,10 +192,10 @@ def int8_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None, q_weight: torch.
     float32), and the int32 sums scaled back (+ bias [N]) in one more pass."""
     q, s = quant_rows(x, inv_smooth)
     acc = torch._int_mm(q, q_weight.t())
-    out = torch.empty(x.shape[0], q_weight.shape[0], dtype=x.dtype)
+    out, out_np = empty((x.shape[0], q_weight.shape[0]), x.dtype)
     has_bias = bias is not None
-    _int8.dequant_rows(acc.numpy(), s.numpy(), w_scales.numpy(), _bits((bias if has_bias else out[:1]).view(1, -1)),
-                       has_bias, _bits(out))
+    _int8.dequant_rows(acc.numpy(), s.numpy(), const_bits(w_scales),
+                       const_bits(bias, (1, -1)) if bias is not None else out_np[:1], has_bias, out_np)
     return out
 
 
@@ -180,21 +204,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     """x, residual: [T, E] contiguous, one dtype; weight: [E] in x's dtype. Returns
     weight * norm(x) (float32 if out_float32, else x's dtype), or with a residual
     (weight * norm(x + residual), x + residual) as RMSNorm's torch path does."""
-    out = torch.empty(x.shape, dtype=torch.float32 if out_float32 else x.dtype)
-    has_res = residual is not None
-    total = torch.empty_like(x) if has_res else x
-    _kernels.rms_norm(_bits(x), _bits(residual if has_res else x), has_res, _bits(weight.view(1, -1)),
-                      np.float32(eps), not out_float32, _bits(out), _bits(total))
-    return (out, total) if has_res else out
+    out, out_np = empty(tuple(x.shape), torch.float32 if out_float32 else x.dtype)
+    x_np = _bits(x)
+    if residual is not None:
+        total, total_np = empty(tuple(x.shape), x.dtype)
+        _kernels.rms_norm(x_np, _bits(residual), True, const_bits(weight, (1, -1)), np.float32(eps), not out_float32,
+                          out_np, total_np)
+        return out, total
+    _kernels.rms_norm(x_np, x_np, False, const_bits(weight, (1, -1)), np.float32(eps), not out_float32, out_np, x_np)
+    return out
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2I] = [gate | up], contiguous -> silu(gate) * up: [T, I]."""
-    out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
+    out, out_np = empty((x.shape[0], x.shape[1] // 2), x.dtype)
     if x.dtype == torch.bfloat16:  # warm_up built the table before marking bfloat16 compiled
-        _kernels.silu_and_mul_table(_bits(x), _silu_table, _bits(out))
+        _kernels.silu_and_mul_table(_bits(x), _silu_table, out_np)
     else:
-        _kernels.silu_and_mul(_bits(x), _bits(out))
+        _kernels.silu_and_mul(_bits(x), out_np)
     return out
 
 
@@ -212,10 +239,11 @@ def rope_write_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim
     float32: qkv is an int8 linear's output whose rows are first multiplied by these."""
     codes = k_scales is not None and v_scales is not None
     none = paged_attention_cpu.NO_SCALES
+    rows = (k_cache.shape[0], -1)
     _rope_kernel(head_dim, codes)(
-        _bits(qkv), num_heads, num_kv_heads, positions.numpy(), cos.numpy(), sin.numpy(), slot_mapping.numpy(),
-        _bits(k_cache.view(k_cache.shape[0], -1)), _bits(v_cache.view(v_cache.shape[0], -1)),
-        k_scales.numpy() if codes else none, v_scales.numpy() if codes else none,
+        _bits(qkv), num_heads, num_kv_heads, positions.numpy(), const_bits(cos), const_bits(sin), slot_mapping.numpy(),
+        const_bits(k_cache, rows), const_bits(v_cache, rows),
+        const_bits(k_scales) if codes else none, const_bits(v_scales) if codes else none,
         row_scales.numpy() if row_scales is not None else _NO_ROW_SCALES, row_scales is not None)
 
 
@@ -252,17 +280,17 @@ def rescore_near_max(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.T
 def _scratch(width: int) -> np.ndarray:
     # a float32 row per thread of numba's pool (numba.get_thread_id() < its size), for the
     # quantising kernels
-    return np.empty((_int8.numba.config.NUMBA_NUM_THREADS, width), dtype=np.float32)
+    return scratch(_int8.numba.config.NUMBA_NUM_THREADS, width)
 
 
 def quant_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (contiguous; times inv_smooth [K] float32 if given) -> int8 codes [M, K] and one
     float32 scale a row [M] (max |row| / 127; codes rounded half up), in one pass."""
     m, k = x.shape
-    q = torch.empty(m, k, dtype=torch.int8)
-    s = torch.empty(m, dtype=torch.float32)
+    q, q_np = empty((m, k), torch.int8)
+    s, s_np = empty((m,), torch.float32)
     has_smooth = inv_smooth is not None
-    _int8.quant_rows(_bits(x), (inv_smooth if has_smooth else s).numpy(), has_smooth, q.numpy(), s.numpy(),
+    _int8.quant_rows(_bits(x), const_bits(inv_smooth) if has_smooth else _NO_VECTOR, has_smooth, q_np, s_np,
                      _scratch(k))
     return q, s
 
@@ -273,14 +301,14 @@ def norm_quant(x: torch.Tensor, x_scales: torch.Tensor | None, residual: torch.T
     output; as is without x_scales) + residual, rounded to x's dtype; y = weight * norm(v)
     (* inv_smooth). Returns (codes [T, E] int8, scales [T] float32, v [T, E])."""
     t, e = x.shape
-    codes = torch.empty(t, e, dtype=torch.int8)
-    scales = torch.empty(t, dtype=torch.float32)
-    total = torch.empty_like(x)
-    dummy = scales[:0]
-    _int8.norm_quant(_bits(x), (x_scales if x_scales is not None else dummy).numpy(), x_scales is not None,
-                     _bits(residual if residual is not None else x), residual is not None, _bits(weight.view(1, -1)),
-                     (inv_smooth if inv_smooth is not None else dummy).numpy(), inv_smooth is not None,
-                     np.float32(eps), _bits(total), codes.numpy(), scales.numpy(), _scratch(e))
+    codes, codes_np = empty((t, e), torch.int8)
+    scales, scales_np = empty((t,), torch.float32)
+    total, total_np = empty((t, e), x.dtype)
+    x_np = _bits(x)
+    _int8.norm_quant(x_np, x_scales.numpy() if x_scales is not None else _NO_VECTOR, x_scales is not None,
+                     _bits(residual) if residual is not None else x_np, residual is not None,
+                     const_bits(weight, (1, -1)), const_bits(inv_smooth) if inv_smooth is not None else _NO_VECTOR,
+                     inv_smooth is not None, np.float32(eps), total_np, codes_np, scales_np, _scratch(e))
     return codes, scales, total
 
 
@@ -289,19 +317,19 @@ def silu_mul_quant(gate: torch.Tensor, up: torch.Tensor, row_scales: torch.Tenso
     """silu(gate * s) * (up * s) for row scales s [T] (the int8 GEMMs' outputs [T, I],
     contiguous), times inv_smooth [I] if given, as int8 rows: (codes [T, I], scales [T])."""
     t, i = gate.shape
-    codes = torch.empty(t, i, dtype=torch.int8)
-    scales = torch.empty(t, dtype=torch.float32)
+    codes, codes_np = empty((t, i), torch.int8)
+    scales, scales_np = empty((t,), torch.float32)
     has_smooth = inv_smooth is not None
     _int8.silu_mul_quant(_bits(gate), _bits(up), row_scales.numpy(),
-                         (inv_smooth if has_smooth else scales).numpy(), has_smooth, codes.numpy(), scales.numpy(),
+                         const_bits(inv_smooth) if has_smooth else _NO_VECTOR, has_smooth, codes_np, scales_np,
                          _scratch(i))
     return codes, scales
 
 
 def scale_rows(x: torch.Tensor, row_scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, N] (contiguous) * row_scales[:, None] (+ bias [N]) in x's dtype."""
-    out = torch.empty_like(x)
+    out, out_np = empty(tuple(x.shape), x.dtype)
+    x_np = _bits(x)
     has_bias = bias is not None
-    _int8.scale_rows(_bits(x), row_scales.numpy(), _bits((bias if has_bias else x[0]).view(1, -1)), has_bias,
-                     _bits(out))
+    _int8.scale_rows(x_np, row_scales.numpy(), const_bits(bias, (1, -1)) if has_bias else x_np[:1], has_bias, out_np)
     return out

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from scalellm.layers.numpy_views import bits, const_bits
+
 logger = logging.getLogger(__name__)
 
 _make_kernel: Any = None  # _numba_kernels.make_decode_attention, once numba is imported
@@ -158,11 +160,6 @@ def prepare(slots: torch.Tensor, lens: torch.Tensor) -> DecodeIndex:
     return DecodeIndex(slots.to(torch.int64).contiguous().numpy(), lens.to(torch.int64).contiguous().numpy())
 
 
-def numpy_bits(t: torch.Tensor) -> np.ndarray:
-    """A numpy view for a numba kernel: bfloat16 as its raw bits (numba has no bfloat16)."""
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-
-
 NO_SCALES = np.ones((1, 1), dtype=np.float32)  # the scales argument of a kernel whose cache has none
 
 
@@ -173,12 +170,12 @@ def run_rows(q_rows: torch.Tensor, num_heads: int, k_flat: torch.Tensor, v_flat:
     (C-contiguous rows, e.g. a qkv projection's) whose first H*D columns are the B queries'
     heads. q_rows and out are float32 or bfloat16; k_flat, v_flat: a layer's [N*S, Hkv, D]
     caches (float32 or bfloat16; or int8 codes with k_scales, v_scales [N*S, Hkv] float32)."""
-    width = k_flat.shape[-2] * k_flat.shape[-1]
+    rows = (k_flat.shape[0], k_flat.shape[-2] * k_flat.shape[-1])
     codes = k_scales is not None and v_scales is not None
     kernel = _kernel_for(k_flat.shape[-1], num_heads // k_flat.shape[-2], codes)
-    kernel(numpy_bits(q_rows), num_heads, numpy_bits(k_flat.view(-1, width)), numpy_bits(v_flat.view(-1, width)),
-           k_scales.numpy() if codes else NO_SCALES, v_scales.numpy() if codes else NO_SCALES,
-           index.slots, index.lens, np.float32(scale), numpy_bits(out))
+    kernel(bits(q_rows), num_heads, const_bits(k_flat, rows), const_bits(v_flat, rows),
+           const_bits(k_scales) if codes else NO_SCALES, const_bits(v_scales) if codes else NO_SCALES,
+           index.slots, index.lens, np.float32(scale), bits(out))
 
 
 def run(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, index: DecodeIndex, scale: float,
