@@ -96,6 +96,23 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
+def start_cpu_kernels(model: nn.Module, args: ModelArgs, dtype: torch.dtype, device: torch.device,
+                      kv_cache_dtype: str = "auto") -> bool:
+    """Start compiling (or loading from numba's disk cache) the CPU kernels this model's steps
+    use, on a background thread; a second call for the same kernels starts nothing. Returns
+    whether there are such kernels (CPU, float32 or bfloat16 activations).
+
+    NOTE: called before the weights are loaded, the ~1.5-2 s of importing numba and loading
+    its cached kernels overlaps the load; started after it, an int8 server answered its first
+    requests for ~2 s after /ready on the torch stand-ins, whose roundings can tip a
+    near-tied greedy token (benchmarks/README.md, session 13)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    attn = model.model.layers[0].self_attn  # head counts per rank
+    fused_cpu.warm_up_in_background(dtype, args.head_dim, attn.num_heads, attn.num_kv_heads, kv_cache_dtype == "int8")
+    return True
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -138,10 +155,9 @@ class ModelRunner:
         # CPU steps run at bucketed row counts (`padded_rows`); not MoE models, whose routers
         # would count the padding rows as expert load
         self.pad_rows = device.type == "cpu" and not hasattr(model, "read_expert_load")
-        self._compiling: torch.dtype | None = None  # CPU kernels being compiled for this dtype
-        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-            fused_cpu.warm_up_in_background(dtype, args.head_dim, attn.num_heads, attn.num_kv_heads, self.kv_codes)
-            self._compiling = dtype
+        # CPU kernels being compiled for this dtype (started here unless `start_cpu_kernels` was
+        # called before the weights were loaded)
+        self._compiling = dtype if start_cpu_kernels(model, args, dtype, device, kv_cache_dtype) else None
         # decode attention through block tables (Triton) where it runs: on CUDA
         self.use_block_tables = paged_attention_triton.supports(
             self.kv_caches[0][0], attn.num_heads, attn.num_kv_heads, args.head_dim, block_size)

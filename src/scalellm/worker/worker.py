@@ -10,13 +10,13 @@ import time
 
 import torch
 
-from scalellm.layers import kv_quant
+from scalellm.layers import fused_cpu, kv_quant
 from scalellm.layers.linear import INT8_MAX_ROWS, onednn_packing_available
 from scalellm.loader.model_source import ModelSource
 from scalellm.models.args import ModelArgs
 from scalellm.models.registry import get_model_class
 from scalellm.protocol.errors import InvalidParameterError, KVCacheTooSmallError
-from scalellm.worker.model_runner import ModelRunner
+from scalellm.worker.model_runner import ModelRunner, start_cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def build_model_runner(
     model_cls = get_model_class(args.architecture)
     with torch.device(device):
         model = model_cls(args, dtype)
+    start_cpu_kernels(model, args, dtype, device, kv_cache_dtype)  # compiles while the weights load
     model.load_weights(source.iter_weights())
     model.eval()
     if quantization == "int8":
@@ -228,4 +229,7 @@ def _calibration_forward(model: torch.nn.Module, args: ModelArgs, dtype: torch.d
     ids = torch.randint(0, args.vocab_size, (t,), generator=gen).to(device)
     kv_heads = model.model.layers[0].self_attn.num_kv_heads
     batch = fresh_prompt_batch(t, args.num_layers, kv_heads, args.head_dim, dtype, device)
-    model(ids, torch.arange(t, device=device), batch)
+    # the torch ops throughout: the CPU kernels compile meanwhile (start_cpu_kernels), and
+    # statistics that depended on when they became ready would differ from run to run
+    with fused_cpu.torch_paths():
+        model(ids, torch.arange(t, device=device), batch)
