@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +41,9 @@ _rope_ready: set[tuple[torch.dtype, int, bool]] = set()  # (dtype, head_dim, 8-b
 _kernels: Any = None
 _silu_table: np.ndarray | None = None  # bfloat16 SiLU, by the input's 16 bits (silu_and_mul_table)
 _lock = threading.Lock()
+_started_lock = threading.Lock()
+_free = threading.Event()  # cleared inside compile_after()
+_free.set()
 _torch_only = 0  # > 0 inside torch_paths()
 
 
@@ -143,11 +147,42 @@ def warm_up_in_background(dtype: torch.dtype, head_dim: int, num_heads: int, num
     disk cache makes later starts ~1 s). Until it is done the model runs its torch paths.
     Once per set of arguments: a second call starts nothing."""
     key = (dtype, head_dim, num_heads, num_kv_heads, kv_codes)
-    with _lock:
+    with _started_lock:  # not _lock: a compilation holds that for seconds
         if key in _warm_started:
             return
         _warm_started.add(key)
-    threading.Thread(target=warm_up_model, args=key, name="numba-warm-up", daemon=True).start()
+    threading.Thread(target=_warm_up_when_free, args=key, name="numba-warm-up", daemon=True).start()
+
+
+def _warm_up_when_free(*key: Any) -> None:
+    # loading from numba's disk cache at once; compiling only after `compile_after`'s block
+    if not _free.is_set() and not (paged_attention_cpu.available() and cached_on_disk()):
+        _free.wait()
+    warm_up_model(*key)
+
+
+@contextlib.contextmanager
+def compile_after() -> Iterator[None]:
+    """Kernels started (`warm_up_in_background`) inside this block load from numba's disk
+    cache right away, but compile only once it is over. For the model's load: loading the
+    cached kernels beside it (~0.5 s) makes them ready with the model; compiling beside it
+    (~15 s of GIL-bound work on a fresh installation) slowed a 1.2 s load to ~9 s."""
+    _free.clear()
+    try:
+        yield
+    finally:
+        _free.set()
+
+
+def cached_on_disk() -> bool:
+    """Whether numba's disk cache seems to hold these kernels (one's index file exists): then
+    they load in well under a second instead of compiling. False when unsure."""
+    try:
+        from scalellm.layers import _numba_fused
+
+        return os.path.exists(_numba_fused.rms_norm._cache._cache_file._index_path)
+    except (ImportError, AttributeError):  # numba's cache internals moved: assume a compilation
+        return False
 
 
 def rope_ready(dtype: torch.dtype, head_dim: int, kv_codes: bool = False) -> bool:

@@ -111,7 +111,21 @@ def build_model_runner(
     model_cls = get_model_class(args.architecture)
     with torch.device(device):
         model = model_cls(args, dtype)
-    start_cpu_kernels(model, args, dtype, device, kv_cache_dtype)  # compiles while the weights load
+    with fused_cpu.compile_after():  # cached CPU kernels load while the weights do (a compilation waits)
+        start_cpu_kernels(model, args, dtype, device, kv_cache_dtype)
+        _load_and_quantize(model, args, source, dtype, device, quantization)
+    _release_load_memory()
+    logger.info("loaded %s (%s) in %.1fs", source.name, args.architecture, time.perf_counter() - t0)
+    return ModelRunner(
+        model, args, block_size=block_size, num_blocks=num_blocks, dtype=dtype, device=device,
+        seed=seed, is_driver=is_driver,
+        cuda_graph_max_batch=cuda_graph_max_batch if device.type == "cuda" else 0, max_model_len=max_model_len,
+        kv_cache_dtype=kv_cache_dtype,
+    )
+
+
+def _load_and_quantize(model: torch.nn.Module, args: ModelArgs, source: ModelSource, dtype: torch.dtype,
+                       device: torch.device, quantization: str | None) -> None:
     model.load_weights(source.iter_weights())
     model.eval()
     if quantization == "int8":
@@ -168,14 +182,6 @@ def build_model_runner(
     elif dtype == torch.bfloat16 and device.type == "cpu" and _pack_weights():
         added = sum(m.set_packed() for m in model.modules() if hasattr(m, "set_packed"))
         logger.info("bf16 linears prepacked for oneDNN (+%.0f MB)", added / 2**20)
-    _release_load_memory()
-    logger.info("loaded %s (%s) in %.1fs", source.name, args.architecture, time.perf_counter() - t0)
-    return ModelRunner(
-        model, args, block_size=block_size, num_blocks=num_blocks, dtype=dtype, device=device,
-        seed=seed, is_driver=is_driver,
-        cuda_graph_max_batch=cuda_graph_max_batch if device.type == "cuda" else 0, max_model_len=max_model_len,
-        kv_cache_dtype=kv_cache_dtype,
-    )
 
 
 def _release_load_memory() -> None:
