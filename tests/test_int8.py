@@ -107,22 +107,21 @@ def test_calibration_is_cached_on_disk(tiny_models, tmp_path, monkeypatch):
     assert passes == [1, 1]
 
 
-def test_calibration_does_not_depend_on_the_kernels_being_ready(tiny_models, tmp_path, monkeypatch):
+def test_calibration_does_not_depend_on_the_kernels_being_ready(tiny_models, monkeypatch):
     """The CPU kernels compile in the background while the weights load and the model is
     calibrated: the calibration pass runs the torch ops throughout, so its statistics (and
     the quantised weights) are the same whether the kernels were ready or not. (Before
     `torch_paths`, a pass that found them ready midway gave another model: SmolLM2's int8
     perplexity on the stand-ins moved from +0.8% to +1.5% from one start to the next.)"""
     from scalellm.layers import fused_cpu
+    from scalellm.loader.model_source import resolve_model
+    from scalellm.models.args import parse_model_args
     from scalellm.models.registry import get_model_class
     from scalellm.quant.int8 import calibrate_act_amax
     from scalellm.worker import worker
 
     if not fused_cpu.warm_up(torch.bfloat16):
         pytest.skip("numba not installed")
-    from scalellm.loader.model_source import resolve_model
-    from scalellm.models.args import parse_model_args
-
     source = resolve_model(tiny_models["llama"])
     args = parse_model_args(source.read_config())
     model = get_model_class(args.architecture)(args, torch.bfloat16)

@@ -124,7 +124,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.layer_idx = layer_idx
         # the last cache's views (`_cache_views`): (its KV tensor, its scales or None, views);
-        # they keep that cache alive until the next one (a plain attribute: no module state)
+        # they keep that cache alive until another one comes (not a buffer: not in state_dict)
         self._views: tuple | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

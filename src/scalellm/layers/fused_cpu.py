@@ -241,13 +241,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     (weight * norm(x + residual), x + residual) as RMSNorm's torch path does."""
     out, out_np = empty(tuple(x.shape), torch.float32 if out_float32 else x.dtype)
     x_np = _bits(x)
-    if residual is not None:
-        total, total_np = empty(tuple(x.shape), x.dtype)
-        _kernels.rms_norm(x_np, _bits(residual), True, const_bits(weight, (1, -1)), np.float32(eps), not out_float32,
-                          out_np, total_np)
-        return out, total
-    _kernels.rms_norm(x_np, x_np, False, const_bits(weight, (1, -1)), np.float32(eps), not out_float32, out_np, x_np)
-    return out
+    has_res = residual is not None
+    total, total_np = empty(tuple(x.shape), x.dtype) if has_res else (x, x_np)  # (x: not written)
+    _kernels.rms_norm(x_np, _bits(residual) if has_res else x_np, has_res, const_bits(weight, (1, -1)),
+                      np.float32(eps), not out_float32, out_np, total_np)
+    return (out, total) if has_res else out
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,8 @@ def bits(t: torch.Tensor) -> np.ndarray:
 def const_bits(t: torch.Tensor, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """`bits(t)` (reshaped to `shape`, if given) for a tensor whose data stays where it is (a
     weight, a cache): made on the first call and kept on t; made again if t's data moved
-    (`param.data = ...`). Not for a step's tensors: a cached view keeps its tensor's Python
-    object busier for nothing."""
+    (`param.data = ...`). For a tensor used once (a step's activations) it only costs: use
+    `bits`."""
     views = t.__dict__.get(_KEY)
     if views is not None:
         hit = views.get(shape)

@@ -105,7 +105,7 @@ def start_cpu_kernels(model: nn.Module, args: ModelArgs, dtype: torch.dtype, dev
     NOTE: called before the weights are loaded, the ~1.5-2 s of importing numba and loading
     its cached kernels overlaps the load; started after it, an int8 server answered its first
     requests for ~2 s after /ready on the torch stand-ins, whose roundings can tip a
-    near-tied greedy token (benchmarks/README.md, session 13)."""
+    near-tied greedy token (benchmarks/README.md, session 14)."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
     attn = model.model.layers[0].self_attn  # head counts per rank
