@@ -63,6 +63,10 @@ def test_prefault_kv_maps_the_cache_and_keeps_its_contents(tiny_models):
     # history (calloc may hand out recycled, already-zeroed heap): only the end state is checked
     llm = LLM(tiny_models["llama"], dtype="float32", block_size=4, kv_cache_memory=96 << 20)
     runner = llm.engine.core.executor
+    deadline = time.monotonic() + 120
+    while not runner.kernels_ready():  # else the warm-up step empties the stand-ins' prefix cache
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     out = llm.generate([5, 6, 7, 8, 9, 10, 11, 12, 13], SamplingParams(temperature=0.0, max_tokens=4))
 
     def resident_fraction(t: torch.Tensor) -> float:  # mincore(2) over the tensor's pages
@@ -84,12 +88,8 @@ def test_prefault_kv_maps_the_cache_and_keeps_its_contents(tiny_models):
     core = llm.engine.core
     stats = core.stats()
     slices = 0
-    deadline = time.monotonic() + 120
-    while (more := core.idle_work()) is not False:  # None: the CPU kernels are still compiling
+    while (more := core.idle_work()) is not False:
         slices += bool(more)
-        if more is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
     assert core.warmed_up  # the full-budget warm-up step ran, outside the prefix cache and counters
     assert core.stats() == stats
     assert slices >= runner.num_blocks // 8 - 1
@@ -100,3 +100,34 @@ def test_prefault_kv_maps_the_cache_and_keeps_its_contents(tiny_models):
     again = llm.generate([5, 6, 7, 8, 9, 10, 11, 12, 13], SamplingParams(temperature=0.0, max_tokens=4))
     assert again[0].outputs[0].token_ids == out[0].outputs[0].token_ids
     assert core.stats().prefix_cache_hits == stats.prefix_cache_hits + 8  # the cached blocks served it
+
+
+def test_warm_up_drops_the_prefix_cache_of_steps_run_on_the_stand_ins(tiny_models, monkeypatch):
+    """Steps that ran before the CPU kernels were ready (the torch stand-ins) leave their K/V
+    in the prefix cache; the warm-up step that follows the kernels empties it, so a repeated
+    prompt is computed again by the kernels. Steps run with the kernels ready keep theirs."""
+    from scalellm import LLM, SamplingParams
+
+    llm = LLM(tiny_models["llama"], dtype="float32", block_size=4, kv_cache_memory=16 << 20)
+    core, runner = llm.engine.core, llm.engine.core.executor
+    deadline = time.monotonic() + 120
+    while not runner.kernels_ready():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    greedy = SamplingParams(temperature=0.0, max_tokens=2)
+    prompt = list(range(5, 18))  # 13 tokens: 3 full blocks of 4 get cached
+
+    ready = [False]
+    monkeypatch.setattr(runner, "kernels_ready", lambda: ready[0])
+    llm.generate(prompt, greedy)
+    assert core.stand_in_steps > 0 and core.idle_work() is not False  # no warm-up before the kernels
+    assert core.scheduler.kv_cache.pool.num_cached_blocks == 3
+    ready[0] = True
+    while core.idle_work() is not False:
+        pass
+    assert core.warmed_up and core.scheduler.kv_cache.pool.num_cached_blocks == 0
+    hits = core.stats().prefix_cache_hits
+    llm.generate(prompt, greedy)
+    assert core.stats().prefix_cache_hits == hits  # computed again
+    llm.generate(prompt, greedy)
+    assert core.stats().prefix_cache_hits == hits + 12  # and cached from then on

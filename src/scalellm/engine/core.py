@@ -73,6 +73,9 @@ class EngineCore:
         self.schedule_seconds = 0.0  # cumulative, for the phase profile (see protocol.ipc.CORE_PHASES)
         self.update_seconds = 0.0
         self.warmed_up = False  # the full-budget warm-up step has run (idle_work)
+        # a step ran before the CPU kernels were ready: the prefix cache holds K/V the torch
+        # stand-ins computed, which the warm-up step drops (see warm_up_step)
+        self.stand_in_steps = 0
 
     def add_request(self, request: Request, seed_offset: int = 0) -> None:
         self.scheduler.add_request(request, seed_offset)
@@ -104,6 +107,8 @@ class EngineCore:
             if sched.finished_request_ids:
                 self.executor.execute(sched)  # let the worker drop finished state
             return []
+        if not self.warmed_up and not self.executor.kernels_ready():
+            self.stand_in_steps += 1
         result = self.executor.execute(sched)
         t1 = time.perf_counter()
         self.scheduler.observe_step(sched, t1 - t0)
@@ -141,8 +146,17 @@ class EngineCore:
         to fault in: in a same-run comparison with vLLM starting beside it, the first
         2,048-token step of a c=64 burst took ~1 s more than the next ones, adding that to
         every TTFT of the burst. Afterwards the heap keeps those pages
-        (memory.keep_freed_heap, set in the engine core process)."""
+        (memory.keep_freed_heap, set in the engine core process).
+
+        If steps ran before the kernels were ready (a cold numba cache: the torch stand-ins
+        served them), the prefix cache is emptied first: its blocks hold the stand-ins' K/V,
+        and a repeated prompt would go on continuing from them (after a cold int8 start, the
+        stand-ins' first tokens kept coming back once the kernels were in)."""
         self.warmed_up = True
+        if self.stand_in_steps:
+            self.scheduler.kv_cache.reset_prefix_cache()
+            logger.info("kernels ready after %d steps on the torch stand-ins: prefix cache emptied",
+                        self.stand_in_steps)
         self.executor.drop_start_up_pages()
         kv = self.scheduler.kv_cache
         counters = (self.num_steps, self.num_tokens_scheduled, self.schedule_seconds, self.update_seconds,
