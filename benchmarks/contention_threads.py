@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
+import os
 import statistics
 import subprocess
 import sys
 import time
 
 HOG = "while True:\n    sum(range(10000))\n"
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _in_process import prefill_stepper, warm_engine  # noqa: E402
 
 
 def main() -> int:
@@ -31,28 +34,9 @@ def main() -> int:
 
     import torch
 
-    from scalellm import LLM, SamplingParams
-    from scalellm.layers import fused_cpu
-
-    llm = LLM(None, max_num_batched_tokens=4096)
-    eng = llm.engine
-    runner = eng.core.executor
-    attn0 = runner.model.model.layers[0].self_attn
-    fused_cpu.warm_up_model(runner.dtype, runner.args.head_dim, attn0.num_heads, attn0.num_kv_heads)
-    while eng.core.idle_work() is not False:  # the warm-up step and the KV prefault
-        pass
-    rng = random.Random(0)
-    params = SamplingParams(temperature=1.0, max_tokens=1, ignore_eos=True)
-    count = [0]
-
-    def one_step(n: int, length: int) -> float:
-        for _ in range(n):
-            eng.add_request(f"r{count[0]}", [rng.randrange(100, 40000) for _ in range(length)], params)
-            count[0] += 1
-        t0 = time.perf_counter()
-        while eng.has_unfinished_requests():
-            eng.step()
-        return (time.perf_counter() - t0) * 1e3
+    llm = warm_engine(4096)
+    one_step = prefill_stepper(llm)
+    runner = llm.engine.core.executor
 
     threads0 = torch.get_num_threads()
     rows = []

@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import random
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _in_process import prefill_stepper, warm_engine  # noqa: E402
 
 
 def main() -> int:
@@ -32,31 +36,17 @@ def main() -> int:
     p.add_argument("--out", default="")
     a = p.parse_args()
 
-    from scalellm import LLM, SamplingParams
     from scalellm.layers import attention, embedding, fused_cpu, linear, norm
     from scalellm.quant import int8
     from scalellm.worker import model_runner
 
     n, length = a.prompts, a.prompt_len
-    llm = LLM(None, max_num_batched_tokens=n * length, quantization=a.quantization)
-    eng = llm.engine
-    runner = eng.core.executor
-    attn0 = runner.model.model.layers[0].self_attn
-    fused_cpu.warm_up_model(runner.dtype, runner.args.head_dim, attn0.num_heads, attn0.num_kv_heads)
-    while eng.core.idle_work() is not False:  # the warm-up step and the KV prefault
-        pass
-    rng = random.Random(0)
-    params = SamplingParams(temperature=1.0, max_tokens=1, ignore_eos=True)
-    count = [0]
+    llm = warm_engine(n * length, a.quantization)
+    runner = llm.engine.core.executor
+    step = prefill_stepper(llm)
 
     def one_step() -> float:
-        for _ in range(n):
-            eng.add_request(f"r{count[0]}", [rng.randrange(100, 40000) for _ in range(length)], params)
-            count[0] += 1
-        t0 = time.perf_counter()
-        while eng.has_unfinished_requests():
-            eng.step()
-        return (time.perf_counter() - t0) * 1e3
+        return step(n, length)
 
     for _ in range(2):
         one_step()
