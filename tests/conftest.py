@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -134,6 +135,15 @@ def assert_not_imported(setup: str, *forbidden: str) -> None:
     code = (f"import sys\n{setup}\nbad = [m for m in sys.modules if m in {forbidden!r} "
             f"or m.startswith(tuple(f + '.' for f in {forbidden!r}))]\nassert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def wait_for_kernels(executor, timeout: float = 120) -> None:
+    """Wait until an engine's CPU kernels are compiled (`executor.kernels_ready()`); fail
+    after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not executor.kernels_ready():
+        assert time.monotonic() < deadline, "the CPU kernels did not compile in time"
+        time.sleep(0.05)
 
 
 @pytest.fixture(params=["torch", "fused"])

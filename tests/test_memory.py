@@ -4,10 +4,10 @@ library still works (its pages come back from the page cache when touched)."""
 from __future__ import annotations
 
 import sys
-import time
 
 import pytest
 import torch
+from conftest import wait_for_kernels
 
 from scalellm.memory import drop_library_pages
 
@@ -63,10 +63,7 @@ def test_prefault_kv_maps_the_cache_and_keeps_its_contents(tiny_models):
     # history (calloc may hand out recycled, already-zeroed heap): only the end state is checked
     llm = LLM(tiny_models["llama"], dtype="float32", block_size=4, kv_cache_memory=96 << 20)
     runner = llm.engine.core.executor
-    deadline = time.monotonic() + 120
-    while not runner.kernels_ready():  # else the warm-up step empties the stand-ins' prefix cache
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_kernels(runner)  # else the warm-up step empties the stand-ins' prefix cache
     out = llm.generate([5, 6, 7, 8, 9, 10, 11, 12, 13], SamplingParams(temperature=0.0, max_tokens=4))
 
     def resident_fraction(t: torch.Tensor) -> float:  # mincore(2) over the tensor's pages
@@ -110,10 +107,7 @@ def test_warm_up_drops_the_prefix_cache_of_steps_run_on_the_stand_ins(tiny_model
 
     llm = LLM(tiny_models["llama"], dtype="float32", block_size=4, kv_cache_memory=16 << 20)
     core, runner = llm.engine.core, llm.engine.core.executor
-    deadline = time.monotonic() + 120
-    while not runner.kernels_ready():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_kernels(runner)
     greedy = SamplingParams(temperature=0.0, max_tokens=2)
     prompt = list(range(5, 18))  # 13 tokens: 3 full blocks of 4 get cached
 

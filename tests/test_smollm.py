@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import SMOLLM_GGUF, requires_smollm
+from conftest import SMOLLM_GGUF, requires_smollm, wait_for_kernels
 
 pytestmark = requires_smollm
 
@@ -73,7 +73,6 @@ def test_int8_perplexity_stays_near_bf16(monkeypatch):
     and up rounded before SiLU-mul, +2.1%)."""
     import math
     import sys
-    import time
 
     from scalellm import LLM
     from scalellm.layers import fused_cpu
@@ -98,8 +97,7 @@ def test_int8_perplexity_stays_near_bf16(monkeypatch):
 
     def ready(quantization: str | None) -> LLM:
         llm = LLM(dtype="bfloat16", max_model_len=1024, quantization=quantization)
-        while not llm.engine.core.executor.kernels_ready():  # the fused kernels (what serving runs) compile
-            time.sleep(0.1)
+        wait_for_kernels(llm.engine.core.executor)  # the fused kernels (what serving runs) compile
         return llm
 
     q_llm = ready("int8")
