@@ -1,6 +1,7 @@
 """Quality of a quantized path against the unquantized model (same weights, same engine):
-int8 (fbgemm W8A8) against float32, fp8 (e4m3 W8A8) against bfloat16, or the 8-bit KV
-cache (`--kv-cache-dtype int8`) against the model's dtype.
+int8 (fbgemm W8A8) against float32, fp8 (e4m3 W8A8) against bfloat16, int4 (4-bit copies
+for decode-sized calls) against bfloat16, or the 8-bit KV cache (`--kv-cache-dtype int8`)
+against the model's dtype.
 
 - greedy agreement: a fixed set of chat prompts, --max-tokens greedy tokens each;
   reports identical outputs and the mean length of the common token prefix.
@@ -10,6 +11,11 @@ cache (`--kv-cache-dtype int8`) against the model's dtype.
     python benchmarks/quant_quality.py --out benchmarks/results/quant_quality.json
     python benchmarks/quant_quality.py --quantization fp8 --dtype bfloat16 --out benchmarks/results/quant_quality_fp8.json
     python benchmarks/quant_quality.py --kv-cache-dtype int8 --dtype bfloat16 --out benchmarks/results/quant_quality_kv_int8.json
+    python benchmarks/quant_quality.py --quantization int4 --dtype bfloat16 --one-at-a-time --out benchmarks/results/quant_quality_int4.json
+
+int4's perplexity runs every row of the text through the 4-bit weights (served, only calls
+of up to 8 rows do); --one-at-a-time generates each prompt alone, so its decode steps (one
+row) take the 4-bit path as a c=1 server's would.
 
 With --kv-cache-dtype the perplexity pass runs the text in 32-token chunks, each attending
 to the earlier ones through the KV cache (in the run's format), so the cache's codes count;
@@ -19,13 +25,16 @@ otherwise it is one fresh prefill.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 
 import torch
 
 from scalellm import LLM, SamplingParams
+from scalellm.layers import linear
 from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk, fresh_prompt_batch
 
 PROMPTS = [
@@ -96,11 +105,22 @@ def perplexity_through_cache(llm: LLM, text: str, chunk: int = 32) -> tuple[floa
     return math.exp(nll.item()), t
 
 
+@contextlib.contextmanager
+def _int4_rows(rows: int) -> Iterator[None]:
+    old, linear.INT4_MAX_ROWS = linear.INT4_MAX_ROWS, rows
+    try:
+        yield
+    finally:
+        linear.INT4_MAX_ROWS = old
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None)
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--quantization", default="int8", choices=["int8", "fp8"])
+    p.add_argument("--quantization", default="int8", choices=["int8", "int4", "fp8"])
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="generate each prompt alone (decode steps of one row: int4's 4-bit path)")
     p.add_argument("--dtype", default="float32", help="of both runs (fp8: bfloat16)")
     p.add_argument("--device", default="auto")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
@@ -119,9 +139,14 @@ def main() -> None:
         while not runner.kernels_ready():  # the CPU kernels compile in the background
             time.sleep(0.1)
         t0 = time.perf_counter()
-        outs = llm.chat([[{"role": "user", "content": q}] for q in PROMPTS], params)
+        chats = [[{"role": "user", "content": q}] for q in PROMPTS]
+        outs = [llm.chat([c], params)[0] for c in chats] if a.one_at_a_time else llm.chat(chats, params)
         dt = time.perf_counter() - t0
-        ppl, ntok = perplexity_through_cache(llm, TEXT) if a.kv_cache_dtype == "int8" else perplexity(llm, TEXT)
+        if name == "int4":  # every row of the text through the 4-bit weights, not only decode-sized calls
+            with _int4_rows(10**9):
+                ppl, ntok = perplexity(llm, TEXT)
+        else:
+            ppl, ntok = perplexity_through_cache(llm, TEXT) if a.kv_cache_dtype == "int8" else perplexity(llm, TEXT)
         runs[name] = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "texts": [o.outputs[0].text for o in outs],
                       "perplexity": ppl, "text_tokens": ntok, "generate_s": dt}
         print(f"{name}: perplexity {ppl:.4f} over {ntok} tokens; {len(PROMPTS)} prompts in {dt:.1f}s", flush=True)

@@ -83,8 +83,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidParameterError("max_model_len", "must be >= 2")
-        if self.quantization not in (None, "int8", "fp8"):
-            raise InvalidParameterError("quantization", f"must be int8, fp8 or unset, got {self.quantization!r}")
+        if self.quantization not in (None, "int8", "int4", "fp8"):
+            raise InvalidParameterError("quantization", f"must be int8, int4, fp8 or unset, got {self.quantization!r}")
         if self.quantization is not None and self.tensor_parallel_size > 1:
             raise InvalidParameterError("quantization",
                                         f"{self.quantization} is not yet supported with tensor_parallel_size > 1")

@@ -11,7 +11,7 @@ import time
 import torch
 
 from scalellm.layers import fused_cpu, kv_quant
-from scalellm.layers.linear import INT8_MAX_ROWS, onednn_packing_available
+from scalellm.layers.linear import INT4_MAX_ROWS, INT8_MAX_ROWS, onednn_packing_available
 from scalellm.loader.model_source import ModelSource
 from scalellm.models.args import ModelArgs
 from scalellm.models.registry import get_model_class
@@ -128,6 +128,10 @@ def _load_and_quantize(model: torch.nn.Module, args: ModelArgs, source: ModelSou
                        device: torch.device, quantization: str | None) -> None:
     model.load_weights(source.iter_weights())
     model.eval()
+    if quantization == "int4" and not (dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_fast_bf16()
+                                       and _pack_weights()):
+        raise InvalidParameterError("quantization", "int4 (4-bit weights for decode steps of up to "
+                                    f"{INT4_MAX_ROWS} rows) runs on CPUs with bf16 units, with dtype bfloat16")
     if quantization == "int8":
         if device.type != "cpu":
             raise InvalidParameterError("quantization", "int8 (fbgemm W8A8) runs on CPU only")
@@ -180,8 +184,24 @@ def _load_and_quantize(model: torch.nn.Module, args: ModelArgs, source: ModelSou
         logger.info("bf16 on a CPU without bf16 units: GEMMs in float32 on the bf16 values "
                     "(bf16 numerics with fp32 accumulation; +%.0f MB)", added / 2**20)
     elif dtype == torch.bfloat16 and device.type == "cpu" and _pack_weights():
+        if quantization == "int4":
+            _add_int4_copies(model)
         added = sum(m.set_packed() for m in model.modules() if hasattr(m, "set_packed"))
         logger.info("bf16 linears prepacked for oneDNN (+%.0f MB)", added / 2**20)
+
+
+def _add_int4_copies(model: torch.nn.Module) -> None:
+    """quantization="int4": a 4-bit copy of each bf16 linear (quant/int4.py) for the calls of up
+    to INT4_MAX_ROWS rows; larger calls keep the bf16 weight (prepacked after this)."""
+    from scalellm.quant.int4 import int4_cpu_available
+
+    if not int4_cpu_available():
+        raise InvalidParameterError("quantization", "int4: this torch build has no CPU int4 GEMM "
+                                    "(torch._weight_int4pack_mm_for_cpu)")
+    linears = [m for m in model.modules() if hasattr(m, "set_int4")]
+    added = sum(m.set_int4() for m in linears)
+    logger.info("int4 copies of %d of %d linears for calls of up to %d rows: +%.0f MB",
+                sum(1 for m in linears if m.int4 is not None), len(linears), INT4_MAX_ROWS, added / 2**20)
 
 
 def _release_load_memory() -> None:
