@@ -78,7 +78,7 @@ def test_quantization_option_is_validated():
     from scalellm.protocol.errors import InvalidParameterError
 
     with pytest.raises(InvalidParameterError, match="quantization"):
-        EngineConfig(quantization="int4")
+        EngineConfig(quantization="int3")
 
 
 def test_calibration_is_cached_on_disk(tiny_models, tmp_path, monkeypatch):
