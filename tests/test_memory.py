@@ -4,6 +4,7 @@ library still works (its pages come back from the page cache when touched)."""
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 import torch
@@ -125,3 +126,25 @@ def test_warm_up_drops_the_prefix_cache_of_steps_run_on_the_stand_ins(tiny_model
     assert core.stats().prefix_cache_hits == hits  # computed again
     llm.generate(prompt, greedy)
     assert core.stats().prefix_cache_hits == hits + 12  # and cached from then on
+
+
+def test_warm_up_waits_for_an_idle_grace_period(tiny_models, monkeypatch):
+    """The warm-up step (a full token budget, uninterruptible) runs only once the engine has
+    been idle for WARM_UP_GRACE_S: a request sent right after /ready, or soon after another
+    one, is not queued behind it."""
+    from scalellm import LLM, SamplingParams
+    from scalellm.engine import core as core_module
+
+    monkeypatch.setattr(core_module, "WARM_UP_GRACE_S", 0.3)
+    llm = LLM(tiny_models["llama"], dtype="float32", block_size=4, kv_cache_memory=16 << 20)
+    core, runner = llm.engine.core, llm.engine.core.executor
+    wait_for_kernels(runner)
+    llm.generate([5, 6, 7, 8, 9], SamplingParams(temperature=0.0, max_tokens=2))
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.15:  # within the grace period: KV prefault slices only
+        assert core.idle_work() is not False
+    assert not core.warmed_up
+    time.sleep(0.2)
+    while core.idle_work() is not False:
+        pass
+    assert core.warmed_up
