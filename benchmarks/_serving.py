@@ -7,9 +7,10 @@ import time
 import urllib.request
 
 
-def wait_ready(proc: subprocess.Popen, url: str, what: str = "server", timeout: float = 300) -> float:
-    """Poll `url`/ready until it answers 200; returns the seconds waited. Raises when the
-    process exits first or `timeout` passes."""
+def wait_ready(proc: subprocess.Popen, url: str, what: str = "server", timeout: float = 300,
+               interval: float = 0.2) -> float:
+    """Poll `url`/ready every `interval` s until it answers 200; returns the seconds waited.
+    Raises when the process exits first or `timeout` passes."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
         if proc.poll() is not None:
@@ -20,7 +21,7 @@ def wait_ready(proc: subprocess.Popen, url: str, what: str = "server", timeout: 
                     return time.perf_counter() - t0
         except OSError:
             pass
-        time.sleep(0.2)
+        time.sleep(interval)
     raise RuntimeError(f"{what} not ready after {timeout:g} s")
 
 

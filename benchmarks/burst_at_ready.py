@@ -14,32 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import tempfile
-import time
-import urllib.request
+
+from _serving import stop_all, wait_ready
 
 VARIANTS = {"warm-up at once": "0", "grace 1 s": "1.0"}
-
-
-def wait_ready(port: int, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1)
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"server on port {port} not ready in {timeout} s")
 
 
 def one_run(port: int, grace: str, concurrency: int, output_len: int) -> dict[str, float]:
     env = dict(os.environ, SCALELLM_WARM_UP_GRACE_S=grace)
     srv = subprocess.Popen(["scalellm", "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+                           stderr=subprocess.DEVNULL)
     try:
-        wait_ready(port)
+        wait_ready(srv, f"http://127.0.0.1:{port}", interval=0.05)
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "bench.json")
             subprocess.run(["scalellm", "bench", "--url", f"http://127.0.0.1:{port}", "--model", "SmolLM2-135M-Instruct",
@@ -49,8 +37,7 @@ def one_run(port: int, grace: str, concurrency: int, output_len: int) -> dict[st
             with open(out) as f:
                 s = json.load(f)["runs"][0]["summary"]
     finally:
-        os.killpg(srv.pid, signal.SIGINT)
-        srv.wait(30)
+        stop_all([srv])
     return {"ttft_p50_ms": s["ttft_ms"]["p50"], "ttft_p99_ms": s["ttft_ms"]["p99"], "e2e_mean_ms": s["e2e_ms"]["mean"]}
 
 
