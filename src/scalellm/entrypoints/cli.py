@@ -57,7 +57,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "SmolLM2); "
                         "int4: a 4-bit copy of each bf16 linear (groups of 32, a scale and a zero each) for decode "
                         "steps of up to 8 rows, where reading the weights bounds a step, bf16 for larger ones (CPU "
-                        "with bf16 units; on a Q4_0/Q4_1 GGUF the copy holds the file's own 4-bit codes); "
+                        "with bf16 units; on a Q4_1 GGUF the copy holds the file's own 4-bit codes); "
                         "fp8: e4m3 W8A8 linears on torch._scaled_mm (GPU with compute capability 8.9+, e.g. H100)")
     p.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode steps")
     p.add_argument("--target-step-ms", type=float, default=None,

@@ -8,11 +8,12 @@ wins (the int4 kernel is ~5x slower than a prepacked bf16 weight at 64 rows).
 
 The codes are a round-to-nearest, min/max quantisation of the bf16 weight, group by
 group: w ~= (q - 8) * scale + zero, q in 0..15, scale = (max - min) / 15, zero = min +
-8 * scale (the kernel's convention). For a model loaded from a Q4_0/Q4_1 GGUF, whose
-weights are 4-bit groups of 32 to begin with (the GGUF's minimum and maximum are codes 0
-and 15 of each group), this recovers the file's codes: the values differ from the bf16
-weight by the rounding of scale and zero to bf16 (~0.35% of a group's range, a twentieth
-of a quantisation step, on SmolLM2's Q4_1 file).
+8 * scale (the kernel's convention). For a model loaded from a Q4_1 GGUF, whose weights
+are 4-bit groups of 32 to begin with (each block's minimum and maximum are its codes 0 and
+15), this recovers the file's codes: the values differ from the bf16 weight by the rounding
+of scale and zero to bf16 (~0.35% of a group's range, a twentieth of a quantisation step,
+on SmolLM2's Q4_1 file). Other weights (bf16 checkpoints; Q4_0, whose symmetric blocks
+need not use both end codes) are quantised anew: within half a step of their values.
 """
 
 from __future__ import annotations
