@@ -186,7 +186,8 @@ class EngineCore:
         try:
             while self.scheduler.has_unfinished_requests():
                 self.step()
-            logger.info("warm-up step: %d tokens in %.0f ms", cfg.max_num_batched_tokens, (time.perf_counter() - t0) * 1e3)
+            logger.info("warm-up step: %d tokens in %.0f ms", cfg.max_num_batched_tokens,
+                        (time.perf_counter() - t0) * 1e3)
         finally:
             kv.enable_prefix_caching = caching
             (self.num_steps, self.num_tokens_scheduled, self.schedule_seconds, self.update_seconds,

@@ -59,7 +59,6 @@ class Int4Weight:
         # [K/G, N, 2]: (scale, zero) per group and output channel, in the activations' dtype
         self.scales_zeros = torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], dim=-1) \
             .to(weight.dtype).contiguous()
-        self.out_features = n
 
     @property
     def nbytes(self) -> int:

@@ -126,12 +126,10 @@ def build_model_runner(
 
 def _load_and_quantize(model: torch.nn.Module, args: ModelArgs, source: ModelSource, dtype: torch.dtype,
                        device: torch.device, quantization: str | None) -> None:
+    if quantization == "int4":  # before the load: it depends on nothing the weights bring
+        _check_int4(dtype, device)
     model.load_weights(source.iter_weights())
     model.eval()
-    if quantization == "int4" and not (dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_fast_bf16()
-                                       and _pack_weights()):
-        raise InvalidParameterError("quantization", "int4 (4-bit weights for decode steps of up to "
-                                    f"{INT4_MAX_ROWS} rows) runs on CPUs with bf16 units, with dtype bfloat16")
     if quantization == "int8":
         if device.type != "cpu":
             raise InvalidParameterError("quantization", "int8 (fbgemm W8A8) runs on CPU only")
@@ -190,14 +188,22 @@ def _load_and_quantize(model: torch.nn.Module, args: ModelArgs, source: ModelSou
         logger.info("bf16 linears prepacked for oneDNN (+%.0f MB)", added / 2**20)
 
 
-def _add_int4_copies(model: torch.nn.Module) -> None:
-    """quantization="int4": a 4-bit copy of each bf16 linear (quant/int4.py) for the calls of up
-    to INT4_MAX_ROWS rows; larger calls keep the bf16 weight (prepacked after this)."""
+def _check_int4(dtype: torch.dtype, device: torch.device) -> None:
+    """quantization="int4" runs where bf16 weights are prepacked (the branch of
+    `_load_and_quantize` that adds the copies) and torch has the CPU int4 GEMM."""
     from scalellm.quant.int4 import int4_cpu_available
 
+    if not (dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_fast_bf16() and _pack_weights()):
+        raise InvalidParameterError("quantization", "int4 (4-bit weights for decode steps of up to "
+                                    f"{INT4_MAX_ROWS} rows) runs on CPUs with bf16 units, with dtype bfloat16")
     if not int4_cpu_available():
         raise InvalidParameterError("quantization", "int4: this torch build has no CPU int4 GEMM "
                                     "(torch._weight_int4pack_mm_for_cpu)")
+
+
+def _add_int4_copies(model: torch.nn.Module) -> None:
+    """quantization="int4": a 4-bit copy of each bf16 linear (quant/int4.py) for the calls of up
+    to INT4_MAX_ROWS rows; larger calls keep the bf16 weight (prepacked after this)."""
     linears = [m for m in model.modules() if hasattr(m, "set_int4")]
     added = sum(m.set_int4() for m in linears)
     logger.info("int4 copies of %d of %d linears for calls of up to %d rows: +%.0f MB",
