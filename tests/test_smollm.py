@@ -66,13 +66,16 @@ def test_greedy_chat_equals_transformers(llm, hf_model):
 
 def test_int8_perplexity_stays_near_bf16(monkeypatch):
     """--quantization int8 on the default model (on AMX CPUs: the int8-rows chain, layers/
-    int8_rows.py) keeps the model's perplexity on plain prose within 2.5% of bf16's (measured
-    +0.7%, session 10's int8 path +2.3%: benchmarks/quant_quality.py); a misapplied row scale or
-    smoothing factor costs far more. The torch ops that stand in for the fused kernels until they
-    are compiled (right after start-up) stay within 1.5% too (measured +0.5%; with the scaled gate
-    and up rounded before SiLU-mul, +2.1%)."""
+    int8_rows.py) keeps the model's perplexity on the first 1,024 tokens of docs/architecture.md
+    within 2.5% of bf16's (measured +0.1%); a misapplied row scale or smoothing factor costs far
+    more. The torch ops that stand in for the fused kernels until they are compiled (right after
+    start-up) stay within 1.5% too (measured -0.1% to +0.2%).
+
+    NOTE: on the ~300 tokens of quant_quality.TEXT the int8 deltas moved with the attention's
+    rounding alone: fused +0.7% / +1.5% / +2.4%, stand-ins +0.8% / +2.3% / +1.5% with torch's
+    bf16 SDPA, the AMX kernel (layers/causal_attention_amx.py) and exact float32 attention; on
+    these 1,024 tokens all three agree within 0.2% (benchmarks/README.md, session 17)."""
     import math
-    import sys
 
     from scalellm import LLM
     from scalellm.layers import fused_cpu
@@ -82,12 +85,12 @@ def test_int8_perplexity_stays_near_bf16(monkeypatch):
 
     if not (int8_available() and cpu_has_fast_bf16()):
         pytest.skip("needs an int8 engine and bf16 units")
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    from quant_quality import TEXT as text  # the opening of A Tale of Two Cities, ~300 tokens
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "architecture.md"), encoding="utf-8") as f:
+        text = f.read()
 
     def perplexity(llm: LLM) -> float:
         runner = llm.engine.core.executor
-        ids = llm.tokenizer.encode(text)
+        ids = llm.tokenizer.encode(text)[:1024]
         batch = fresh_prompt_batch(len(ids), runner.args.num_layers, runner.args.num_kv_heads,
                                    runner.args.head_dim, runner.dtype)
         with torch.inference_mode():

@@ -15,9 +15,11 @@ Decodes (one query token each) run, on CPU, as one fused
 kernel that reads K/V where they lie (`paged_attention_cpu`, numba); on GPU as one
 Triton kernel that reads them through the block tables (`paged_attention_triton`,
 CUDA-graph safe; there all prefill chunks also run as one kernel); otherwise as one batched SDPA call over K/V gathered through their
-slots and padded to the longest context (masked). Each
-prefill chunk runs its own causal SDPA call; a chunk that continues a cached
-context gathers its earlier K/V through its block table.
+slots and padded to the longest context (masked). Fresh prompts (no cached
+context) run, on an AMX CPU with bf16, as one call of a small C kernel for the
+whole step (`causal_attention_amx`), else one causal SDPA call per run of equal
+lengths; a chunk that continues a cached context gathers its earlier K/V through
+its block table and runs its own SDPA call.
 
 `forward_qkv` takes a QKV projection's output as it is: on CPU one fused pass (numba,
 `fused_cpu`) rotates q and k in place and writes K/V to the cache, and the decode kernel
@@ -34,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalellm.layers import fused_cpu, fused_gpu, kv_quant, paged_attention_cpu, paged_attention_triton
+from scalellm.layers import (causal_attention_amx, fused_cpu, fused_gpu, kv_quant, paged_attention_cpu,
+                             paged_attention_triton)
 from scalellm.layers.int8_rows import ScaledRows
 from scalellm.layers.rotary import RotaryEmbedding
 
@@ -64,6 +67,9 @@ class AttentionMetadata:
     prefill_meta: torch.Tensor | None = None
     prefill_max_q: int = 0
     fused_index: paged_attention_cpu.DecodeIndex | None = None  # made by the first layer of a step
+    # the fresh prompts as the AMX kernel reads them (causal_attention_amx.index), made by the
+    # first layer of a step that runs it; () when the step has none
+    amx_prompts: tuple | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     num_pad_tokens: int = 0  # the last rows pad the step to a bucketed size: their output is zero
 
@@ -233,6 +239,14 @@ class Attention(nn.Module):
                                                      self.scale, out)
             return out
         chunks = md.prefills
+        if chunks and not fused_cpu.torch_only() and causal_attention_amx.supports(
+                q, self.num_heads, self.num_kv_heads, self.head_dim):
+            if md.amx_prompts is None:
+                fresh = [c for c in chunks if c.ctx_slots is None]
+                md.amx_prompts = (causal_attention_amx.index([c.q_start for c in fresh], [c.q_len for c in fresh])
+                                  if fresh else ())
+            if md.amx_prompts and causal_attention_amx.run(q, k, v, out, md.amx_prompts, self.scale):
+                chunks = [c for c in chunks if c.ctx_slots is not None]  # the fresh ones are done
         i = 0
         while i < len(chunks):
             chunk = chunks[i]

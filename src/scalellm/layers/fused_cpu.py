@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scalellm.layers import paged_attention_cpu
+from scalellm.layers import causal_attention_amx, paged_attention_cpu
 from scalellm.layers.numpy_views import bits as _bits
 from scalellm.layers.numpy_views import const_bits, empty, scratch
 from scalellm.memory import drop_library_pages, trim_heap
@@ -60,6 +60,11 @@ def ready() -> bool:
 def supports(x: torch.Tensor) -> bool:
     """Whether the kernels are compiled for x's dtype (and x is on the CPU), outside `torch_paths`."""
     return not _torch_only and x.dtype in _compiled and x.device.type == "cpu"
+
+
+def torch_only() -> bool:
+    """Inside `torch_paths`: every CPU kernel (here and elsewhere) keeps its torch path."""
+    return _torch_only > 0
 
 
 @contextlib.contextmanager
@@ -119,6 +124,8 @@ def warm_up_model(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_head
     kernels here (for an 8-bit KV cache with `kv_codes`). Then hands the compiler's memory
     back. Returns whether any is usable."""
     try:
+        if dtype == torch.bfloat16:
+            causal_attention_amx.load()  # a C compiler's subprocess, ~1 s, once per machine
         ok = paged_attention_cpu.warm_up(torch.int8 if kv_codes else dtype, head_dim, num_heads, num_kv_heads,
                                          query_dtype=dtype)
         fused = warm_up(dtype)

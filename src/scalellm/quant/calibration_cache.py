@@ -20,17 +20,11 @@ import tempfile
 
 import torch
 
+from scalellm.paths import cache_dir
+
 logger = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the statistics or their calibration pass change meaning
-
-
-def cache_dir() -> str:
-    explicit = os.environ.get("SCALELLM_CACHE_DIR")
-    if explicit:
-        return explicit
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "scalellm")
 
 
 def _model_files(path: str) -> list[str]:

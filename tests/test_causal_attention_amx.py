@@ -1,0 +1,115 @@
+"""The AMX prefill attention (layers/causal_attention_amx.py + csrc/causal_attention_amx.c):
+causal attention of fresh prompts, checked against float32 attention on the same bf16
+inputs (its error no larger than torch's bf16 SDPA's), inside the engine against the torch
+path it replaces, and its build: cached per source, off without a compiler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scalellm.layers import causal_attention_amx as amx
+
+pytestmark = pytest.mark.skipif(not amx.load(), reason="no AMX CPU or no C compiler")
+
+
+def _attention_case(lens: list[int], h: int, hkv: int, d: int, seed: int = 0):
+    """q, k, v as views into one QKV projection's rows [T, (H + 2 Hkv) D], as the engine has them."""
+    g = torch.Generator().manual_seed(seed)
+    t = sum(lens)
+    qkv = (torch.randn(t, (h + 2 * hkv) * d, generator=g) * 2).to(torch.bfloat16)
+    q = qkv[:, : h * d].view(t, h, d)
+    k = qkv[:, h * d: (h + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (h + hkv) * d:].view(t, hkv, d)
+    return q, k, v
+
+
+def _per_prompt(q, k, v, lens, scale, dtype):
+    out, start = [], 0
+    for n in lens:
+        rows = slice(start, start + n)
+        qp, kp, vp = (x[rows].to(dtype).transpose(0, 1)[None] for x in (q, k, v))
+        r = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+        out.append(r[0].transpose(0, 1).reshape(n, -1))
+        start += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("lens,h,hkv,d", [
+    ([128] * 6, 9, 3, 64),  # SmolLM2's heads
+    ([1, 5, 16, 17, 31, 33, 100, 200], 9, 3, 64),  # partial blocks of 16 and chunks of 32
+    ([64, 40], 32, 8, 128),  # Llama-style heads
+    ([37, 129], 4, 4, 32),  # no grouping
+])
+def test_matches_float32_attention_as_closely_as_torch_bf16(lens, h, hkv, d):
+    q, k, v = _attention_case(lens, h, hkv, d)
+    scale = d ** -0.5
+    out = torch.full((q.shape[0], h * d), float("nan"), dtype=torch.bfloat16)
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    assert amx.run(q, k, v, out, amx.index(starts, lens), scale)
+    exact = _per_prompt(q, k, v, lens, scale, torch.float32)
+    torch_bf16 = _per_prompt(q, k, v, lens, scale, torch.bfloat16).float()
+    ours_err = (out.float() - exact).abs()
+    torch_err = (torch_bf16 - exact).abs()
+    assert not out.isnan().any()
+    assert ours_err.max() <= 1.5 * torch_err.max() + 1e-3
+    assert ours_err.mean() <= 1.5 * torch_err.mean() + 1e-4
+
+
+def test_leaves_rows_of_other_prompts_alone():
+    lens = [20, 50]
+    q, k, v = _attention_case([7] + lens, 9, 3, 64)
+    out = torch.zeros(q.shape[0], 9 * 64, dtype=torch.bfloat16)
+    assert amx.run(q, k, v, out, amx.index([7, 27], lens), 0.125)  # rows 0..6 belong to no prompt
+    assert (out[:7] == 0).all() and (out[7:] != 0).any(dim=1).all()
+
+
+def test_refuses_layouts_it_does_not_read():
+    q, k, v = _attention_case([16], 9, 3, 64)
+    out = torch.empty(16, 9 * 64, dtype=torch.bfloat16)
+    prompts = amx.index([0], [16])
+    assert not amx.run(q.float(), k.float(), v.float(), out, prompts, 0.125)
+    assert not amx.run(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, out, prompts, 0.125)
+    assert not amx.supports(q, 9, 3, 48)  # heads not a multiple of 32
+    assert not amx.supports(q, 9, 4, 64)  # query heads not whole groups
+
+
+def test_engine_with_the_kernel_generates_what_the_torch_path_does(tmp_path, monkeypatch):
+    from conftest import build_tiny_model
+    from scalellm import LLM, SamplingParams
+
+    path = build_tiny_model(str(tmp_path / "llama"), "llama", hidden_size=128)  # heads of 32
+    prompts = [list(range(3, 3 + n)) for n in (5, 16, 33, 70)]  # one step: four fresh prompts
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    calls = []
+    run = amx.run
+    monkeypatch.setattr(amx, "run", lambda *a: (calls.append(a[4][1].tolist()), run(*a))[1])
+    ours = [o.outputs[0].token_ids for o in LLM(path, dtype="bfloat16").generate(prompts, params)]
+    assert calls and calls[0] == [5, 16, 33, 70]  # every layer of the prefill step, all prompts at once
+    monkeypatch.setattr(amx, "_fn", None)  # the torch SDPA path
+    ref = [o.outputs[0].token_ids for o in LLM(path, dtype="bfloat16").generate(prompts, params)]
+    assert [list(t) for t in ours] == [list(t) for t in ref]
+
+
+def test_build_is_cached_per_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALELLM_CACHE_DIR", str(tmp_path))
+    compiler = amx._compiler()
+    path = amx._build(compiler)
+    assert path is not None and path.startswith(str(tmp_path))
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(amx.subprocess, "run", no_compiler)
+    assert amx._build(compiler) == path
+
+
+def test_without_a_compiler_the_torch_path_stays(monkeypatch):
+    monkeypatch.setattr(amx, "_fn", None)
+    monkeypatch.setattr(amx, "_tried", False)
+    monkeypatch.setattr(amx, "_compiler", lambda: None)
+    assert not amx.load()
+    assert not amx.ready()
+    q, k, v = _attention_case([16], 9, 3, 64)
+    assert not amx.run(q, k, v, torch.empty(16, 9 * 64, dtype=torch.bfloat16), amx.index([0], [16]), 0.125)
