@@ -1,7 +1,8 @@
 """The AMX prefill attention (layers/causal_attention_amx.py + csrc/causal_attention_amx.c):
-causal attention of fresh prompts, checked against float32 attention on the same bf16
-inputs (its error no larger than torch's bf16 SDPA's), inside the engine against the torch
-path it replaces, and its build: cached per source, off without a compiler."""
+causal attention of fresh prompts and of chunks over a cached context, checked against
+float32 attention on the same bf16 inputs (its error no larger than torch's bf16 SDPA's),
+inside the engine against the torch path it replaces (prefix-cache hits and chunked prefill
+included), and its build: cached per source, off without a compiler."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_matches_float32_attention_as_closely_as_torch_bf16(lens, h, hkv, d):
     scale = d ** -0.5
     out = torch.full((q.shape[0], h * d), float("nan"), dtype=torch.bfloat16)
     starts = [sum(lens[:i]) for i in range(len(lens))]
-    assert amx.run(q, k, v, out, amx.index(starts, lens), scale)
+    assert amx.run(q, k, v, out, amx.chunks(starts, lens), scale)
     exact = _per_prompt(q, k, v, lens, scale, torch.float32)
     torch_bf16 = _per_prompt(q, k, v, lens, scale, torch.bfloat16).float()
     ours_err = (out.float() - exact).abs()
@@ -57,18 +58,49 @@ def test_matches_float32_attention_as_closely_as_torch_bf16(lens, h, hkv, d):
     assert ours_err.mean() <= 1.5 * torch_err.mean() + 1e-4
 
 
+def test_chunks_over_a_cached_context_read_their_keys_by_slot():
+    """Three chunks continuing cached contexts (keys scattered over a cache's slots) and a fresh
+    prompt over its own slots, in one call; query i of a chunk sees keys 0..ctx - q_len + i."""
+    h, hkv, d, scale = 9, 3, 64, 0.125
+    g = torch.Generator().manual_seed(1)
+    spec = [(5, 40), (16, 16), (33, 161), (1, 70)]  # (queries, keys)
+    cache_k = (torch.randn(600, hkv, d, generator=g) * 2).to(torch.bfloat16)
+    cache_v = (torch.randn(600, hkv, d, generator=g) * 2).to(torch.bfloat16)
+    slots = torch.randperm(600, generator=g)
+    q = (torch.randn(sum(n for n, _ in spec), h, d, generator=g) * 2).to(torch.bfloat16)
+    out = torch.full((q.shape[0], h * d), float("nan"), dtype=torch.bfloat16)
+    starts, rows, taken = [], [], 0
+    for i, (n, ctx) in enumerate(spec):
+        starts.append(sum(m for m, _ in spec[:i]))
+        rows.append(slots[taken:taken + ctx])
+        taken += ctx
+    assert amx.run(q, cache_k, cache_v, out, amx.chunks(starts, [n for n, _ in spec], rows), scale)
+    for (n, ctx), start, r in zip(spec, starts, rows):
+        qi = q[start:start + n].transpose(0, 1)[None]
+        ki, vi = cache_k[r].transpose(0, 1)[None], cache_v[r].transpose(0, 1)[None]
+        mask = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]
+        exact = F.scaled_dot_product_attention(qi.float(), ki.float(), vi.float(), attn_mask=mask, scale=scale,
+                                               enable_gqa=True)[0].transpose(0, 1).reshape(n, -1)
+        ref = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale,
+                                             enable_gqa=True)[0].transpose(0, 1).reshape(n, -1).float()
+        ours = out[start:start + n].float()
+        assert (ours - exact).abs().max() <= 1.5 * (ref - exact).abs().max() + 1e-3, (n, ctx)
+    with pytest.raises(ValueError):
+        amx.chunks([0], [5], [slots[:4]])  # fewer keys than queries
+
+
 def test_leaves_rows_of_other_prompts_alone():
     lens = [20, 50]
     q, k, v = _attention_case([7] + lens, 9, 3, 64)
     out = torch.zeros(q.shape[0], 9 * 64, dtype=torch.bfloat16)
-    assert amx.run(q, k, v, out, amx.index([7, 27], lens), 0.125)  # rows 0..6 belong to no prompt
+    assert amx.run(q, k, v, out, amx.chunks([7, 27], lens), 0.125)  # rows 0..6 belong to no prompt
     assert (out[:7] == 0).all() and (out[7:] != 0).any(dim=1).all()
 
 
 def test_refuses_layouts_it_does_not_read():
     q, k, v = _attention_case([16], 9, 3, 64)
     out = torch.empty(16, 9 * 64, dtype=torch.bfloat16)
-    prompts = amx.index([0], [16])
+    prompts = amx.chunks([0], [16])
     assert not amx.run(q.float(), k.float(), v.float(), out, prompts, 0.125)
     assert not amx.run(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, out, prompts, 0.125)
     assert not amx.supports(q, 9, 3, 48)  # heads not a multiple of 32
@@ -84,12 +116,41 @@ def test_engine_with_the_kernel_generates_what_the_torch_path_does(tmp_path, mon
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     calls = []
     run = amx.run
-    monkeypatch.setattr(amx, "run", lambda *a: (calls.append(a[4][1].tolist()), run(*a))[1])
+    monkeypatch.setattr(amx, "run", lambda *a: (calls.append(a[4].q_lens.tolist()), run(*a))[1])
     ours = [o.outputs[0].token_ids for o in LLM(path, dtype="bfloat16").generate(prompts, params)]
     assert calls and calls[0] == [5, 16, 33, 70]  # every layer of the prefill step, all prompts at once
     monkeypatch.setattr(amx, "_fn", None)  # the torch SDPA path
     ref = [o.outputs[0].token_ids for o in LLM(path, dtype="bfloat16").generate(prompts, params)]
     assert [list(t) for t in ours] == [list(t) for t in ref]
+
+
+def test_engine_over_cached_prefixes_and_chunked_prompts_matches_the_torch_path(tmp_path, monkeypatch):
+    """Prefix-cache hits and a prompt longer than the step budget: chunks that continue a cached
+    context, which the kernel reads from the KV cache by slot."""
+    from conftest import build_tiny_model
+    from scalellm import LLM, SamplingParams
+
+    path = build_tiny_model(str(tmp_path / "llama"), "llama", hidden_size=128)
+    shared = list(range(3, 67))  # four full blocks of 16
+    prompts = [shared + [70 + i, 80 + i, 90] for i in range(3)] + [list(range(5, 205))]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    seen = []
+    run = amx.run
+    monkeypatch.setattr(amx, "run", lambda *a: (seen.append((a[4].q_lens.tolist(), a[4].ctx_lens.tolist())),
+                                                 run(*a))[1])
+
+    def generate() -> list[list[int]]:
+        llm = LLM(path, dtype="bfloat16", max_num_batched_tokens=96)
+        first = llm.generate(prompts[:1], params)  # fills the prefix cache
+        rest = llm.generate(prompts[1:], params)
+        return [list(o.outputs[0].token_ids) for o in first + rest]
+
+    ours = generate()
+    continuing = [(q, c) for qs, cs in seen for q, c in zip(qs, cs) if c > q]
+    assert any(c == 67 and q == 3 for q, c in continuing)  # a prefix-cache hit: 3 new tokens over 67
+    assert any(c > 96 for q, c in continuing)  # the long prompt's later chunks
+    monkeypatch.setattr(amx, "_fn", None)  # the torch SDPA path
+    assert generate() == ours
 
 
 def test_build_is_cached_per_source(tmp_path, monkeypatch):
@@ -112,4 +173,4 @@ def test_without_a_compiler_the_torch_path_stays(monkeypatch):
     assert not amx.load()
     assert not amx.ready()
     q, k, v = _attention_case([16], 9, 3, 64)
-    assert not amx.run(q, k, v, torch.empty(16, 9 * 64, dtype=torch.bfloat16), amx.index([0], [16]), 0.125)
+    assert not amx.run(q, k, v, torch.empty(16, 9 * 64, dtype=torch.bfloat16), amx.chunks([0], [16]), 0.125)

@@ -1,10 +1,12 @@
-"""Causal attention of fresh prompts on Intel AMX: a small C kernel, compiled at run time.
+"""Causal attention of prefill chunks on Intel AMX: a small C kernel, compiled at run time.
 
 torch's CPU flash-attention kernel cuts prompts shorter than 192 tokens into 32-row query
 blocks: for a 4,096-token prefill step of 128-token prompts at SmolLM2's heads that is ~2,300
-small GEMMs a layer, ~20% of the step. `csrc/causal_attention_amx.c` does a layer's fresh
-prompts in one call on AMX tiles (16-row blocks, float32 scores and softmax, bf16 P and
-output as torch's kernel has them): 1.5-1.7 ms a layer against 3.3-4.2 at 32 x 128 tokens.
+small GEMMs a layer, ~20% of the step; and a chunk that continues a cached context (a prefix
+cache hit, a long prompt's later chunks) gathers its keys and runs its own masked call.
+`csrc/causal_attention_amx.c` does all of a layer's chunks in one call on AMX tiles (16-row
+blocks, float32 scores and softmax, bf16 P and output as torch's kernel has them), reading
+cached keys where they lie: 1.5-1.7 ms a layer against 3.3-4.2 at 32 x 128 fresh tokens.
 
 The C file is compiled once per machine with the system's C compiler (`$CC`, else gcc,
 else cc; ~1 s) into the cache directory ($SCALELLM_CACHE_DIR, else $XDG_CACHE_HOME/scalellm,
@@ -26,6 +28,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -131,27 +134,50 @@ def load() -> bool:
             return False
         fn = lib.sl_causal_attention
         fn.restype = ctypes.c_int
-        fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
-                       + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_float, ctypes.c_int, ctypes.c_int])
+        fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_void_p] * 5
+                       + [ctypes.c_int] * 3 + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
         _fn = fn
         logger.debug("AMX prefill attention ready in %.2fs (%s)", time.monotonic() - t0, path)
         return True
 
 
-def index(starts: list[int], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The prompts' first rows and lengths as the kernel reads them, and the longest length."""
-    return torch.tensor(starts, dtype=torch.int64), torch.tensor(lens, dtype=torch.int64), max(lens)
+@dataclass(frozen=True, slots=True)
+class Chunks:
+    """A step's prefill chunks as the kernel reads them (made by `chunks`)."""
+
+    q_starts: torch.Tensor  # [n] int64: each chunk's first query row
+    q_lens: torch.Tensor  # [n] int64: its query rows, the last positions of its context
+    ctx_lens: torch.Tensor  # [n] int64: its keys (cached + this chunk's)
+    kv_offs: torch.Tensor  # [n] int64: where its keys start in kv_index (or in k/v's rows)
+    kv_index: torch.Tensor | None  # [sum ctx] int64 rows of k/v, or None: chunk s's key n is row kv_offs[s] + n
+    max_ctx: int
 
 
-def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-        prompts: tuple[torch.Tensor, torch.Tensor, int], scale: float) -> bool:
-    """Causal attention of each prompt's rows over its own rows, into `out` [T, H*D].
+def chunks(q_starts: list[int], q_lens: list[int], kv_rows: list[torch.Tensor] | None = None) -> Chunks:
+    """Chunks with these query rows. `kv_rows`: each chunk's keys, as rows of the k/v that `run`
+    gets (e.g. KV-cache slots: a chunk continuing a cached context has more keys than
+    queries); None for fresh prompts whose keys are their own rows of the step's k/v."""
+    if kv_rows is None:
+        ctx = list(q_lens)
+        offs, index = list(q_starts), None
+    else:
+        ctx = [int(r.numel()) for r in kv_rows]
+        offs = [sum(ctx[:i]) for i in range(len(ctx))]
+        index = torch.cat([r.reshape(-1) for r in kv_rows]).to(torch.int64).contiguous()
+    if any(c < n for c, n in zip(ctx, q_lens)):
+        raise ValueError("a chunk has fewer keys than queries")
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
+    return Chunks(as_tensor(q_starts), as_tensor(q_lens), as_tensor(ctx), as_tensor(offs), index, max(ctx))
 
-    q: [T, H, D], k, v: [T, Hkv, D] bf16 with unit stride inside a row and heads D apart
-    (views into a QKV projection's rows are fine); `prompts` from `index`. Returns False
-    (out incomplete) when the layout is not one the kernel reads or it could not allocate;
-    the caller then takes its torch path."""
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, todo: Chunks, scale: float) -> bool:
+    """Causal attention of each chunk's queries over its keys, into `out` [T, H*D] (rows of
+    no chunk untouched).
+
+    q: [T, H, D]; k, v: [rows, Hkv, D] (the step's own rows, or a KV cache's flat slots, as
+    `todo` was made for), bf16 with unit stride inside a row and heads D apart (views into a
+    QKV projection's rows are fine). Returns False (out incomplete) when the layout is not one
+    the kernel reads or it could not allocate; the caller then takes its torch path."""
     fn = _fn
     if fn is None:
         return False
@@ -162,8 +188,9 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             return False
     if out.stride(1) != 1 or out.dtype != torch.bfloat16 or out.shape[1] != h * d:
         return False
-    starts, lens, max_len = prompts
+    index = todo.kv_index.data_ptr() if todo.kv_index is not None else None
     rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), q.stride(0), k.stride(0), v.stride(0),
-            out.stride(0),
-            starts.numel(), starts.data_ptr(), lens.data_ptr(), h, hkv, d, scale, max_len, torch.get_num_threads())
+            out.stride(0), todo.q_starts.numel(), todo.q_starts.data_ptr(), todo.q_lens.data_ptr(),
+            todo.ctx_lens.data_ptr(), index, todo.kv_offs.data_ptr(), h, hkv, d, scale, todo.max_ctx,
+            torch.get_num_threads())
     return rc == 0

@@ -1,18 +1,19 @@
 /*
- * Causal self-attention of fresh prompts on Intel AMX (bf16 tiles, float32 softmax).
+ * Causal self-attention of prefill chunks on Intel AMX (bf16 tiles, float32 softmax).
  *
  * Compiled at run time by layers/causal_attention_amx.py (gcc or clang) and called through
- * ctypes; the torch SDPA path stays wherever this is missing. One call covers every fresh
- * prompt of a step, whatever their lengths: the unit of work is (prompt, KV head), split
- * over `num_threads` OpenMP threads. Per unit, K is packed as the B operand of Q K^T and V as
- * the B operand of P V (VNNI pairs); then for each query head of the group and each block
- * of 16 query rows:
- *   S = Q K^T over key blocks 0..i only (causal), float32 tiles;
+ * ctypes; the torch SDPA path stays wherever this is missing. One call covers every prefill
+ * chunk of a step, whatever their lengths: fresh prompts, and chunks that continue a cached
+ * context (their keys read through a row index, e.g. the KV cache's slots). The unit of work
+ * is (chunk, KV head), split over `num_threads` OpenMP threads. Per unit, K is packed as the
+ * B operand of Q K^T and V as the B operand of P V (VNNI pairs); then for each query head of
+ * the group and each block of 16 query rows:
+ *   S = Q K^T over the key blocks the block's rows may see (causal), float32 tiles;
  *   P = exp(scale * S - row max) with the causal mask, float32, rounded to bf16;
  *   O = P V in float32 tiles, divided by the row sums, rounded to bf16 into `out`.
  * Why: torch's CPU flash kernel cuts 128-token prompts into 32-row query blocks, ~2,300
  * small GEMMs a layer at SmolLM2's shapes (3.3-4.2 ms a layer for 32 x 128 tokens, 1.5-1.7
- * here).
+ * here), and a chunk over a cached context runs as its own masked call.
  *
  * Layout: bf16 bits as uint16. Query row r, head h at q + r * q_rs + h * D; key (value) row
  * r, KV head g at k + r * k_rs + g * D (v + r * v_rs + g * D); output at out + r * o_rs +
@@ -73,15 +74,19 @@ static inline __m512 exp512(__m512 x) {
 // bf16 <- fp32, round to nearest even (16 values)
 static inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
-/* n_seq fresh prompts; prompt s holds rows [starts[s], starts[s] + lens[s]); max_len >= every lens[s].
+/* n_seq query chunks. Chunk s: query rows [q_starts[s], q_starts[s] + q_lens[s]), the last
+ * q_lens[s] positions of a context of ctx_lens[s] keys; its key n lies in row
+ * kv_index[kv_offs[s] + n] of k and v (row kv_offs[s] + n without an index). Query i sees keys
+ * 0 .. ctx_lens[s] - q_lens[s] + i. max_ctx >= every ctx_lens[s].
  * Returns 0, or -1 where a thread could not allocate its scratch (then `out` is incomplete). */
 int sl_causal_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out,
-                         int64_t q_rs, int64_t k_rs, int64_t v_rs, int64_t o_rs, int n_seq, const int64_t *starts,
-                         const int64_t *lens, int H, int Hkv, int D, float scale, int max_len,
-                         int num_threads) {
+                        int64_t q_rs, int64_t k_rs, int64_t v_rs, int64_t o_rs, int n_seq,
+                        const int64_t *q_starts, const int64_t *q_lens, const int64_t *ctx_lens,
+                        const int64_t *kv_index, const int64_t *kv_offs, int H, int Hkv, int D, float scale,
+                        int max_ctx, int num_threads) {
     const int G = H / Hkv;
     const int n_units = n_seq * Hkv;
-    const int lpad = (max_len + 31) & ~31;
+    const int lpad = (max_ctx + 31) & ~31;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -105,10 +110,15 @@ int sl_causal_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
             if (!ok)
                 continue;  /* this thread's units stay undone: the caller sees the failure */
             const int s = u / Hkv, g = u % Hkv;
-            const int64_t r0 = starts[s];
-            const int L = (int)lens[s];
+            const int64_t r0 = q_starts[s];
+            const int QL = (int)q_lens[s];
+            const int L = (int)ctx_lens[s];         // keys
+            const int past = L - QL;                // keys before the first query
+            const int64_t *kidx = kv_index ? kv_index + kv_offs[s] : NULL;
+            const int64_t kbase = kv_offs[s];
             const int nkb = (L + 15) / 16;          // 16-key blocks
             const int nkc = (L + 31) / 32;          // 32-key chunks
+            const int nqb = (QL + 15) / 16;         // 16-query blocks
             const int dc = D / 32;                  // D chunks of 32 (QK^T K-dim)
             const int dn = D / 16;                  // D blocks of 16 (PV N-dim)
             // pack K: tile (j, c): row p (0..15) = pair (32c + 2p, 32c + 2p + 1), col n = key 16j + n
@@ -118,7 +128,8 @@ int sl_causal_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
                     for (int n = 0; n < 16; n++) {
                         int key = 16 * j + n;
                         if (key < L) {
-                            const uint32_t *src = (const uint32_t *)(k + (r0 + key) * k_rs + (int64_t)g * D + 32 * c);
+                            const int64_t row = kidx ? kidx[key] : kbase + key;
+                            const uint32_t *src = (const uint32_t *)(k + row * k_rs + (int64_t)g * D + 32 * c);
                             for (int p = 0; p < 16; p++) dst[p * 16 + n] = src[p];
                         } else {
                             for (int p = 0; p < 16; p++) dst[p * 16 + n] = 0;
@@ -132,8 +143,10 @@ int sl_causal_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
                     uint16_t *dst = vp + ((size_t)(kc * dn + b)) * 512;
                     for (int pr = 0; pr < 16; pr++) {
                         int k0 = 32 * kc + 2 * pr, k1 = k0 + 1;
-                        const uint16_t *s0 = k0 < L ? v + (r0 + k0) * v_rs + (int64_t)g * D + 16 * b : NULL;
-                        const uint16_t *s1 = k1 < L ? v + (r0 + k1) * v_rs + (int64_t)g * D + 16 * b : NULL;
+                        const uint16_t *s0 = k0 < L ? v + (kidx ? kidx[k0] : kbase + k0) * v_rs + (int64_t)g * D + 16 * b
+                                                    : NULL;
+                        const uint16_t *s1 = k1 < L ? v + (kidx ? kidx[k1] : kbase + k1) * v_rs + (int64_t)g * D + 16 * b
+                                                    : NULL;
                         __m256i a = s0 ? _mm256_loadu_si256((const __m256i *)s0) : _mm256_setzero_si256();
                         __m256i bb = s1 ? _mm256_loadu_si256((const __m256i *)s1) : _mm256_setzero_si256();
                         // interleave 16-bit elements of a and bb: d0a d0b d1a d1b ...
@@ -148,8 +161,9 @@ int sl_causal_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
             }
             for (int hh = 0; hh < G; hh++) {
                 const int h = g * G + hh;
-                for (int i = 0; i < nkb; i++) {
-                    const int rows = L - 16 * i < 16 ? L - 16 * i : 16;
+                for (int i = 0; i < nqb; i++) {
+                    const int rows = QL - 16 * i < 16 ? QL - 16 * i : 16;
+                    const int p0 = past + 16 * i;  // the block's first query position
                     const uint16_t *qa;
                     int64_t qstride;
                     if (rows == 16) {
@@ -162,10 +176,12 @@ int sl_causal_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
                         qa = qpad;
                         qstride = D * 2;
                     }
-                    const int nk = 16 * (i + 1);      // keys a row of this block may see (at most)
+                    const int last = p0 + rows - 1 < L - 1 ? p0 + rows - 1 : L - 1;  // its last key
+                    const int jn = last / 16 + 1;     // key blocks it needs
+                    const int nk = 16 * jn;
                     const int nkp = (nk + 31) & ~31;  // padded to the PV chunk
-                    // S = Q K^T for key blocks 0..i
-                    for (int j = 0; j <= i; j++) {
+                    // S = Q K^T for key blocks 0..jn-1
+                    for (int j = 0; j < jn; j++) {
                         _tile_zero(0);
                         for (int c = 0; c < dc; c++) {
                             _tile_loadd(1, qa + 32 * c, qstride);
@@ -174,11 +190,11 @@ int sl_causal_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
                         }
                         _tile_stored(0, sbuf + 16 * j, nkp * 4);
                     }
-                    // softmax per row (causal: row r sees keys 0..16i + r)
+                    // softmax per row (causal: row r sees keys 0..p0 + r)
                     for (int r = 0; r < 16; r++) {
                         float *srow = sbuf + r * nkp;
                         uint16_t *prow = pbuf + r * nkp;
-                        const int valid = r < rows ? 16 * i + r + 1 : 0;
+                        const int valid = r < rows ? p0 + r + 1 : 0;
                         __m512 mx = _mm512_set1_ps(-INFINITY);
                         for (int c0 = 0; c0 < valid; c0 += 16) {
                             __mmask16 m = valid - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (valid - c0)) - 1);
