@@ -153,6 +153,34 @@ def test_engine_over_cached_prefixes_and_chunked_prompts_matches_the_torch_path(
     assert generate() == ours
 
 
+def test_engine_with_an_8bit_kv_cache_runs_fresh_prompts_on_the_kernel(tmp_path, monkeypatch):
+    """With 8-bit K/V codes in the cache, the kernel takes the fresh prompts from the step's own
+    rows; chunks over a cached context stay on the torch path (which dequantizes the codes)."""
+    from conftest import build_tiny_model
+    from scalellm import LLM, SamplingParams
+
+    path = build_tiny_model(str(tmp_path / "llama"), "llama", hidden_size=128)
+    shared = list(range(3, 67))
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    seen = []
+    run = amx.run
+    monkeypatch.setattr(amx, "run", lambda *a: (seen.append((a[4].kv_index is None, a[4].q_lens.tolist())),
+                                                 run(*a))[1])
+
+    def generate() -> list[list[int]]:
+        llm = LLM(path, dtype="bfloat16", kv_cache_dtype="int8")
+        outs = llm.generate([shared + [70], list(range(9, 40))], params)
+        hit = llm.generate([shared + [71, 72]], params)  # a prefix-cache hit: a continuing chunk
+        assert hit[0].metrics.num_cached_tokens == 64
+        return [list(o.outputs[0].token_ids) for o in outs + hit]
+
+    ours = generate()
+    assert seen and all(rows for rows, _ in seen)  # keys from the step's rows, never the 8-bit cache
+    assert all(lens == [65, 31] for _, lens in seen)  # the hit's 2-token chunk went to torch
+    monkeypatch.setattr(amx, "_fn", None)
+    assert generate() == ours
+
+
 def test_build_is_cached_per_source(tmp_path, monkeypatch):
     monkeypatch.setenv("SCALELLM_CACHE_DIR", str(tmp_path))
     compiler = amx._compiler()
