@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -75,8 +76,9 @@ def _cpu_has_amx() -> bool:
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "gcc", "cc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 
@@ -162,12 +164,12 @@ def chunks(q_starts: list[int], q_lens: list[int], kv_rows: list[torch.Tensor] |
         offs, index = list(q_starts), None
     else:
         ctx = [int(r.numel()) for r in kv_rows]
-        offs = [sum(ctx[:i]) for i in range(len(ctx))]
+        offs = list(accumulate(ctx, initial=0))[:-1]
         index = torch.cat([r.reshape(-1) for r in kv_rows]).to(torch.int64).contiguous()
     if any(c < n for c, n in zip(ctx, q_lens)):
         raise ValueError("a chunk has fewer keys than queries")
-    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
-    return Chunks(as_tensor(q_starts), as_tensor(q_lens), as_tensor(ctx), as_tensor(offs), index, max(ctx))
+    table = torch.tensor([q_starts, q_lens, ctx, offs], dtype=torch.int64)  # one tensor, a contiguous row each
+    return Chunks(table[0], table[1], table[2], table[3], index, max(ctx))
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, todo: Chunks, scale: float) -> bool:
@@ -181,7 +183,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, to
     fn = _fn
     if fn is None:
         return False
-    t, h, d = q.shape
+    _, h, d = q.shape
     hkv = k.shape[1]
     for x in (q, k, v):
         if x.stride(2) != 1 or x.stride(1) != d or x.dtype != torch.bfloat16:

@@ -51,6 +51,9 @@ static void config_tiles(void) {
     _tile_loadconfig(&cfg);
 }
 
+/* Row of key n of a chunk in k/v: through its index, or kbase + n without one. */
+static inline int64_t key_row(const int64_t *kidx, int64_t kbase, int n) { return kidx ? kidx[n] : kbase + n; }
+
 static inline __m512 exp512(__m512 x) {
     // exp(x) = 2^n * p(r), n = round(x log2 e), r = x - n ln2; x <= 0 here
     const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
@@ -128,8 +131,8 @@ int sl_causal_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
                     for (int n = 0; n < 16; n++) {
                         int key = 16 * j + n;
                         if (key < L) {
-                            const int64_t row = kidx ? kidx[key] : kbase + key;
-                            const uint32_t *src = (const uint32_t *)(k + row * k_rs + (int64_t)g * D + 32 * c);
+                            const uint32_t *src =
+                                (const uint32_t *)(k + key_row(kidx, kbase, key) * k_rs + (int64_t)g * D + 32 * c);
                             for (int p = 0; p < 16; p++) dst[p * 16 + n] = src[p];
                         } else {
                             for (int p = 0; p < 16; p++) dst[p * 16 + n] = 0;
@@ -143,10 +146,8 @@ int sl_causal_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
                     uint16_t *dst = vp + ((size_t)(kc * dn + b)) * 512;
                     for (int pr = 0; pr < 16; pr++) {
                         int k0 = 32 * kc + 2 * pr, k1 = k0 + 1;
-                        const uint16_t *s0 = k0 < L ? v + (kidx ? kidx[k0] : kbase + k0) * v_rs + (int64_t)g * D + 16 * b
-                                                    : NULL;
-                        const uint16_t *s1 = k1 < L ? v + (kidx ? kidx[k1] : kbase + k1) * v_rs + (int64_t)g * D + 16 * b
-                                                    : NULL;
+                        const uint16_t *s0 = k0 < L ? v + key_row(kidx, kbase, k0) * v_rs + (int64_t)g * D + 16 * b : NULL;
+                        const uint16_t *s1 = k1 < L ? v + key_row(kidx, kbase, k1) * v_rs + (int64_t)g * D + 16 * b : NULL;
                         __m256i a = s0 ? _mm256_loadu_si256((const __m256i *)s0) : _mm256_setzero_si256();
                         __m256i bb = s1 ? _mm256_loadu_si256((const __m256i *)s1) : _mm256_setzero_si256();
                         // interleave 16-bit elements of a and bb: d0a d0b d1a d1b ...
