@@ -7,7 +7,8 @@ norms, linears, rotary + KV write, decode attention, SiLU-mul, LM head, sampling
 wrapped step runs ~10% slower: the timers' own cost). Each variant runs in its own
 subprocess with an environment switch, one after the other:
 
-    all        numba kernels + oneDNN-prepacked bf16 weights (the default)
+    all        numba kernels + prepacked bf16 weights: AMX GEMM where it loads (the default)
+    onednn     SCALELLM_NO_AMX_GEMM=1: bf16 weights prepacked for oneDNN instead
     no-packed  SCALELLM_NO_PACKED_WEIGHTS=1: bf16 linears through F.linear
     no-numba   SCALELLM_NO_NUMBA=1: every numba kernel off (torch paths only)
 
@@ -27,14 +28,15 @@ import subprocess
 import sys
 import time
 
-VARIANTS = {"all": {}, "no-packed": {"SCALELLM_NO_PACKED_WEIGHTS": "1"}, "no-numba": {"SCALELLM_NO_NUMBA": "1"}}
+VARIANTS = {"all": {}, "no-packed": {"SCALELLM_NO_PACKED_WEIGHTS": "1"}, "no-numba": {"SCALELLM_NO_NUMBA": "1"},
+            "onednn": {"SCALELLM_NO_AMX_GEMM": "1"}}
 
 
 def measure(a: argparse.Namespace) -> dict:
     import torch
 
     from scalellm import LLM, SamplingParams
-    from scalellm.layers import activation, attention, embedding, fused_cpu, linear, norm, paged_attention_cpu
+    from scalellm.layers import activation, amx_gemm, attention, embedding, fused_cpu, linear, norm, paged_attention_cpu
     from scalellm.worker import model_runner
 
     kw = {"quantization": a.quantization} if a.quantization else {}
@@ -80,6 +82,8 @@ def measure(a: argparse.Namespace) -> dict:
     wrap(paged_attention_cpu, "run_rows", "  of which decode attention kernel")
     wrap(fused_cpu, "rope_write_kv", "  of which rotary + KV write kernel")
     wrap(activation.SiluAndMul, "forward", "silu_mul")
+    wrap(linear.MergedColumnParallelLinear, "silu_and_mul", "gate_up + SiLU-mul")
+    wrap(amx_gemm, "_run", "AMX GEMM kernel calls (all linears, LM head)")
     wrap(embedding.ParallelLMHead, "compute_logits", "lm_head (logits)")
     wrap(model_runner, "sample", "sampling")
     t0 = time.perf_counter()

@@ -6,11 +6,14 @@ included), and its build: cached per source, off without a compiler."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from scalellm.layers import causal_attention_amx as amx
+from scalellm.layers import native
 
 pytestmark = pytest.mark.skipif(not amx.load(), reason="no AMX CPU or no C compiler")
 
@@ -183,21 +186,22 @@ def test_engine_with_an_8bit_kv_cache_runs_fresh_prompts_on_the_kernel(tmp_path,
 
 def test_build_is_cached_per_source(tmp_path, monkeypatch):
     monkeypatch.setenv("SCALELLM_CACHE_DIR", str(tmp_path))
-    compiler = amx._compiler()
-    path = amx._build(compiler)
+    compiler = native.compiler()
+    source = os.path.join(native.CSRC, "causal_attention_amx.c")
+    path = native.build(source, compiler)
     assert path is not None and path.startswith(str(tmp_path))
 
     def no_compiler(*args, **kwargs):
         raise AssertionError("compiled again")
 
-    monkeypatch.setattr(amx.subprocess, "run", no_compiler)
-    assert amx._build(compiler) == path
+    monkeypatch.setattr(native.subprocess, "run", no_compiler)
+    assert native.build(source, compiler) == path
 
 
 def test_without_a_compiler_the_torch_path_stays(monkeypatch):
     monkeypatch.setattr(amx, "_fn", None)
     monkeypatch.setattr(amx, "_tried", False)
-    monkeypatch.setattr(amx, "_compiler", lambda: None)
+    monkeypatch.setattr(native, "compiler", lambda: None)
     assert not amx.load()
     assert not amx.ready()
     q, k, v = _attention_case([16], 9, 3, 64)

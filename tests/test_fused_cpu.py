@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scalellm.layers import fused_cpu, linear, paged_attention_cpu
+from scalellm.layers import amx_gemm, fused_cpu, linear, paged_attention_cpu
 from scalellm.layers.activation import SiluAndMul
 from scalellm.layers.norm import RMSNorm
 from scalellm.layers.rotary import RotaryEmbedding
@@ -142,7 +142,13 @@ def test_inverse_cdf_draw_matches_cumsum_searchsorted():
 
 @pytest.mark.skipif(not linear.onednn_packing_available(), reason="no oneDNN bf16 linear on this CPU")
 @pytest.mark.parametrize("rows", [1, 3, 64, 200])
-def test_packed_bf16_linear_matches_f_linear(rows):
+@pytest.mark.parametrize("backend", ["amx", "onednn"])
+def test_packed_bf16_linear_matches_f_linear(rows, backend, monkeypatch):
+    if backend == "amx" and not amx_gemm.load():
+        pytest.skip("no AMX GEMM here")
+    if backend == "onednn":
+        monkeypatch.setattr(amx_gemm, "_tried", True)
+        monkeypatch.setattr(amx_gemm, "_fn", None)
     g = torch.Generator().manual_seed(rows)
     layer = linear.ReplicatedLinear(576, 960, bias=True, dtype=torch.bfloat16)
     layer.weight.data = (torch.randn(960, 576, generator=g) * 0.05).bfloat16()
@@ -151,6 +157,7 @@ def test_packed_bf16_linear_matches_f_linear(rows):
     ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
     layer.set_packed()
     assert layer.weight.numel() == 0  # the plain copy is freed
+    assert isinstance(layer.packed, amx_gemm.AmxWeight) == (backend == "amx")
     got = layer(x)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 960)
     # the same bf16 products; oneDNN may sum in another order: within a bf16 ulp or two
@@ -159,10 +166,16 @@ def test_packed_bf16_linear_matches_f_linear(rows):
 
 @pytest.mark.skipif(not linear.onednn_packing_available(), reason="no oneDNN bf16 linear on this CPU")
 @pytest.mark.parametrize("rows", [1, 64, 300])
-def test_packed_gate_up_fuses_silu_and_mul(rows):
-    """A [gate | up] linear packed half by half: silu_and_mul (the activation and the product
-    in the GEMMs' epilogues) matches silu(gate) * up in float64, and a plain call still returns
-    the merged [gate | up] output."""
+@pytest.mark.parametrize("backend", ["amx", "onednn"])
+def test_packed_gate_up_fuses_silu_and_mul(rows, backend, monkeypatch):
+    """A [gate | up] linear packed for the AMX GEMM ((gate, up) block pairs) or half by half for
+    oneDNN: silu_and_mul (the activation and the product in the GEMMs' epilogues) matches
+    silu(gate) * up in float64, and a plain call still returns the merged [gate | up] output."""
+    if backend == "amx" and not amx_gemm.load():
+        pytest.skip("no AMX GEMM here")
+    if backend == "onednn":
+        monkeypatch.setattr(amx_gemm, "_tried", True)
+        monkeypatch.setattr(amx_gemm, "_fn", None)
     g = torch.Generator().manual_seed(rows)
     layer = linear.MergedColumnParallelLinear(576, [1536, 1536], bias=False, dtype=torch.bfloat16)
     layer.weight.data = (torch.randn(3072, 576, generator=g) * 0.05).bfloat16()
@@ -171,7 +184,11 @@ def test_packed_gate_up_fuses_silu_and_mul(rows):
     ref = torch.nn.functional.silu(gu[:, :1536]) * gu[:, 1536:]
     assert layer.silu_and_mul(x) is None  # not packed yet: the caller runs the activation itself
     layer.set_packed()
-    assert layer.weight.numel() == 0 and layer.packed_halves is not None
+    assert layer.weight.numel() == 0
+    if backend == "amx":
+        assert isinstance(layer.packed, amx_gemm.AmxWeight) and layer.packed.swiglu
+    else:
+        assert layer.packed_halves is not None
     got = layer.silu_and_mul(x)
     assert got is not None and got.dtype == torch.bfloat16 and got.shape == (rows, 1536)
     # one bf16 rounding of the gate, one of the product: within ~2 bf16 ulps of the exact value

@@ -8,9 +8,7 @@ cache hit, a long prompt's later chunks) gathers its keys and runs its own maske
 blocks, float32 scores and softmax, bf16 P and output as torch's kernel has them), reading
 cached keys where they lie: 1.5-1.7 ms a layer against 3.3-4.2 at 32 x 128 fresh tokens.
 
-The C file is compiled once per machine with the system's C compiler (`$CC`, else gcc,
-else cc; ~1 s) into the cache directory ($SCALELLM_CACHE_DIR, else $XDG_CACHE_HOME/scalellm,
-else ~/.cache/scalellm), keyed by the source and the flags, and loaded with ctypes. Without
+The C file is compiled once per machine and loaded with ctypes (`layers/native.py`). Without
 a compiler, AMX (Linux x86-64, `amx_bf16` in /proc/cpuinfo and the kernel's permission for
 the tile state) or with SCALELLM_NO_AMX_ATTENTION=1, `ready()` stays False and callers keep
 torch's SDPA. Knows nothing of models or requests: row offsets and lengths in, rows out.
@@ -19,13 +17,8 @@ torch's SDPA. Knows nothing of models or requests: row offsets and lengths in, r
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -33,14 +26,10 @@ from itertools import accumulate
 
 import torch
 
-from scalellm.paths import cache_dir
+from scalellm.layers import native
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "causal_attention_amx.c")
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
-          "-fopenmp", "-shared", "-fPIC"]
-_CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx512bw", "avx512vl")
 MAX_HEAD_DIM = 128  # the kernel's per-thread scratch holds 16 rows of at most 128
 
 _lock = threading.Lock()
@@ -60,52 +49,6 @@ def supports(q: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) 
             and head_dim % 32 == 0 and head_dim <= MAX_HEAD_DIM and num_heads % num_kv_heads == 0)
 
 
-def _cpu_has_amx() -> bool:
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return all(flag in flags for flag in _CPU_FLAGS)
-    except OSError:
-        pass
-    return False
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "gcc", "cc"):
-        path = shutil.which(name) if name else None
-        if path:
-            return path
-    return None
-
-
-def _build(compiler: str) -> str | None:
-    """The shared library's path, compiling it into the cache directory unless it is there."""
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(source + " ".join([os.path.basename(compiler)] + _FLAGS).encode()).hexdigest()[:16]
-    directory = cache_dir()
-    path = os.path.join(directory, f"causal_attention_amx-{key}.so")
-    if os.path.isfile(path):
-        return path
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-    os.close(fd)
-    try:
-        res = subprocess.run([compiler, *_FLAGS, _SOURCE, "-o", tmp], capture_output=True, text=True, timeout=120)
-        if res.returncode != 0:
-            logger.info("AMX prefill attention not built (%s): %s", compiler, res.stderr.strip()[-500:])
-            return None
-        os.replace(tmp, path)  # atomic: a concurrent server loads one whole file or the other
-        return path
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def load() -> bool:
     """Build (once per machine) and load the kernel where the CPU and a compiler allow;
     returns `ready()`. Safe to call from any thread, any number of times."""
@@ -116,30 +59,18 @@ def load() -> bool:
         if _tried:
             return _fn is not None
         _tried = True
-        if os.environ.get("SCALELLM_NO_AMX_ATTENTION") or not _cpu_has_amx():
-            return False
-        compiler = _compiler()
-        if compiler is None:
-            logger.info("AMX prefill attention off: no C compiler ($CC, gcc, cc)")
+        if os.environ.get("SCALELLM_NO_AMX_ATTENTION"):
             return False
         t0 = time.monotonic()
-        try:
-            path = _build(compiler)
-            if path is None:
-                return False
-            lib = ctypes.CDLL(path)
-        except (OSError, subprocess.SubprocessError) as e:
-            logger.info("AMX prefill attention off: %s", e)
-            return False
-        if lib.sl_amx_init() != 0:  # the kernel refused this process the AMX tile state
-            logger.info("AMX prefill attention off: arch_prctl(ARCH_REQ_XCOMP_PERM) failed")
+        lib = native.load_amx_library("causal_attention_amx.c", "AMX prefill attention")
+        if lib is None:
             return False
         fn = lib.sl_causal_attention
         fn.restype = ctypes.c_int
         fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_void_p] * 5
                        + [ctypes.c_int] * 3 + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
         _fn = fn
-        logger.debug("AMX prefill attention ready in %.2fs (%s)", time.monotonic() - t0, path)
+        logger.debug("AMX prefill attention ready in %.2fs", time.monotonic() - t0)
         return True
 
 

@@ -12,8 +12,9 @@ from scalellm.distributed.parallel_state import (
     tensor_parallel_all_gather,
     tensor_parallel_all_reduce,
 )
-from scalellm.layers import fused_cpu
-from scalellm.layers.linear import linear_packed, pack_onednn
+from scalellm.layers import amx_gemm, fused_cpu
+from scalellm.layers.amx_gemm import AmxWeight
+from scalellm.layers.linear import PackedWeight, linear_packed, pack_bf16, packed_nbytes
 from scalellm.protocol.errors import ModelLoadError
 from scalellm.quant.int8 import Int8Weight
 
@@ -65,13 +66,13 @@ class ParallelLMHead(VocabParallelEmbedding):
     num_rescored: int = 32
     qweight: Int8Weight | None = None  # set by set_int8(); `weight` stays (it may be the tied embedding)
     weight32: torch.Tensor | None = None  # set by set_fp32_compute(); `weight` stays (as for int8)
-    packed: torch.Tensor | None = None  # set by set_packed(); `weight` stays (embedding, re-scoring)
+    packed: PackedWeight | None = None  # set by set_packed(); `weight` stays (embedding, re-scoring)
 
     def set_packed(self) -> int:
-        """Logits from a oneDNN-prepacked copy of the bf16 weight (see LinearBase.set_packed);
-        returns the bytes added."""
-        self.packed = pack_onednn(self.weight)
-        return self.packed.numel() * self.packed.element_size()
+        """Logits from a prepacked copy of the bf16 weight (see LinearBase.set_packed); returns
+        the bytes added."""
+        self.packed = pack_bf16(self.weight)
+        return packed_nbytes(self.packed)
 
     def set_int8(self, act_amax: torch.Tensor | None = None, keep_weight: bool = True, onednn: bool = False) -> int:
         """Compute logits with an int8 copy of the weight; the top candidates are re-scored exactly.
@@ -101,6 +102,8 @@ class ParallelLMHead(VocabParallelEmbedding):
             logits, exact = self.qweight(hidden.float()), False  # [B, V/tp] float32
         elif self.weight.dtype == torch.float32:
             logits = _logits_fp32(hidden.float(), self.weight)  # [B, V/tp]
+        elif isinstance(self.packed, AmxWeight):  # float32 out of the accumulators: the bf16 inputs' error only
+            logits, exact, bf16 = amx_gemm.matmul(hidden.to(self.weight.dtype), self.packed, out_float32=True), False, True
         elif self.packed is not None:
             logits, exact, bf16 = linear_packed(hidden.to(self.weight.dtype), self.packed, None).float(), False, True
         else:

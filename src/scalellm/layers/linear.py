@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalellm.distributed.parallel_state import get_parallel_state, tensor_parallel_all_reduce
-from scalellm.layers import fused_cpu
+from scalellm.layers import amx_gemm, fused_cpu
+from scalellm.layers.amx_gemm import AmxWeight
 from scalellm.layers.int8_rows import Int8Rows, ScaledRows, quantise
 from scalellm.protocol.errors import ModelLoadError
 from scalellm.quant.fp8 import Fp8Weight
@@ -55,8 +56,39 @@ def pack_onednn(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
 
 
-def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear with a weight from `pack_onednn`; x: [..., K]."""
+PackedWeight = torch.Tensor | AmxWeight  # oneDNN's blocked layout, or AMX tiles (layers/amx_gemm.py)
+
+
+def amx_gemm_on() -> bool:
+    """Whether bf16 weights go to the AMX GEMM (layers/amx_gemm.py: an AMX CPU, a C compiler,
+    SCALELLM_NO_AMX_GEMM unset); loads it on first call (a compiler's run, once per machine)."""
+    return amx_gemm.load()
+
+
+def pack_bf16(weight: torch.Tensor) -> PackedWeight:
+    """weight [N, K] -> AMX tiles where the AMX GEMM takes it, else oneDNN's layout."""
+    if amx_gemm_on() and amx_gemm.supports(weight):
+        return amx_gemm.pack(weight)
+    return pack_onednn(weight)
+
+
+def all_linears_on_amx(model: nn.Module) -> bool:
+    """Whether every GEMM of this model's linears and LM head runs on the AMX kernel alone (no
+    oneDNN, int8, int4 or fp8 form beside it): then no GEMM builds a kernel per row count."""
+    gemms = [m for m in model.modules() if isinstance(m, LinearBase) or hasattr(m, "set_packed")]
+    return bool(gemms) and all(getattr(m, "amx_only", None) is not None or (
+        isinstance(getattr(m, "packed", None), AmxWeight) and getattr(m, "qweight", None) is None
+        and getattr(m, "weight32", None) is None) for m in gemms)
+
+
+def packed_nbytes(packed: PackedWeight) -> int:
+    return packed.nbytes if isinstance(packed, AmxWeight) else packed.numel() * packed.element_size()
+
+
+def linear_packed(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear with a weight from `pack_bf16` or `pack_onednn`; x: [..., K]."""
+    if isinstance(packed, AmxWeight):
+        return amx_gemm.matmul(x, packed, bias)
     shape = x.shape
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), packed, bias, "none", [], "")
     return y if len(shape) == 2 else y.view(*shape[:-1], y.shape[-1])
@@ -92,9 +124,10 @@ INT4_MAX_ROWS = int(os.environ.get("SCALELLM_INT4_MAX_ROWS", "8"))
 class LinearBase(nn.Module):
     qweight: Int8Weight | None = None  # set by set_int8(): the matmul runs in int8, `weight` is freed
     weight32: torch.Tensor | None = None  # set by set_fp32_compute(): bf16 values held as float32
-    packed: torch.Tensor | None = None  # set by set_packed(): oneDNN's layout, `weight` is freed
+    packed: PackedWeight | None = None  # set by set_packed(): AMX tiles or oneDNN's layout, `weight` is freed
     fp8: Fp8Weight | None = None  # set by set_fp8(): the matmul runs in fp8 (quant/fp8.py), `weight` is freed
     int4: Int4Weight | None = None  # set by set_int4(): calls of up to INT4_MAX_ROWS rows run on it
+    amx_only: AmxWeight | None = None  # set by set_packed(): `packed` when it is AMX tiles and the only form
     # set by a model's int8-rows wiring (layers/int8_rows.py): with a bias-free oneDNN int8
     # weight, forward returns ScaledRows, the consumer applying the row scale
     rows_out: bool = False
@@ -168,12 +201,19 @@ class LinearBase(nn.Module):
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     def set_packed(self) -> int:
-        """For CPUs with bf16 units: hold the weight in oneDNN's blocked layout, prepacked once
-        (F.linear re-lays it out per call): 1.2-2x faster GEMMs. Returns the bytes added."""
+        """For CPUs with bf16 units: hold the weight prepacked once, in AMX tiles for the AMX
+        GEMM where it runs (1.3-2.3x oneDNN at decode sizes), else in oneDNN's blocked layout
+        (F.linear re-lays it out per call: 1.2-2x slower). Returns the bytes added."""
         before = self.weight.numel() * self.weight.element_size()
-        self.packed = pack_onednn(self.weight)
+        self.packed = pack_bf16(self.weight)
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
-        return self.packed.numel() * self.packed.element_size() - before
+        self._set_amx_only()
+        return packed_nbytes(self.packed) - before
+
+    def _set_amx_only(self) -> None:
+        # every call on the AMX weight (no int4, int8 or fp8 form beside it): matmul's first line
+        plain = self.int4 is None and self.qweight is None and self.fp8 is None and self.weight32 is None
+        self.amx_only = self.packed if plain and isinstance(self.packed, AmxWeight) else None
 
     def _onednn_parts(self) -> int:
         return 1
@@ -189,6 +229,8 @@ class LinearBase(nn.Module):
     def matmul(self, x: torch.Tensor | Int8Rows, bias: torch.Tensor | None) -> torch.Tensor | ScaledRows:
         """x @ W.T (+ bias). With a oneDNN int8 weight x may be int8 rows, and when wired
         (`rows_out`) the output is ScaledRows, its row scales left to the consumer."""
+        if self.amx_only is not None and type(x) is torch.Tensor:
+            return amx_gemm.matmul(x, self.amx_only, bias)
         if self._on_int4(x):
             assert isinstance(x, torch.Tensor)
             return self._int4_matmul(x, bias)
@@ -255,9 +297,16 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         return len(self.output_sizes) == 2 and self.bias is None
 
     def set_packed(self) -> int:
-        """As LinearBase.set_packed; a [gate | up] pair is packed half by half, for `silu_and_mul`."""
+        """As LinearBase.set_packed; a [gate | up] pair is packed for `silu_and_mul`: as AMX
+        tiles in (gate, up) block pairs, else half by half in oneDNN's layout."""
         if not self.gate_up:
             return super().set_packed()
+        if amx_gemm_on() and amx_gemm.supports(self.weight):
+            before = self.weight.numel() * self.weight.element_size()
+            self.packed = amx_gemm.pack(self.weight, swiglu=True)
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+            self._set_amx_only()
+            return self.packed.nbytes - before
         before = self.weight.numel() * self.weight.element_size()
         gate, up = self.weight.detach().split(self.weight.shape[0] // 2)
         self.packed_halves = (pack_onednn(gate.contiguous()), pack_onednn(up.contiguous()))
@@ -294,6 +343,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         assert isinstance(x, torch.Tensor)  # (int8 rows come only to a oneDNN int8 pair)
         if x.dim() != 2 or self._on_int4(x):
             return None  # (the 4-bit GEMM, then the SiLU-mul pass)
+        if isinstance(self.packed, AmxWeight) and (self.qweight is None or x.numel() > INT8_MAX_ROWS * x.shape[-1]):
+            return amx_gemm.silu_mul(x, self.packed)
         if self._on_halves(x):
             assert self.packed_halves is not None
             return silu_mul_packed(x, *self.packed_halves)

@@ -22,6 +22,7 @@ from torch import nn
 
 from scalellm.layers import fused_cpu, paged_attention_triton
 from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk
+from scalellm.layers.linear import all_linears_on_amx
 from scalellm.memory import drop_library_pages
 from scalellm.models.args import ModelArgs
 from scalellm.protocol.sampling_params import SamplingParams
@@ -152,9 +153,11 @@ class ModelRunner:
         self.kv_scales = [lazy_zeros(shape[:-1], torch.float32, device) for _ in range(args.num_layers)] \
             if self.kv_codes else None
         self._prefault_next = 0 if device.type == "cpu" else num_blocks  # next block prefault_kv touches
-        # CPU steps run at bucketed row counts (`padded_rows`); not MoE models, whose routers
-        # would count the padding rows as expert load
-        self.pad_rows = device.type == "cpu" and not hasattr(model, "read_expert_load")
+        # CPU steps run at bucketed row counts (`padded_rows`) for oneDNN's per-shape kernels;
+        # not MoE models, whose routers would count the padding rows as expert load, nor models
+        # whose every GEMM is the AMX kernel (no per-shape kernels: padding would be waste)
+        self.pad_rows = (device.type == "cpu" and not hasattr(model, "read_expert_load")
+                         and not all_linears_on_amx(model))
         # CPU kernels being compiled for this dtype (started here unless `start_cpu_kernels` was
         # called before the weights were loaded)
         self._compiling = dtype if start_cpu_kernels(model, args, dtype, device, kv_cache_dtype) else None

@@ -1,0 +1,102 @@
+"""Building and loading the C kernels of `layers/csrc` (AMX attention, AMX GEMM).
+
+Each C file is compiled once per machine with the system's C compiler (`$CC`, else gcc, else
+cc; about a second) into the cache directory ($SCALELLM_CACHE_DIR, else
+$XDG_CACHE_HOME/scalellm, else ~/.cache/scalellm), keyed by the source and the flags, and
+loaded with ctypes. Every kernel here needs AMX (Linux x86-64, `amx_bf16` and friends in
+/proc/cpuinfo) and the kernel's permission for the tile state (`sl_amx_init`); where any of
+that is missing `load_amx_library` returns None and callers keep their torch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+from scalellm.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+AMX_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
+             "-fopenmp", "-shared", "-fPIC")
+_CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx512bw", "avx512vl")
+
+
+def cpu_has_amx() -> bool:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return all(flag in flags for flag in _CPU_FLAGS)
+    except OSError:
+        pass
+    return False
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CC"), "gcc", "cc"):
+        path = shutil.which(name) if name else None
+        if path:
+            return path
+    return None
+
+
+def build(source: str, cc: str, flags: tuple[str, ...] = AMX_FLAGS) -> str | None:
+    """The shared library of `source` (a path), compiling it into the cache directory unless
+    it is there already; None if the compiler failed."""
+    with open(source, "rb") as f:
+        text = f.read()
+    key = hashlib.sha256(text + " ".join([os.path.basename(cc), *flags]).encode()).hexdigest()[:16]
+    directory = cache_dir()
+    name = os.path.splitext(os.path.basename(source))[0]
+    path = os.path.join(directory, f"{name}-{key}.so")
+    if os.path.isfile(path):
+        return path
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *flags, source, "-o", tmp], capture_output=True, text=True, timeout=120,
+                             check=False)
+        if res.returncode != 0:
+            logger.info("%s not built (%s): %s", name, cc, res.stderr.strip()[-500:])
+            return None
+        os.replace(tmp, path)  # atomic: a concurrent server loads one whole file or the other
+        return path
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_amx_library(filename: str, what: str) -> ctypes.CDLL | None:
+    """Build (once per machine) and load csrc/`filename`, which exports `sl_amx_init`, where
+    the CPU has AMX, a compiler is found and Linux grants the tile state; None otherwise
+    (why is logged at INFO, naming `what`)."""
+    if not cpu_has_amx():
+        return None
+    cc = compiler()
+    if cc is None:
+        logger.info("%s off: no C compiler ($CC, gcc, cc)", what)
+        return None
+    try:
+        path = build(os.path.join(CSRC, filename), cc)
+        if path is None:
+            return None
+        lib = ctypes.CDLL(path)
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.info("%s off: %s", what, e)
+        return None
+    if lib.sl_amx_init() != 0:  # Linux refused this process the AMX tile state
+        logger.info("%s off: arch_prctl(ARCH_REQ_XCOMP_PERM) failed", what)
+        return None
+    return lib
