@@ -17,7 +17,8 @@
  * into L1 or L2, a few tiles or a whole pair ahead, measured no better and mostly worse).
  * Rows go in blocks of ~768 KiB of A, at most ROW_BLOCK_MAX rows (A's block stays in L2
  * while the thread's pairs pass over it: at 4,096 rows, K = 1,536, 256-row blocks ran 10%
- * faster than 512 and 25% faster than 1,024) and, within a block, 32 at a time: 2 x 2 tiles of C
+ * faster than 512 and 25% faster than 1,024; rows outer within ~1 MiB blocks of pairs, A's
+ * tiles in L1, measured the same) and, within a block, 32 at a time: 2 x 2 tiles of C
  * accumulate over K (tmm0-3), with two A tiles (tmm4-5) and two B tiles (tmm6-7). The
  * accumulators go to a float32 buffer and out through the epilogue of `kind`:
  *   KIND_BF16:   C [M, N] bf16 (+ bias), rounded to nearest even
@@ -148,6 +149,55 @@ static void epilogue(const float *buf, int64_t r, int rows, int p, int kind, voi
     }
 }
 
+/* One 32 x 32 block: rows a0 (ra0 of them) and a0 + 16 lda (ra1), columns of w0 and w1 (a
+ * pair's two 16-column panels), over all of K; the float32 result into buf [32][32]. */
+static inline void block32(const uint16_t *a0, int64_t lda, const uint16_t *w0, const uint16_t *w1, int kt,
+                           int ra1, float *buf) {
+    const uint16_t *a1 = a0 + 16 * lda;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (ra1) {
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int t = 0; t < kt; t++) {
+            _tile_loadd(4, a0 + 32 * t, lda * 2);
+            _tile_loadd(6, w0 + (size_t)t * 512, 64);
+            _tile_loadd(7, w1 + (size_t)t * 512, 64);
+            _tile_loadd(5, a1 + 32 * t, lda * 2);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    } else {
+        for (int t = 0; t < kt; t++) {
+            _tile_loadd(4, a0 + 32 * t, lda * 2);
+            _tile_loadd(6, w0 + (size_t)t * 512, 64);
+            _tile_loadd(7, w1 + (size_t)t * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+    }
+    _tile_stored(0, buf, 128);
+    _tile_stored(1, buf + 16, 128);
+    if (ra1) {
+        _tile_stored(2, buf + 16 * 32, 128);
+        _tile_stored(3, buf + 16 * 32 + 16, 128);
+    }
+}
+
+/* Tiles for rows [r, end): reconfigured only when the row count of the group changes. */
+static inline int group_rows(int64_t r, int64_t end, int *cur0, int *cur1) {
+    const int ra0 = end - r < 16 ? (int)(end - r) : 16;
+    const int ra1 = end - r <= 16 ? 0 : (end - r - 16 < 16 ? (int)(end - r - 16) : 16);
+    if (ra0 != *cur0 || ra1 != *cur1) {
+        config_tiles(ra0, ra1);
+        *cur0 = ra0;
+        *cur1 = ra1;
+    }
+    return ra1;
+}
+
 /*
  * a: [M, K] bf16, rows lda elements apart; w: packed [N, K] (see the top); out: rows ldc
  * elements apart (bf16 or float32 per kind); bias: [N] float32 or NULL (KIND_BF16/FP32).
@@ -175,45 +225,9 @@ void sl_gemm(const uint16_t *a, int64_t lda, int64_t m, const uint16_t *w, int n
             for (int p = p0; p < p1; p++) {
                 const uint16_t *w0 = w + (size_t)(2 * p) * kt * 512, *w1 = w0 + (size_t)kt * 512;
                 for (int64_t r = mb; r < mend; r += 32) {
-                    const int ra0 = mend - r < 16 ? (int)(mend - r) : 16;
-                    const int ra1 = mend - r <= 16 ? 0 : (mend - r - 16 < 16 ? (int)(mend - r - 16) : 16);
-                    if (ra0 != cur0 || ra1 != cur1) {
-                        config_tiles(ra0, ra1);
-                        cur0 = ra0;
-                        cur1 = ra1;
-                    }
-                    const uint16_t *a0 = a + r * lda, *a1 = a0 + 16 * lda;
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    if (ra1) {
-                        _tile_zero(2);
-                        _tile_zero(3);
-                        for (int t = 0; t < kt; t++) {
-                            _tile_loadd(4, a0 + 32 * t, lda * 2);
-                            _tile_loadd(6, w0 + (size_t)t * 512, 64);
-                            _tile_loadd(7, w1 + (size_t)t * 512, 64);
-                            _tile_loadd(5, a1 + 32 * t, lda * 2);
-                            _tile_dpbf16ps(0, 4, 6);
-                            _tile_dpbf16ps(1, 4, 7);
-                            _tile_dpbf16ps(2, 5, 6);
-                            _tile_dpbf16ps(3, 5, 7);
-                        }
-                    } else {
-                        for (int t = 0; t < kt; t++) {
-                            _tile_loadd(4, a0 + 32 * t, lda * 2);
-                            _tile_loadd(6, w0 + (size_t)t * 512, 64);
-                            _tile_loadd(7, w1 + (size_t)t * 512, 64);
-                            _tile_dpbf16ps(0, 4, 6);
-                            _tile_dpbf16ps(1, 4, 7);
-                        }
-                    }
-                    _tile_stored(0, buf, 128);
-                    _tile_stored(1, buf + 16, 128);
-                    if (ra1) {
-                        _tile_stored(2, buf + 16 * 32, 128);
-                        _tile_stored(3, buf + 16 * 32 + 16, 128);
-                    }
-                    epilogue(buf, r, ra0 + ra1, p, kind, out, ldc, half, bias, stream);
+                    const int ra1 = group_rows(r, mend, &cur0, &cur1);
+                    block32(a + r * lda, lda, w0, w1, kt, ra1, buf);
+                    epilogue(buf, r, cur0 + ra1, p, kind, out, ldc, half, bias, stream);
                 }
             }
         }
