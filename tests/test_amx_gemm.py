@@ -155,3 +155,62 @@ def test_engine_on_the_kernel_generates_what_the_onednn_path_does(tmp_path, monk
     ref = [list(o.outputs[0].token_ids) for o in LLM(path, dtype="bfloat16").generate(prompts, params)]
     assert not calls
     assert ours == ref
+
+
+@pytest.mark.parametrize("m", [1, 17, 64, 600])
+@pytest.mark.parametrize("n,k,parts", [(960, 576, 1), (3072, 576, 2), (576, 1536, 1)])
+def test_int8_gemm_equals_onednn_int8_gemm(m, n, k, parts):
+    """The int8-rows GEMM on AMX tiles: integer products and the same scaling and rounding as
+    oneDNN's int8 GEMM, so every output is bit-equal, in bf16 and float32, part by part."""
+    from scalellm.quant.int8 import Int8Weight, qlinear_fast
+
+    if not qlinear_fast():
+        pytest.skip("no oneDNN int8 GEMM to compare with")
+    g = torch.Generator().manual_seed(m + n)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+    amax = torch.rand(k, generator=g) * 4 + 0.1  # smoothing folded into the weight, as calibrated
+    ours = Int8Weight(w, amax, onednn_parts=parts, backend=amx_gemm.int8_backend())
+    theirs = Int8Weight(w, amax, onednn_parts=parts)
+    assert isinstance(ours.backend, amx_gemm.AmxInt8Backend) and theirs.backend is None
+    codes = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    for dtype in (torch.bfloat16, torch.float32):
+        got, want = ours.gemm(codes, dtype), theirs.gemm(codes, dtype)
+        assert len(got) == parts and all(a.dtype == dtype for a in got)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+    # against integer arithmetic on the weight's codes (quant/int8.py's smoothing and rounding)
+    wf = w.float()
+    c = (amax.clamp(min=1e-5) ** 0.5 / wf.abs().amax(dim=0).clamp(min=1e-5) ** 0.5).clamp(min=1e-5)
+    w32 = wf * c
+    scales = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w32 / scales.unsqueeze(1)).clamp(-127, 127).long()
+    exact = (codes.long() @ q.T).double() * scales.double()
+    got32 = torch.cat(ours.gemm(codes, torch.float32), dim=-1).double()
+    torch.testing.assert_close(got32, exact, rtol=1e-6, atol=1e-6 * float(exact.abs().max()))
+
+
+def test_int8_engine_on_the_kernel_generates_what_onednn_int8_does(tmp_path, monkeypatch):
+    from conftest import build_tiny_model
+
+    from scalellm import LLM, SamplingParams
+    from scalellm.quant.int8 import qlinear_fast
+
+    if not qlinear_fast():
+        pytest.skip("no oneDNN int8 GEMM here")
+    path = build_tiny_model(str(tmp_path / "llama"), "llama", hidden_size=128, intermediate_size=256)
+    prompts = [list(range(3, 3 + n)) for n in (5, 16, 33, 70)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    def generate():
+        llm = LLM(path, dtype="bfloat16", quantization="int8")
+        runner = llm.engine.core.executor.runner if hasattr(llm.engine.core.executor, "runner") \
+            else llm.engine.core.executor
+        backends = {type(m.qweight.backend) for m in runner.model.modules() if getattr(m, "qweight", None) is not None}
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)], backends
+
+    ours, backends = generate()
+    assert backends == {amx_gemm.AmxInt8Backend}
+    monkeypatch.setattr(amx_gemm, "_fn_s8", None)  # oneDNN's int8 GEMM
+    ref, backends = generate()
+    assert backends == {type(None)}
+    assert ours == ref

@@ -33,13 +33,14 @@ _KIND_BF16, _KIND_FP32, _KIND_SWIGLU, _KIND_SPLIT = 0, 1, 2, 3
 
 _lock = threading.Lock()
 _fn = None  # the loaded sl_gemm
+_fn_s8 = None  # the loaded sl_gemm_s8
 _tried = False
 
 
 def load() -> bool:
     """Build (once per machine) and load the kernel where the CPU and a compiler allow;
     returns `ready()`. Safe to call from any thread, any number of times."""
-    global _fn, _tried
+    global _fn, _fn_s8, _tried
     if _tried:
         return _fn is not None
     with _lock:
@@ -56,7 +57,11 @@ def load() -> bool:
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-        _fn = fn
+        fn_s8 = lib.sl_gemm_s8
+        fn_s8.restype = None
+        fn_s8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        _fn, _fn_s8 = fn, fn_s8
         logger.debug("AMX GEMM ready in %.2fs", time.monotonic() - t0)
         return True
 
@@ -149,3 +154,58 @@ def silu_mul(x: torch.Tensor, w: AmxWeight) -> torch.Tensor:
     if x2.shape[0]:
         _run(x2, w, out, _KIND_SWIGLU, None)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], w.n // 2)
+
+
+# ---- int8: the GEMM of the int8-rows chain (layers/int8_rows.py), in place of oneDNN's ----
+
+
+@dataclass(frozen=True, slots=True)
+class AmxInt8Weight:
+    """An int8 [N, K] weight (symmetric, one float32 scale per output channel) in tiles of 4 K
+    values to a lane (TDPBSSD's B operand)."""
+
+    tiles: torch.Tensor  # [N * K] int8
+    scales: torch.Tensor  # [N] float32
+    n: int
+    k: int
+
+
+class AmxInt8Backend:
+    """`quant.int8.Int8Weight`'s GEMM backend (its `prepack` and `gemm` hooks): codes [T, K]
+    int8 with one scale a row (applied by the caller) times the weight, the weight's channel
+    scales applied, as oneDNN's int8 GEMM with an input scale of 1 computes it. At decode sizes
+    the weight's reading is the cost: half a bf16 weight's bytes, streamed as the bf16 GEMM
+    streams its own."""
+
+    @staticmethod
+    def supports(q: torch.Tensor) -> bool:
+        n, k = q.shape
+        return _fn_s8 is not None and n % 32 == 0 and k % 64 == 0 and n > 0 and k > 0
+
+    @staticmethod
+    def prepack(q: torch.Tensor, scales: torch.Tensor) -> AmxInt8Weight:
+        n, k = q.shape
+        tiles = q.reshape(n // 16, 16, k // 64, 16, 4).permute(0, 2, 3, 1, 4).contiguous().view(-1)
+        return AmxInt8Weight(tiles, scales.detach().to(torch.float32).contiguous(), n, k)
+
+    @staticmethod
+    def gemm(codes: torch.Tensor, w: AmxInt8Weight, dtype: torch.dtype) -> torch.Tensor:
+        fn = _fn_s8
+        assert fn is not None, "amx_gemm.load() first"
+        if codes.dtype != torch.int8 or codes.dim() != 2 or codes.shape[1] != w.k:
+            raise TypeError(f"int8 codes [T, {w.k}] expected, got {codes.dtype} {tuple(codes.shape)}")
+        if codes.stride(1) != 1 or (codes.shape[0] > 1 and codes.stride(0) < w.k):
+            codes = codes.contiguous()
+        out32 = dtype == torch.float32
+        if not out32 and dtype != torch.bfloat16:
+            raise TypeError(f"the AMX int8 GEMM writes bf16 or float32, not {dtype}")
+        out = torch.empty(codes.shape[0], w.n, dtype=dtype)
+        if codes.shape[0]:
+            fn(codes.data_ptr(), codes.stride(0), codes.shape[0], w.tiles.data_ptr(), w.n, w.k, out.data_ptr(),
+               out.stride(0), w.scales.data_ptr(), int(out32), torch.get_num_threads())
+        return out
+
+
+def int8_backend() -> AmxInt8Backend | None:
+    """The int8 backend where the kernel loads (`load()`), else None (oneDNN's int8 GEMM)."""
+    return AmxInt8Backend() if load() and _fn_s8 is not None else None

@@ -153,7 +153,9 @@ class LinearBase(nn.Module):
         weight too (then `set_packed`): calls of more than INT8_MAX_ROWS rows run on it.
         onednn: for oneDNN's int8 GEMM, every call (the int8-rows chain)."""
         before = self.weight.numel() * self.weight.element_size()
-        self.qweight = Int8Weight(self.weight, act_amax, onednn_parts=self._onednn_parts() if onednn else 0)
+        # the int8-rows GEMM on the AMX kernel where it loads (SCALELLM_NO_AMX_GEMM=1: oneDNN's)
+        self.qweight = Int8Weight(self.weight, act_amax, onednn_parts=self._onednn_parts() if onednn else 0,
+                                  backend=amx_gemm.int8_backend() if onednn else None)
         if keep_weight:
             return -self.qweight.nbytes
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)

@@ -24,9 +24,9 @@ from scalellm.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-AMX_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
+AMX_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8",
              "-fopenmp", "-shared", "-fPIC")
-_CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx512bw", "avx512vl")
+_CPU_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512f", "avx512bw", "avx512vl")
 
 
 def cpu_has_amx() -> bool:

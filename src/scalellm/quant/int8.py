@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -73,6 +74,18 @@ def quantise_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> tuple[tor
     return torch.floor(x32 / s + 0.5).clamp_(-127, 127).to(torch.int8), s
 
 
+class Int8Backend(Protocol):
+    """A GEMM for the int8-rows chain in place of oneDNN's (e.g. layers/amx_gemm.AmxInt8Backend):
+    prepack one part (int8 [N, K], float32 scales [N]); codes [T, K] int8 times a prepacked
+    part -> [T, N] in dtype (bf16 or float32) with the weight's scales applied."""
+
+    def supports(self, q: torch.Tensor) -> bool: ...
+
+    def prepack(self, q: torch.Tensor, scales: torch.Tensor) -> Any: ...
+
+    def gemm(self, codes: torch.Tensor, packed: Any, dtype: torch.dtype) -> torch.Tensor: ...
+
+
 # the row count oneDNN's int8 weights are prepacked for (measured at SmolLM2's shapes, 1-4,096
 # rows: a hint of 64, 4,096 or none made no consistent difference)
 _PREPACK_ROWS = 64
@@ -81,12 +94,14 @@ _PREPACK_ROWS = 64
 class Int8Weight:
     """A prepacked int8 weight [N, K] (per-channel symmetric scales) and its matmul."""
 
-    __slots__ = ("packed", "out_features", "in_features", "nbytes", "inv_smooth", "q", "w_scales", "onednn")
+    __slots__ = ("packed", "out_features", "in_features", "nbytes", "inv_smooth", "q", "w_scales", "onednn",
+                 "backend")
 
     def __init__(self, weight: torch.Tensor, act_amax: torch.Tensor | None = None, alpha: float = 0.5,
-                 onednn_parts: int = 0) -> None:
-        """onednn_parts > 0: the weight is held for oneDNN's int8 GEMM (`gemm`), prepacked as
-        that many equal row blocks (e.g. 2 for a [gate | up] pair: one output each)."""
+                 onednn_parts: int = 0, backend: Int8Backend | None = None) -> None:
+        """onednn_parts > 0: the weight is held for the int8-rows GEMM (`gemm`), prepacked as
+        that many equal row blocks (e.g. 2 for a [gate | up] pair: one output each): by
+        `backend` where given and it takes every part's shape, else for oneDNN's int8 GEMM."""
         w = weight.detach().float()  # [N, K]
         self.inv_smooth: torch.Tensor | None = None
         if act_amax is not None:
@@ -103,10 +118,17 @@ class Int8Weight:
         self.packed = None
         self.q: torch.Tensor | None = None  # [N, K] int8 for torch._int_mm (as its [K, N] transpose)
         self.w_scales: torch.Tensor | None = None  # [N] float32
-        # oneDNN's int8 GEMM: (prepacked weight, its per-channel scales, zero points) per part
-        self.onednn: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        # the int8-rows GEMM, one entry per part: the backend's prepacked weight, or oneDNN's
+        # (prepacked weight, its per-channel scales, zero points)
+        self.onednn: list[Any] | None = None
+        self.backend: Int8Backend | None = None
         if self.inv_smooth is not None:
             self.inv_smooth = self.inv_smooth.float().contiguous()
+        if onednn_parts and backend is not None and all(backend.supports(qp) for qp in q.chunk(onednn_parts)):
+            self.backend = backend
+            self.onednn = [backend.prepack(qp.contiguous(), sp.contiguous())
+                           for qp, sp in zip(q.chunk(onednn_parts), scales.float().chunk(onednn_parts), strict=True)]
+            return
         if onednn_parts:
             self.onednn = []
             for qp, sp in zip(q.chunk(onednn_parts), scales.float().chunk(onednn_parts), strict=True):
@@ -126,10 +148,12 @@ class Int8Weight:
             self.packed = torch.ops.quantized.linear_prepack(qw, None)
 
     def gemm(self, codes: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-        """oneDNN's int8 GEMM (onednn_parts weights): codes [T, K] int8 (activation scale 1)
+        """The int8-rows GEMM (onednn_parts weights): codes [T, K] int8 (activation scale 1)
         -> one [T, N / parts] output per part in `dtype`, each row still to be multiplied by
         its codes' scale."""
         assert self.onednn is not None
+        if self.backend is not None:
+            return [self.backend.gemm(codes, part, dtype) for part in self.onednn]
         return [torch.ops.onednn.qlinear_pointwise(codes, 1.0, 0, packed, w_scales, zeros, None, 1.0, 0, dtype,
                                                    "none", [], "")
                 for packed, w_scales, zeros in self.onednn]

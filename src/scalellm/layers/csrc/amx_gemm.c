@@ -236,3 +236,98 @@ void sl_gemm(const uint16_t *a, int64_t lda, int64_t m, const uint16_t *w, int n
             _mm_sfence();  // this thread's non-temporal stores, before the caller reads them
     }
 }
+
+/* ---- int8: codes [M, K] (one scale a row, applied by the caller) x int8 W [N, K] ----
+ * W packed as the bf16 weights are, with 4 K values to a 32-bit lane: tile t of block b
+ * holds W[16b + c][64t + 4i + e] at [i][c][e] (TDPBSSD's B operand), 16 rows x 64 bytes.
+ * out [M, N] = float(A W^T) * w_scales[n], rounded to bf16 or float32 (oneDNN's qlinear with
+ * an input scale of 1 and per-channel weight scales computes the same). K a multiple of 64. */
+
+static inline void block32_s8(const int8_t *a0, int64_t lda, const int8_t *w0, const int8_t *w1, int kt,
+                              int ra1, int32_t *buf) {
+    const int8_t *a1 = a0 + 16 * lda;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (ra1) {
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int t = 0; t < kt; t++) {
+            _tile_loadd(4, a0 + 64 * t, lda);
+            _tile_loadd(6, w0 + (size_t)t * 1024, 64);
+            _tile_loadd(7, w1 + (size_t)t * 1024, 64);
+            _tile_loadd(5, a1 + 64 * t, lda);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+        }
+    } else {
+        for (int t = 0; t < kt; t++) {
+            _tile_loadd(4, a0 + 64 * t, lda);
+            _tile_loadd(6, w0 + (size_t)t * 1024, 64);
+            _tile_loadd(7, w1 + (size_t)t * 1024, 64);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+        }
+    }
+    _tile_stored(0, buf, 128);
+    _tile_stored(1, buf + 16, 128);
+    if (ra1) {
+        _tile_stored(2, buf + 16 * 32, 128);
+        _tile_stored(3, buf + 16 * 32 + 16, 128);
+    }
+}
+
+void sl_gemm_s8(const int8_t *a, int64_t lda, int64_t m, const int8_t *w, int n, int k, void *out,
+                int64_t ldc, const float *w_scales, int out_float32, int num_threads) {
+    const int pairs = n / 32, kt = k / 64;
+    const int stream = m >= STREAM_ROWS;
+    int64_t row_block = (ROW_BLOCK_BYTES / (int64_t)k) & ~(int64_t)31;
+    row_block = row_block < 32 ? 32 : (row_block > ROW_BLOCK_MAX ? ROW_BLOCK_MAX : row_block);
+    if (m <= 0 || pairs <= 0)
+        return;
+    if (num_threads > pairs)
+        num_threads = pairs;
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+        const int p0 = (int)((int64_t)pairs * me / nth), p1 = (int)((int64_t)pairs * (me + 1) / nth);
+        int32_t buf[32 * 32] __attribute__((aligned(64)));
+        int cur0 = -1, cur1 = -1;
+        for (int64_t mb = 0; mb < m; mb += row_block) {
+            const int64_t mend = mb + row_block < m ? mb + row_block : m;
+            for (int p = p0; p < p1; p++) {
+                const int8_t *w0 = w + (size_t)(2 * p) * kt * 1024, *w1 = w0 + (size_t)kt * 1024;
+                const __m512 s0 = _mm512_loadu_ps(w_scales + 32 * p), s1 = _mm512_loadu_ps(w_scales + 32 * p + 16);
+                for (int64_t r = mb; r < mend; r += 32) {
+                    const int ra1 = group_rows(r, mend, &cur0, &cur1);
+                    block32_s8(a + r * lda, lda, w0, w1, kt, ra1, buf);
+                    const int rows = cur0 + ra1;
+                    if (out_float32) {
+                        float *dst = (float *)out + r * ldc + 32 * p;
+                        for (int i = 0; i < rows; i++, dst += ldc) {
+                            _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(buf + 32 * i)), s0));
+                            _mm512_storeu_ps(dst + 16,
+                                             _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(buf + 32 * i + 16)), s1));
+                        }
+                        continue;
+                    }
+                    uint16_t *dst = (uint16_t *)out + r * ldc + 32 * p;
+                    const int nt = stream && ((uintptr_t)dst & 63) == 0 && ((ldc * 2) & 63) == 0;
+                    for (int i = 0; i < rows; i++, dst += ldc) {
+                        __m512 c0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(buf + 32 * i)), s0);
+                        __m512 c1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(buf + 32 * i + 16)), s1);
+                        __m512i v = (__m512i)_mm512_cvtne2ps_pbh(c1, c0);
+                        if (nt)
+                            _mm512_stream_si512((__m512i *)dst, v);
+                        else
+                            _mm512_storeu_si512(dst, v);
+                    }
+                }
+            }
+        }
+        _tile_release();
+        if (stream)
+            _mm_sfence();
+    }
+}
