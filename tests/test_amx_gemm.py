@@ -135,7 +135,7 @@ def test_bf16_model_on_the_kernel_is_as_close_to_float32_as_transformers_bf16(tm
 
 
 def test_engine_on_the_kernel_generates_what_the_onednn_path_does(tmp_path, monkeypatch):
-    from conftest import build_tiny_model
+    from conftest import build_tiny_model, wait_for_kernels
 
     from scalellm import LLM, SamplingParams
 
@@ -146,13 +146,19 @@ def test_engine_on_the_kernel_generates_what_the_onednn_path_does(tmp_path, monk
     run = amx_gemm._run
     monkeypatch.setattr(amx_gemm, "_run", lambda x, w, out, kind, bias: (calls.append((x.shape[0], kind)),
                                                                          run(x, w, out, kind, bias))[1])
-    ours = [list(o.outputs[0].token_ids) for o in LLM(path, dtype="bfloat16").generate(prompts, params)]
+
+    def generate() -> list[list[int]]:
+        llm = LLM(path, dtype="bfloat16")
+        wait_for_kernels(llm.engine.core.executor)  # both runs on the numba kernels from the first step
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+
+    ours = generate()
     assert any(m == 124 for m, _ in calls)  # the prefill step's rows, all prompts in one call
     assert any(m == 4 for m, _ in calls)  # decode steps
     assert {kind for _, kind in calls} == {amx_gemm._KIND_BF16, amx_gemm._KIND_FP32, amx_gemm._KIND_SWIGLU}
     monkeypatch.setattr(amx_gemm, "_fn", None)  # weights packed for oneDNN instead
     calls.clear()
-    ref = [list(o.outputs[0].token_ids) for o in LLM(path, dtype="bfloat16").generate(prompts, params)]
+    ref = generate()
     assert not calls
     assert ours == ref
 
@@ -190,7 +196,7 @@ def test_int8_gemm_equals_onednn_int8_gemm(m, n, k, parts):
 
 
 def test_int8_engine_on_the_kernel_generates_what_onednn_int8_does(tmp_path, monkeypatch):
-    from conftest import build_tiny_model
+    from conftest import build_tiny_model, wait_for_kernels
 
     from scalellm import LLM, SamplingParams
     from scalellm.quant.int8 import qlinear_fast
@@ -203,6 +209,7 @@ def test_int8_engine_on_the_kernel_generates_what_onednn_int8_does(tmp_path, mon
 
     def generate():
         llm = LLM(path, dtype="bfloat16", quantization="int8")
+        wait_for_kernels(llm.engine.core.executor)  # else the first engine's first steps take torch paths
         runner = llm.engine.core.executor.runner if hasattr(llm.engine.core.executor, "runner") \
             else llm.engine.core.executor
         backends = {type(m.qweight.backend) for m in runner.model.modules() if getattr(m, "qweight", None) is not None}

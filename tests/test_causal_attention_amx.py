@@ -18,6 +18,15 @@ from scalellm.layers import native
 pytestmark = pytest.mark.skipif(not amx.load(), reason="no AMX CPU or no C compiler")
 
 
+def _ready(llm):
+    """The engine once its CPU kernels are compiled: compared runs take the same kernels from
+    their first step (a fresh process compiles them in the background meanwhile)."""
+    from conftest import wait_for_kernels
+
+    wait_for_kernels(llm.engine.core.executor)
+    return llm
+
+
 def _attention_case(lens: list[int], h: int, hkv: int, d: int, seed: int = 0):
     """q, k, v as views into one QKV projection's rows [T, (H + 2 Hkv) D], as the engine has them."""
     g = torch.Generator().manual_seed(seed)
@@ -120,10 +129,10 @@ def test_engine_with_the_kernel_generates_what_the_torch_path_does(tmp_path, mon
     calls = []
     run = amx.run
     monkeypatch.setattr(amx, "run", lambda *a: (calls.append(a[4].q_lens.tolist()), run(*a))[1])
-    ours = [o.outputs[0].token_ids for o in LLM(path, dtype="bfloat16").generate(prompts, params)]
+    ours = [o.outputs[0].token_ids for o in _ready(LLM(path, dtype="bfloat16")).generate(prompts, params)]
     assert calls and calls[0] == [5, 16, 33, 70]  # every layer of the prefill step, all prompts at once
     monkeypatch.setattr(amx, "_fn", None)  # the torch SDPA path
-    ref = [o.outputs[0].token_ids for o in LLM(path, dtype="bfloat16").generate(prompts, params)]
+    ref = [o.outputs[0].token_ids for o in _ready(LLM(path, dtype="bfloat16")).generate(prompts, params)]
     assert [list(t) for t in ours] == [list(t) for t in ref]
 
 
@@ -143,7 +152,7 @@ def test_engine_over_cached_prefixes_and_chunked_prompts_matches_the_torch_path(
                                                  run(*a))[1])
 
     def generate() -> list[list[int]]:
-        llm = LLM(path, dtype="bfloat16", max_num_batched_tokens=96)
+        llm = _ready(LLM(path, dtype="bfloat16", max_num_batched_tokens=96))
         first = llm.generate(prompts[:1], params)  # fills the prefix cache
         rest = llm.generate(prompts[1:], params)
         return [list(o.outputs[0].token_ids) for o in first + rest]
@@ -171,7 +180,7 @@ def test_engine_with_an_8bit_kv_cache_runs_fresh_prompts_on_the_kernel(tmp_path,
                                                  run(*a))[1])
 
     def generate() -> list[list[int]]:
-        llm = LLM(path, dtype="bfloat16", kv_cache_dtype="int8")
+        llm = _ready(LLM(path, dtype="bfloat16", kv_cache_dtype="int8"))
         outs = llm.generate([shared + [70], list(range(9, 40))], params)
         hit = llm.generate([shared + [71, 72]], params)  # a prefix-cache hit: a continuing chunk
         assert hit[0].metrics.num_cached_tokens == 64
