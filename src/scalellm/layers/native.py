@@ -11,6 +11,7 @@ that is missing `load_amx_library` returns None and callers keep their torch pat
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
 import logging
 import os
@@ -53,9 +54,13 @@ def compiler() -> str | None:
 
 def build(source: str, cc: str, flags: tuple[str, ...] = AMX_FLAGS) -> str | None:
     """The shared library of `source` (a path), compiling it into the cache directory unless
-    it is there already; None if the compiler failed."""
+    it is there already (keyed by the source, the headers beside it and the flags); None if
+    the compiler failed."""
     with open(source, "rb") as f:
         text = f.read()
+    for header in sorted(glob.glob(os.path.join(os.path.dirname(source), "*.h"))):  # what it may include
+        with open(header, "rb") as f:
+            text += f.read()
     key = hashlib.sha256(text + " ".join([os.path.basename(cc), *flags]).encode()).hexdigest()[:16]
     directory = cache_dir()
     name = os.path.splitext(os.path.basename(source))[0]

@@ -30,15 +30,14 @@
  * 32 columns are one aligned cache line: a prefill step's output is larger than L2, and
  * reading each line before writing it cost gate_up at 4,096 rows 40% of its time.
  */
+#include "amx_common.h"
+
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/syscall.h>
 #include <omp.h>
-
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
 
 #define KIND_BF16 0
 #define KIND_FP32 1
@@ -48,19 +47,6 @@
 #define ROW_BLOCK_MAX 512
 #define ROW_BLOCK_BYTES (768 * 1024)  // A's row block: kept in L2 (2 MiB a core) beside the pairs
 #define STREAM_ROWS 512
-
-typedef struct {
-    uint8_t palette_id;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tilecfg_t;
-
-/* Asks Linux for the AMX tile state (once per process; 0 on success). */
-int sl_amx_init(void) {
-    return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
-}
 
 /* Tiles for a group of ra0 + ra1 rows (ra0 <= 16, ra1 <= 16; ra1 = 0: one row tile). */
 static void config_tiles(int ra0, int ra1) {
@@ -77,29 +63,6 @@ static void config_tiles(int ra0, int ra1) {
     cfg.colsb[6] = cfg.colsb[7] = 64;
     _tile_loadconfig(&cfg);
 }
-
-static inline __m512 exp512(__m512 x) {
-    // exp(x) = 2^n * p(r), n = round(x log2 e), r = x - n ln2
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    const __m512 ln2hi = _mm512_set1_ps(0.693359375f);
-    const __m512 ln2lo = _mm512_set1_ps(-2.12194440e-4f);
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, ln2hi, x);
-    r = _mm512_fnmadd_ps(n, ln2lo, r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    __m512 r2 = _mm512_mul_ps(r, r);
-    p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-// bf16 <- fp32, round to nearest even (16 values)
-static inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
 /* Rows [r, r + rows) of pair p's 32 columns, from buf ([32][32] float32), into out. */
 static void epilogue(const float *buf, int64_t r, int rows, int p, int kind, void *out, int64_t ldc,

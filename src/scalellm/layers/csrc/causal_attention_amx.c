@@ -19,6 +19,8 @@
  * r, KV head g at k + r * k_rs + g * D (v + r * v_rs + g * D); output at out + r * o_rs +
  * h * D. Head h reads KV head h / (H / Hkv). D: a multiple of 32, at most 128.
  */
+#include "amx_common.h"
+
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -26,22 +28,6 @@
 #include <math.h>
 #include <unistd.h>
 #include <sys/syscall.h>
-
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-typedef struct {
-    uint8_t palette_id;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tilecfg_t;
-
-/* Asks Linux for the AMX tile state (once per process; 0 on success). */
-int sl_amx_init(void) {
-    return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
-}
 
 static void config_tiles(void) {
     tilecfg_t cfg;
@@ -53,29 +39,6 @@ static void config_tiles(void) {
 
 /* Row of key n of a chunk in k/v: through its index, or kbase + n without one. */
 static inline int64_t key_row(const int64_t *kidx, int64_t kbase, int n) { return kidx ? kidx[n] : kbase + n; }
-
-static inline __m512 exp512(__m512 x) {
-    // exp(x) = 2^n * p(r), n = round(x log2 e), r = x - n ln2; x <= 0 here
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    const __m512 ln2hi = _mm512_set1_ps(0.693359375f);
-    const __m512 ln2lo = _mm512_set1_ps(-2.12194440e-4f);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, ln2hi, x);
-    r = _mm512_fnmadd_ps(n, ln2lo, r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    __m512 r2 = _mm512_mul_ps(r, r);
-    p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-// bf16 <- fp32, round to nearest even (16 values)
-static inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
 /* n_seq query chunks. Chunk s: query rows [q_starts[s], q_starts[s] + q_lens[s]), the last
  * q_lens[s] positions of a context of ctx_lens[s] keys; its key n lies in row
