@@ -114,24 +114,25 @@ def pack(weight: torch.Tensor, swiglu: bool = False) -> AmxWeight:
 def _run(x: torch.Tensor, w: AmxWeight, out: torch.Tensor, kind: int, bias: torch.Tensor | None) -> None:
     fn = _fn
     assert fn is not None, "amx_gemm.load() first"
-    b = None
-    if bias is not None:
-        b = bias.detach().to(torch.float32).contiguous()
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous()  # (no copy if it is already)
     fn(x.data_ptr(), x.stride(0), x.shape[0], w.tiles.data_ptr(), w.n, w.k, out.data_ptr(), out.stride(0), kind,
        None if b is None else b.data_ptr(), torch.get_num_threads())
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., K] as bf16 rows the kernel reads in place where it can ([T, K], unit stride in a row)."""
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"the AMX GEMM takes bf16 rows, not {x.dtype}")
+    if x.dim() == 2 and x.stride(1) == 1 and x.shape[1] == k:  # a decode step's rows: as they are
+        return x
     x2 = x.reshape(-1, k)
-    if x2.dtype != torch.bfloat16:
-        raise TypeError(f"the AMX GEMM takes bf16 rows, not {x2.dtype}")
     return x2 if x2.stride(1) == 1 and (x2.shape[0] <= 1 or x2.stride(0) >= k) else x2.contiguous()
 
 
 def matmul(x: torch.Tensor, w: AmxWeight, bias: torch.Tensor | None = None, out_float32: bool = False) -> torch.Tensor:
     """x [..., K] bf16 @ W^T (+ bias) -> [..., N], bf16 (rounded to nearest even from the float32
     accumulators) or float32."""
-    x2 = x if x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1 and x.shape[1] == w.k else _rows(x, w.k)
+    x2 = _rows(x, w.k)
     out = torch.empty(x2.shape[0], w.n, dtype=torch.float32 if out_float32 else torch.bfloat16)
     if w.swiglu:
         if bias is not None or out_float32:
@@ -149,7 +150,7 @@ def silu_mul(x: torch.Tensor, w: AmxWeight) -> torch.Tensor:
     [T, N/2] bf16, both products and the activation in float32, rounded once."""
     if not w.swiglu:
         raise ValueError("silu_mul needs a weight packed with swiglu=True")
-    x2 = x if x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1 and x.shape[1] == w.k else _rows(x, w.k)
+    x2 = _rows(x, w.k)
     out = torch.empty(x2.shape[0], w.n // 2, dtype=torch.bfloat16)
     if x2.shape[0]:
         _run(x2, w, out, _KIND_SWIGLU, None)

@@ -59,26 +59,23 @@ def pack_onednn(weight: torch.Tensor) -> torch.Tensor:
 PackedWeight = torch.Tensor | AmxWeight  # oneDNN's blocked layout, or AMX tiles (layers/amx_gemm.py)
 
 
-def amx_gemm_on() -> bool:
-    """Whether bf16 weights go to the AMX GEMM (layers/amx_gemm.py: an AMX CPU, a C compiler,
-    SCALELLM_NO_AMX_GEMM unset); loads it on first call (a compiler's run, once per machine)."""
-    return amx_gemm.load()
+def amx_takes(weight: torch.Tensor) -> bool:
+    """Whether this bf16 weight goes to the AMX GEMM (layers/amx_gemm.py: an AMX CPU, a C
+    compiler, SCALELLM_NO_AMX_GEMM unset; built and loaded on the first call, once per machine)."""
+    return amx_gemm.load() and amx_gemm.supports(weight)
 
 
 def pack_bf16(weight: torch.Tensor) -> PackedWeight:
     """weight [N, K] -> AMX tiles where the AMX GEMM takes it, else oneDNN's layout."""
-    if amx_gemm_on() and amx_gemm.supports(weight):
-        return amx_gemm.pack(weight)
-    return pack_onednn(weight)
+    return amx_gemm.pack(weight) if amx_takes(weight) else pack_onednn(weight)
 
 
 def all_linears_on_amx(model: nn.Module) -> bool:
-    """Whether every GEMM of this model's linears and LM head runs on the AMX kernel alone (no
-    oneDNN, int8, int4 or fp8 form beside it): then no GEMM builds a kernel per row count."""
-    gemms = [m for m in model.modules() if isinstance(m, LinearBase) or hasattr(m, "set_packed")]
-    return bool(gemms) and all(getattr(m, "amx_only", None) is not None or (
-        isinstance(getattr(m, "packed", None), AmxWeight) and getattr(m, "qweight", None) is None
-        and getattr(m, "weight32", None) is None) for m in gemms)
+    """Whether every linear and LM head of this model holds AMX tiles and no int8 weight (whose
+    GEMM is oneDNN's or torch's): then no GEMM builds a kernel per row count."""
+    gemms = [m for m in model.modules() if hasattr(m, "set_packed")]
+    return bool(gemms) and all(isinstance(getattr(m, "packed", None), AmxWeight)
+                               and getattr(m, "qweight", None) is None for m in gemms)
 
 
 def packed_nbytes(packed: PackedWeight) -> int:
@@ -128,6 +125,7 @@ class LinearBase(nn.Module):
     fp8: Fp8Weight | None = None  # set by set_fp8(): the matmul runs in fp8 (quant/fp8.py), `weight` is freed
     int4: Int4Weight | None = None  # set by set_int4(): calls of up to INT4_MAX_ROWS rows run on it
     amx_only: AmxWeight | None = None  # set by set_packed(): `packed` when it is AMX tiles and the only form
+    bias32: torch.Tensor | None = None  # with amx_only: the bias in float32, converted once
     # set by a model's int8-rows wiring (layers/int8_rows.py): with a bias-free oneDNN int8
     # weight, forward returns ScaledRows, the consumer applying the row scale
     rows_out: bool = False
@@ -207,15 +205,20 @@ class LinearBase(nn.Module):
         GEMM where it runs (1.3-2.3x oneDNN at decode sizes), else in oneDNN's blocked layout
         (F.linear re-lays it out per call: 1.2-2x slower). Returns the bytes added."""
         before = self.weight.numel() * self.weight.element_size()
-        self.packed = pack_bf16(self.weight)
+        self._pack()
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
-        self._set_amx_only()
-        return packed_nbytes(self.packed) - before
-
-    def _set_amx_only(self) -> None:
         # every call on the AMX weight (no int4, int8 or fp8 form beside it): matmul's first line
         plain = self.int4 is None and self.qweight is None and self.fp8 is None and self.weight32 is None
         self.amx_only = self.packed if plain and isinstance(self.packed, AmxWeight) else None
+        if self.amx_only is not None and self.bias is not None:
+            self.bias32 = self.bias.detach().float().contiguous()  # what the AMX epilogue adds
+        return self._packed_nbytes() - before
+
+    def _pack(self) -> None:
+        self.packed = pack_bf16(self.weight)
+
+    def _packed_nbytes(self) -> int:
+        return packed_nbytes(self.packed)
 
     def _onednn_parts(self) -> int:
         return 1
@@ -232,7 +235,7 @@ class LinearBase(nn.Module):
         """x @ W.T (+ bias). With a oneDNN int8 weight x may be int8 rows, and when wired
         (`rows_out`) the output is ScaledRows, its row scales left to the consumer."""
         if self.amx_only is not None and type(x) is torch.Tensor:
-            return amx_gemm.matmul(x, self.amx_only, bias)
+            return amx_gemm.matmul(x, self.amx_only, self.bias32 if bias is self.bias else bias)
         if self._on_int4(x):
             assert isinstance(x, torch.Tensor)
             return self._int4_matmul(x, bias)
@@ -298,22 +301,21 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         """A bias-free pair of halves ([gate | up]): `silu_and_mul` applies."""
         return len(self.output_sizes) == 2 and self.bias is None
 
-    def set_packed(self) -> int:
-        """As LinearBase.set_packed; a [gate | up] pair is packed for `silu_and_mul`: as AMX
-        tiles in (gate, up) block pairs, else half by half in oneDNN's layout."""
+    def _pack(self) -> None:
+        """A [gate | up] pair is packed for `silu_and_mul`: as AMX tiles in (gate, up) block
+        pairs, else half by half in oneDNN's layout."""
         if not self.gate_up:
-            return super().set_packed()
-        if amx_gemm_on() and amx_gemm.supports(self.weight):
-            before = self.weight.numel() * self.weight.element_size()
+            super()._pack()
+        elif amx_takes(self.weight):
             self.packed = amx_gemm.pack(self.weight, swiglu=True)
-            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
-            self._set_amx_only()
-            return self.packed.nbytes - before
-        before = self.weight.numel() * self.weight.element_size()
-        gate, up = self.weight.detach().split(self.weight.shape[0] // 2)
-        self.packed_halves = (pack_onednn(gate.contiguous()), pack_onednn(up.contiguous()))
-        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
-        return sum(p.numel() * p.element_size() for p in self.packed_halves) - before
+        else:
+            gate, up = self.weight.detach().split(self.weight.shape[0] // 2)
+            self.packed_halves = (pack_onednn(gate.contiguous()), pack_onednn(up.contiguous()))
+
+    def _packed_nbytes(self) -> int:
+        if self.packed_halves is None:
+            return super()._packed_nbytes()
+        return sum(p.numel() * p.element_size() for p in self.packed_halves)
 
     # set by a model's int8-rows wiring: silu_and_mul on int8 rows returns int8 rows for the
     # next linear (`down`), whose input smoothing (or None) this is

@@ -74,8 +74,12 @@ static void epilogue(const float *buf, int64_t r, int rows, int p, int kind, voi
         // a row's 32 values: one 64-byte line (non-temporal where the output is large and aligned)
         const int nt = stream && ((uintptr_t)dst & 63) == 0 && ((ldc * 2) & 63) == 0;
         for (int i = 0; i < rows; i++, dst += ldc) {
-            __m512i v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_load_ps(buf + 32 * i + 16), b1),
-                                                     _mm512_add_ps(_mm512_load_ps(buf + 32 * i), b0));
+            __m512 c0 = _mm512_load_ps(buf + 32 * i), c1 = _mm512_load_ps(buf + 32 * i + 16);
+            if (bias) {
+                c0 = _mm512_add_ps(c0, b0);
+                c1 = _mm512_add_ps(c1, b1);
+            }
+            __m512i v = (__m512i)_mm512_cvtne2ps_pbh(c1, c0);
             if (nt)
                 _mm512_stream_si512((__m512i *)dst, v);
             else
@@ -85,8 +89,11 @@ static void epilogue(const float *buf, int64_t r, int rows, int p, int kind, voi
         float *dst = (float *)out + r * ldc + 32 * p;
         const int nt = stream && ((uintptr_t)dst & 63) == 0 && ((ldc * 4) & 63) == 0;
         for (int i = 0; i < rows; i++, dst += ldc) {
-            __m512 c0 = _mm512_add_ps(_mm512_load_ps(buf + 32 * i), b0);
-            __m512 c1 = _mm512_add_ps(_mm512_load_ps(buf + 32 * i + 16), b1);
+            __m512 c0 = _mm512_load_ps(buf + 32 * i), c1 = _mm512_load_ps(buf + 32 * i + 16);
+            if (bias) {
+                c0 = _mm512_add_ps(c0, b0);
+                c1 = _mm512_add_ps(c1, b1);
+            }
             if (nt) {
                 _mm512_stream_ps(dst, c0);
                 _mm512_stream_ps(dst + 16, c1);
@@ -113,39 +120,46 @@ static void epilogue(const float *buf, int64_t r, int rows, int p, int kind, voi
 }
 
 /* One 32 x 32 block: rows a0 (ra0 of them) and a0 + 16 lda (ra1), columns of w0 and w1 (a
- * pair's two 16-column panels), over all of K; the float32 result into buf [32][32]. */
-static inline void block32(const uint16_t *a0, int64_t lda, const uint16_t *w0, const uint16_t *w1, int kt,
-                           int ra1, float *buf) {
-    const uint16_t *a1 = a0 + 16 * lda;
+ * pair's two 16-column panels), over all of K; the accumulators (float32, or int32 for s8)
+ * into buf [32][32]. A K step is 64 bytes of a row of A and one 1 KiB tile of each panel
+ * either way: 32 bf16 in pairs (TDPBF16PS) or 64 int8 in quads (TDPBSSD). s8 is a constant
+ * where inlined, so each entry point gets its own loop. */
+static inline __attribute__((always_inline)) void block32(const char *a0, int64_t lda, const char *w0,
+                                                          const char *w1, int kt, int ra1, void *buf, const int s8) {
+    const char *a1 = a0 + 16 * lda;
     _tile_zero(0);
     _tile_zero(1);
     if (ra1) {
         _tile_zero(2);
         _tile_zero(3);
-        for (int t = 0; t < kt; t++) {
-            _tile_loadd(4, a0 + 32 * t, lda * 2);
-            _tile_loadd(6, w0 + (size_t)t * 512, 64);
-            _tile_loadd(7, w1 + (size_t)t * 512, 64);
-            _tile_loadd(5, a1 + 32 * t, lda * 2);
+    }
+    for (int t = 0; t < kt; t++) {
+        _tile_loadd(4, a0 + 64 * t, lda);
+        _tile_loadd(6, w0 + (size_t)t * 1024, 64);
+        _tile_loadd(7, w1 + (size_t)t * 1024, 64);
+        if (s8) {
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+        } else {
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
         }
-    } else {
-        for (int t = 0; t < kt; t++) {
-            _tile_loadd(4, a0 + 32 * t, lda * 2);
-            _tile_loadd(6, w0 + (size_t)t * 512, 64);
-            _tile_loadd(7, w1 + (size_t)t * 512, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
+        if (ra1) {
+            _tile_loadd(5, a1 + 64 * t, lda);
+            if (s8) {
+                _tile_dpbssd(2, 5, 6);
+                _tile_dpbssd(3, 5, 7);
+            } else {
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
         }
     }
     _tile_stored(0, buf, 128);
-    _tile_stored(1, buf + 16, 128);
+    _tile_stored(1, (char *)buf + 64, 128);
     if (ra1) {
-        _tile_stored(2, buf + 16 * 32, 128);
-        _tile_stored(3, buf + 16 * 32 + 16, 128);
+        _tile_stored(2, (char *)buf + 16 * 128, 128);
+        _tile_stored(3, (char *)buf + 16 * 128 + 64, 128);
     }
 }
 
@@ -161,17 +175,15 @@ static inline int group_rows(int64_t r, int64_t end, int *cur0, int *cur1) {
     return ra1;
 }
 
-/*
- * a: [M, K] bf16, rows lda elements apart; w: packed [N, K] (see the top); out: rows ldc
- * elements apart (bf16 or float32 per kind); bias: [N] float32 or NULL (KIND_BF16/FP32).
- * N a multiple of 32, K of 32.
- */
-void sl_gemm(const uint16_t *a, int64_t lda, int64_t m, const uint16_t *w, int n, int k, void *out,
-             int64_t ldc, int kind, const float *bias, int num_threads) {
-    const int pairs = n / 32, kt = k / 32;
+/* The driver of both entry points: a [M, K] (rows lda bytes apart, kt K steps), w packed
+ * (see the top; s8: int8 with w_scales [N] applied to the int32 accumulators first). */
+static inline __attribute__((always_inline)) void gemm(const char *a, int64_t lda, int64_t m, const char *w, int n,
+                                                       int kt, const int s8, const float *w_scales, int kind,
+                                                       void *out, int64_t ldc, const float *bias, int num_threads) {
+    const int pairs = n / 32;
     const int64_t half = n / 2;
     const int stream = m >= STREAM_ROWS;
-    int64_t row_block = (ROW_BLOCK_BYTES / (2 * (int64_t)k)) & ~(int64_t)31;
+    int64_t row_block = (ROW_BLOCK_BYTES / (64 * (int64_t)kt)) & ~(int64_t)31;
     row_block = row_block < 32 ? 32 : (row_block > ROW_BLOCK_MAX ? ROW_BLOCK_MAX : row_block);
     if (m <= 0 || pairs <= 0)
         return;
@@ -186,10 +198,19 @@ void sl_gemm(const uint16_t *a, int64_t lda, int64_t m, const uint16_t *w, int n
         for (int64_t mb = 0; mb < m; mb += row_block) {
             const int64_t mend = mb + row_block < m ? mb + row_block : m;
             for (int p = p0; p < p1; p++) {
-                const uint16_t *w0 = w + (size_t)(2 * p) * kt * 512, *w1 = w0 + (size_t)kt * 512;
+                const char *w0 = w + (size_t)(2 * p) * kt * 1024, *w1 = w0 + (size_t)kt * 1024;
                 for (int64_t r = mb; r < mend; r += 32) {
                     const int ra1 = group_rows(r, mend, &cur0, &cur1);
-                    block32(a + r * lda, lda, w0, w1, kt, ra1, buf);
+                    block32(a + r * lda, lda, w0, w1, kt, ra1, buf, s8);
+                    if (s8) {  // int32 accumulators -> float32 times the channel scales, in place
+                        const __m512 s0 = _mm512_loadu_ps(w_scales + 32 * p);
+                        const __m512 s1 = _mm512_loadu_ps(w_scales + 32 * p + 16);
+                        for (int i = 0; i < cur0 + ra1; i++) {
+                            _mm512_store_ps(buf + 32 * i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(buf + 32 * i)), s0));
+                            _mm512_store_ps(buf + 32 * i + 16,
+                                            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(buf + 32 * i + 16)), s1));
+                        }
+                    }
                     epilogue(buf, r, cur0 + ra1, p, kind, out, ldc, half, bias, stream);
                 }
             }
@@ -200,97 +221,26 @@ void sl_gemm(const uint16_t *a, int64_t lda, int64_t m, const uint16_t *w, int n
     }
 }
 
-/* ---- int8: codes [M, K] (one scale a row, applied by the caller) x int8 W [N, K] ----
- * W packed as the bf16 weights are, with 4 K values to a 32-bit lane: tile t of block b
- * holds W[16b + c][64t + 4i + e] at [i][c][e] (TDPBSSD's B operand), 16 rows x 64 bytes.
- * out [M, N] = float(A W^T) * w_scales[n], rounded to bf16 or float32 (oneDNN's qlinear with
- * an input scale of 1 and per-channel weight scales computes the same). K a multiple of 64. */
-
-static inline void block32_s8(const int8_t *a0, int64_t lda, const int8_t *w0, const int8_t *w1, int kt,
-                              int ra1, int32_t *buf) {
-    const int8_t *a1 = a0 + 16 * lda;
-    _tile_zero(0);
-    _tile_zero(1);
-    if (ra1) {
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int t = 0; t < kt; t++) {
-            _tile_loadd(4, a0 + 64 * t, lda);
-            _tile_loadd(6, w0 + (size_t)t * 1024, 64);
-            _tile_loadd(7, w1 + (size_t)t * 1024, 64);
-            _tile_loadd(5, a1 + 64 * t, lda);
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbssd(1, 4, 7);
-            _tile_dpbssd(2, 5, 6);
-            _tile_dpbssd(3, 5, 7);
-        }
-    } else {
-        for (int t = 0; t < kt; t++) {
-            _tile_loadd(4, a0 + 64 * t, lda);
-            _tile_loadd(6, w0 + (size_t)t * 1024, 64);
-            _tile_loadd(7, w1 + (size_t)t * 1024, 64);
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbssd(1, 4, 7);
-        }
-    }
-    _tile_stored(0, buf, 128);
-    _tile_stored(1, buf + 16, 128);
-    if (ra1) {
-        _tile_stored(2, buf + 16 * 32, 128);
-        _tile_stored(3, buf + 16 * 32 + 16, 128);
-    }
+/*
+ * a: [M, K] bf16, rows lda elements apart; w: packed [N, K] (see the top); out: rows ldc
+ * elements apart (bf16 or float32 per kind); bias: [N] float32 or NULL (KIND_BF16/FP32).
+ * N a multiple of 32, K of 32.
+ */
+void sl_gemm(const uint16_t *a, int64_t lda, int64_t m, const uint16_t *w, int n, int k, void *out,
+             int64_t ldc, int kind, const float *bias, int num_threads) {
+    gemm((const char *)a, 2 * lda, m, (const char *)w, n, k / 32, 0, NULL, kind, out, ldc, bias, num_threads);
 }
 
+/*
+ * int8: codes [M, K] (one scale a row, applied by the caller) x int8 W [N, K]. W is packed
+ * as the bf16 weights are, with 4 K values to a 32-bit lane: tile t of block b holds
+ * W[16b + c][64t + 4i + e] at [i][c][e] (TDPBSSD's B operand), 16 rows x 64 bytes.
+ * out [M, N] = float(A W^T) * w_scales[n], rounded to bf16 or float32 (oneDNN's qlinear with
+ * an input scale of 1 and per-channel weight scales computes the same). K a multiple of 64;
+ * lda and ldc in elements.
+ */
 void sl_gemm_s8(const int8_t *a, int64_t lda, int64_t m, const int8_t *w, int n, int k, void *out,
                 int64_t ldc, const float *w_scales, int out_float32, int num_threads) {
-    const int pairs = n / 32, kt = k / 64;
-    const int stream = m >= STREAM_ROWS;
-    int64_t row_block = (ROW_BLOCK_BYTES / (int64_t)k) & ~(int64_t)31;
-    row_block = row_block < 32 ? 32 : (row_block > ROW_BLOCK_MAX ? ROW_BLOCK_MAX : row_block);
-    if (m <= 0 || pairs <= 0)
-        return;
-    if (num_threads > pairs)
-        num_threads = pairs;
-#pragma omp parallel num_threads(num_threads)
-    {
-        const int nth = omp_get_num_threads(), me = omp_get_thread_num();
-        const int p0 = (int)((int64_t)pairs * me / nth), p1 = (int)((int64_t)pairs * (me + 1) / nth);
-        int32_t buf[32 * 32] __attribute__((aligned(64)));
-        int cur0 = -1, cur1 = -1;
-        for (int64_t mb = 0; mb < m; mb += row_block) {
-            const int64_t mend = mb + row_block < m ? mb + row_block : m;
-            for (int p = p0; p < p1; p++) {
-                const int8_t *w0 = w + (size_t)(2 * p) * kt * 1024, *w1 = w0 + (size_t)kt * 1024;
-                const __m512 s0 = _mm512_loadu_ps(w_scales + 32 * p), s1 = _mm512_loadu_ps(w_scales + 32 * p + 16);
-                for (int64_t r = mb; r < mend; r += 32) {
-                    const int ra1 = group_rows(r, mend, &cur0, &cur1);
-                    block32_s8(a + r * lda, lda, w0, w1, kt, ra1, buf);
-                    const int rows = cur0 + ra1;
-                    if (out_float32) {
-                        float *dst = (float *)out + r * ldc + 32 * p;
-                        for (int i = 0; i < rows; i++, dst += ldc) {
-                            _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(buf + 32 * i)), s0));
-                            _mm512_storeu_ps(dst + 16,
-                                             _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(buf + 32 * i + 16)), s1));
-                        }
-                        continue;
-                    }
-                    uint16_t *dst = (uint16_t *)out + r * ldc + 32 * p;
-                    const int nt = stream && ((uintptr_t)dst & 63) == 0 && ((ldc * 2) & 63) == 0;
-                    for (int i = 0; i < rows; i++, dst += ldc) {
-                        __m512 c0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(buf + 32 * i)), s0);
-                        __m512 c1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(buf + 32 * i + 16)), s1);
-                        __m512i v = (__m512i)_mm512_cvtne2ps_pbh(c1, c0);
-                        if (nt)
-                            _mm512_stream_si512((__m512i *)dst, v);
-                        else
-                            _mm512_storeu_si512(dst, v);
-                    }
-                }
-            }
-        }
-        _tile_release();
-        if (stream)
-            _mm_sfence();
-    }
+    gemm((const char *)a, lda, m, (const char *)w, n, k / 64, 1, w_scales, out_float32 ? KIND_FP32 : KIND_BF16,
+         out, ldc, NULL, num_threads);
 }
