@@ -27,7 +27,9 @@ layers that expose `weight` (+ optional `bias`) and calls `set_int8(...)`.
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -58,7 +60,37 @@ def qlinear_fast() -> bool:
     if os.environ.get("SCALELLM_INT8_ONEDNN", "1") == "0" or not int_mm_fast():
         return False
     onednn = getattr(torch.ops, "onednn", None)
-    return onednn is not None and hasattr(onednn, "qlinear_pointwise") and hasattr(onednn, "qlinear_prepack")
+    if onednn is None or not (hasattr(onednn, "qlinear_pointwise") and hasattr(onednn, "qlinear_prepack")):
+        return False
+    return _qlinear_native()
+
+
+@functools.cache
+def _qlinear_native() -> bool:
+    """Whether oneDNN runs its int8 GEMM with a kernel of its own here, not its reference loop.
+
+    NOTE: on a 2-core AMD EPYC (Zen 4: AVX-512 VNNI and BF16, no AMX) torch 2.13's
+    `qlinear_prepack` picks a blocked weight layout that only oneDNN's reference
+    implementation (`ref_int8`) then takes: 620 ms for a 64 x 576 x 1,536 call, against
+    0.27 ms for torch._int_mm on the same machine. One small call of each, timed once
+    (~0.1 ms where it is native, ~10 ms where it is not), tells them apart."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (256, 256), dtype=torch.int8, generator=g)
+    codes = torch.randint(-127, 128, (32, 256), dtype=torch.int8, generator=g)
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(q, [32, 256])
+        args = (1.0, 0, packed, torch.ones(256), torch.zeros(256, dtype=torch.long), None, 1.0, 0,
+                torch.float32, "none", [], "")
+        torch.ops.onednn.qlinear_pointwise(codes, *args)
+        torch._int_mm(codes, q.t())
+        t0 = time.perf_counter()
+        torch.ops.onednn.qlinear_pointwise(codes, *args)
+        t1 = time.perf_counter()
+        torch._int_mm(codes, q.t())
+        t2 = time.perf_counter()
+    except RuntimeError:
+        return False
+    return t1 - t0 < 10 * (t2 - t1) + 200e-6
 
 
 def int8_available() -> bool:
