@@ -3,6 +3,8 @@ tiny model's logits, and the engine end to end."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,6 +99,10 @@ def test_calibration_is_cached_on_disk(tiny_models, tmp_path, monkeypatch):
     assert passes == [1] and len(list(tmp_path.glob("int8-calibration-*.safetensors"))) == 1
     second = LLM(tiny_models["llama"], dtype="float32", quantization="int8")
     assert passes == [1]
+    from conftest import wait_for_kernels
+
+    for llm in (first, second):  # else one of them may run torch stand-ins while numba compiles
+        wait_for_kernels(llm.engine.core.executor)
     assert torch.equal(_all_logits(first, ids), _all_logits(second, ids))
     # another dtype is another key; a damaged file is ignored (and recalibrated)
     assert calibration_cache.cache_key(tiny_models["llama"], dtype=torch.float32) != \
@@ -151,11 +157,11 @@ def test_int8_rows_chain_in_a_bf16_model(tiny_models, monkeypatch):
     taken before the numba kernels are compiled), and the engine runs on it end to end."""
     from scalellm import LLM, SamplingParams
     from scalellm.layers import fused_cpu
-    from scalellm.quant.int8 import qlinear_fast
+    from scalellm.quant.int8 import int8_rows_available
     from scalellm.worker.worker import _pack_weights, cpu_has_fast_bf16
 
-    if not (qlinear_fast() and cpu_has_fast_bf16() and _pack_weights() and fused_cpu.warm_up(torch.bfloat16)):
-        pytest.skip("needs oneDNN's int8 GEMM, bf16 units and the numba kernels")
+    if not (int8_rows_available() and cpu_has_fast_bf16() and _pack_weights() and fused_cpu.warm_up(torch.bfloat16)):
+        pytest.skip("needs an int8 GEMM for the int8-rows chain, bf16 units and the numba kernels")
     ref_llm = LLM(tiny_models["llama"], dtype="bfloat16")
     q_llm = LLM(tiny_models["llama"], dtype="bfloat16", quantization="int8")
     model = q_llm.engine.core.executor.model
@@ -191,11 +197,11 @@ def test_int8_rows_chain_leaves_out_what_it_cannot_carry(arch, tiny_models, tiny
     to bf16's."""
     from scalellm import LLM
     from scalellm.layers import fused_cpu
-    from scalellm.quant.int8 import qlinear_fast
+    from scalellm.quant.int8 import int8_rows_available
     from scalellm.worker.worker import _pack_weights, cpu_has_fast_bf16
 
-    if not (qlinear_fast() and cpu_has_fast_bf16() and _pack_weights() and fused_cpu.warm_up(torch.bfloat16)):
-        pytest.skip("needs oneDNN's int8 GEMM, bf16 units and the numba kernels")
+    if not (int8_rows_available() and cpu_has_fast_bf16() and _pack_weights() and fused_cpu.warm_up(torch.bfloat16)):
+        pytest.skip("needs an int8 GEMM for the int8-rows chain, bf16 units and the numba kernels")
     path = {**tiny_models, **tiny_moe_models}[arch]
     ref_llm = LLM(path, dtype="bfloat16")
     q_llm = LLM(path, dtype="bfloat16", quantization="int8")
@@ -239,3 +245,32 @@ def test_qlinear_fast_only_where_onednn_runs_a_native_int8_kernel():
     t0 = time.perf_counter()
     rows.gemm(codes, torch.float32)
     assert time.perf_counter() - t0 < 20 * int_mm_s + 5e-3
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int_mm_backend_is_exact_integer_products_times_channel_scales(rows, dtype):
+    """The torch._int_mm backend of the int8-rows chain (where neither the AMX kernel nor a
+    native oneDNN int8 linear runs): each output is the exact integer dot product of a row's
+    codes with a channel's codes, times the channel's scale in float32, rounded once to
+    dtype; through the numba pass and through torch ops alike."""
+    from scalellm.layers import fused_cpu
+    from scalellm.layers.int_mm_backend import IntMmInt8Backend
+    from scalellm.quant.int8 import Int8Weight, int_mm_fast
+
+    if not int_mm_fast():
+        pytest.skip("no int8 units")
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(384, 576, generator=g)
+    codes = torch.randint(-127, 128, (rows, 576), dtype=torch.int8, generator=g)
+    iw = Int8Weight(w, onednn_parts=2, backend=IntMmInt8Backend())
+    assert iw.backend is not None and len(iw.onednn) == 2
+    q = torch.round(w / (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)).clamp(-127, 127)
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    exact = (codes.double() @ q.double().t())  # integers, exact in float64
+    want = (exact.float() * scales).to(dtype)
+    fused_cpu.warm_up(dtype if dtype == torch.bfloat16 else torch.float32)
+    for torch_only in (False, True):
+        with fused_cpu.torch_paths() if torch_only else contextlib.nullcontext():
+            got = torch.cat(iw.gemm(codes, dtype), dim=-1)
+        assert got.dtype == dtype and torch.equal(got, want), (torch_only, (got.float() - want.float()).abs().max())

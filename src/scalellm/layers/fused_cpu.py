@@ -241,6 +241,15 @@ def int8_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None, q_weight: torch.
     return out
 
 
+def dequant_cols(acc: torch.Tensor, w_scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An int8 GEMM's int32 sums acc [M, N] times the weight's channel scales w_scales [N]
+    float32, in dtype (x's kernels' dtype), in one pass: float32(acc) * w_scale, rounded once."""
+    out, out_np = empty(tuple(acc.shape), dtype)
+    ones = np.ones(acc.shape[0], dtype=np.float32)
+    _int8.dequant_rows(acc.numpy(), ones, const_bits(w_scales), out_np[:1], False, out_np)
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
              out_float32: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [T, E] contiguous, one dtype; weight: [E] in x's dtype. Returns

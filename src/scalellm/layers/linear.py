@@ -21,11 +21,12 @@ from scalellm.distributed.parallel_state import get_parallel_state, tensor_paral
 from scalellm.layers import amx_gemm, fused_cpu
 from scalellm.layers.amx_gemm import AmxWeight
 from scalellm.layers.int8_rows import Int8Rows, ScaledRows, quantise
+from scalellm.layers.int_mm_backend import IntMmInt8Backend
 from scalellm.protocol.errors import ModelLoadError
 from scalellm.quant.fp8 import Fp8Weight
 from scalellm.quant.int4 import Int4Weight
 from scalellm.quant.int4 import supports as int4_supports
-from scalellm.quant.int8 import Int8Weight
+from scalellm.quant.int8 import Int8Backend, Int8Weight, qlinear_fast
 
 
 def _check_shape(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
@@ -118,6 +119,15 @@ INT8_MAX_ROWS = int(os.environ.get("SCALELLM_INT8_MAX_ROWS", "128"))
 INT4_MAX_ROWS = int(os.environ.get("SCALELLM_INT4_MAX_ROWS", "8"))
 
 
+def int8_rows_backend() -> Int8Backend | None:
+    """The int8-rows chain's GEMM: the AMX kernel where it loads (SCALELLM_NO_AMX_GEMM=1: not),
+    else oneDNN's int8 linear where it runs natively (None: Int8Weight's own), else torch._int_mm."""
+    amx = amx_gemm.int8_backend()
+    if amx is not None:
+        return amx
+    return None if qlinear_fast() else IntMmInt8Backend()
+
+
 class LinearBase(nn.Module):
     qweight: Int8Weight | None = None  # set by set_int8(): the matmul runs in int8, `weight` is freed
     weight32: torch.Tensor | None = None  # set by set_fp32_compute(): bf16 values held as float32
@@ -151,9 +161,8 @@ class LinearBase(nn.Module):
         weight too (then `set_packed`): calls of more than INT8_MAX_ROWS rows run on it.
         onednn: for oneDNN's int8 GEMM, every call (the int8-rows chain)."""
         before = self.weight.numel() * self.weight.element_size()
-        # the int8-rows GEMM on the AMX kernel where it loads (SCALELLM_NO_AMX_GEMM=1: oneDNN's)
         self.qweight = Int8Weight(self.weight, act_amax, onednn_parts=self._onednn_parts() if onednn else 0,
-                                  backend=amx_gemm.int8_backend() if onednn else None)
+                                  backend=int8_rows_backend() if onednn else None)
         if keep_weight:
             return -self.qweight.nbytes
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)

@@ -134,15 +134,15 @@ def _load_and_quantize(model: torch.nn.Module, args: ModelArgs, source: ModelSou
         if device.type != "cpu":
             raise InvalidParameterError("quantization", "int8 (fbgemm W8A8) runs on CPU only")
         from scalellm.distributed.parallel_state import get_parallel_state
-        from scalellm.quant.int8 import int_mm_fast, qlinear_fast, quantize_int8
+        from scalellm.quant.int8 import int8_rows_available, int_mm_fast, quantize_int8
 
         stats = _int8_calibration(model, args, source, dtype, device)
-        # oneDNN's int8 GEMM for every call, the quantisation and row scales fused into the
-        # kernels around it (layers/int8_rows.py); else, with int8 units (torch._int_mm) and
-        # bf16 ones, large calls (prefill) stay bf16, where torch._int_mm is slower at these
-        # shapes (layers/linear.py INT8_MAX_ROWS): both weights are kept
+        # an int8 GEMM for every call (AMX kernel, oneDNN's int8 linear or torch._int_mm:
+        # linear.int8_rows_backend), the quantisation and row scales fused into the kernels
+        # around it (layers/int8_rows.py); else, with int8 units (torch._int_mm) and bf16 ones,
+        # large calls (prefill) stay bf16 (layers/linear.py INT8_MAX_ROWS): both weights are kept
         packed_bf16 = dtype == torch.bfloat16 and cpu_has_fast_bf16() and _pack_weights()
-        rows = (packed_bf16 and qlinear_fast() and get_parallel_state().tp_size == 1
+        rows = (packed_bf16 and int8_rows_available() and get_parallel_state().tp_size == 1
                 and hasattr(model, "link_int8_rows"))
         hybrid = packed_bf16 and not rows and int_mm_fast()
         saved = quantize_int8(model, stats, keep_weight=hybrid, onednn=rows)
@@ -151,8 +151,11 @@ def _load_and_quantize(model: torch.nn.Module, args: ModelArgs, source: ModelSou
             # what stays bf16 (the LM head) is prepacked, as in a bf16 model
             saved -= sum(m.set_packed() for m in model.modules()
                          if hasattr(m, "set_packed") and getattr(m, "qweight", None) is None)
-            logger.info("int8 linears on oneDNN's int8 GEMM, %d int8-rows links: %.0f MB of weights freed",
-                        links, saved / 2**20)
+            from scalellm.layers.linear import int8_rows_backend
+
+            gemm = type(int8_rows_backend()).__name__.replace("NoneType", "oneDNN's int8 GEMM")
+            logger.info("int8 linears on %s, %d int8-rows links: %.0f MB of weights freed", gemm, links,
+                        saved / 2**20)
         elif hybrid:
             saved -= sum(m.set_packed() for m in model.modules() if getattr(m, "qweight", None) is not None)
             logger.info("int8 linears on torch._int_mm for calls up to %d rows, bf16 (prepacked) above: +%.0f MB",
