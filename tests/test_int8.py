@@ -247,14 +247,15 @@ def test_qlinear_fast_only_where_onednn_runs_a_native_int8_kernel():
     assert time.perf_counter() - t0 < 20 * int_mm_s + 5e-3
 
 
-@pytest.mark.parametrize("rows", [1, 5, 64, 300])
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, 17, 64, 300])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int_mm_backend_is_exact_integer_products_times_channel_scales(rows, dtype):
-    """The torch._int_mm backend of the int8-rows chain (where neither the AMX kernel nor a
-    native oneDNN int8 linear runs): each output is the exact integer dot product of a row's
-    codes with a channel's codes, times the channel's scale in float32, rounded once to
-    dtype; through the numba pass and through torch ops alike."""
-    from scalellm.layers import fused_cpu
+    """The int8-rows chain's GEMM where neither the AMX kernel nor a native oneDNN int8 linear
+    runs (the VNNI GEMV up to GEMV_MAX_ROWS rows where it builds, torch._int_mm above): each
+    output is the exact integer dot product of a row's codes with a channel's codes, times the
+    channel's scale in float32, rounded once to dtype; through the numba pass and through
+    torch ops alike, and from codes with a row stride wider than K."""
+    from scalellm.layers import fused_cpu, int_mm_backend, native
     from scalellm.layers.int_mm_backend import IntMmInt8Backend
     from scalellm.quant.int8 import Int8Weight, int_mm_fast
 
@@ -262,9 +263,11 @@ def test_int_mm_backend_is_exact_integer_products_times_channel_scales(rows, dty
         pytest.skip("no int8 units")
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(384, 576, generator=g)
-    codes = torch.randint(-127, 128, (rows, 576), dtype=torch.int8, generator=g)
+    codes = torch.randint(-127, 128, (rows, 640), dtype=torch.int8, generator=g)[:, 32:608]  # strided rows
     iw = Int8Weight(w, onednn_parts=2, backend=IntMmInt8Backend())
     assert iw.backend is not None and len(iw.onednn) == 2
+    if native.cpu_has_vnni() and native.compiler() is not None:
+        assert int_mm_backend.load_gemv() and all(p.wsum is not None for p in iw.onednn)
     q = torch.round(w / (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)).clamp(-127, 127)
     scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
     exact = (codes.double() @ q.double().t())  # integers, exact in float64

@@ -1,11 +1,12 @@
-"""Building and loading the C kernels of `layers/csrc` (AMX attention, AMX GEMM).
+"""Building and loading the C kernels of `layers/csrc` (AMX attention, AMX GEMM, VNNI GEMV).
 
 Each C file is compiled once per machine with the system's C compiler (`$CC`, else gcc, else
 cc; about a second) into the cache directory ($SCALELLM_CACHE_DIR, else
 $XDG_CACHE_HOME/scalellm, else ~/.cache/scalellm), keyed by the source and the flags, and
-loaded with ctypes. Every kernel here needs AMX (Linux x86-64, `amx_bf16` and friends in
-/proc/cpuinfo) and the kernel's permission for the tile state (`sl_amx_init`); where any of
-that is missing `load_amx_library` returns None and callers keep their torch paths.
+loaded with ctypes. The AMX kernels need AMX (Linux x86-64, `amx_bf16` and friends in
+/proc/cpuinfo) and the kernel's permission for the tile state (`sl_amx_init`), the VNNI one
+AVX-512 VNNI; where any of that is missing the loaders return None and callers keep their
+torch paths.
 """
 
 from __future__ import annotations
@@ -30,18 +31,33 @@ AMX_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-m
 _CPU_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512f", "avx512bw", "avx512vl")
 
 
-def cpu_has_amx() -> bool:
+VNNI_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC")
+_VNNI_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo) on Linux x86-64; empty elsewhere."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return frozenset()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return all(flag in flags for flag in _CPU_FLAGS)
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_amx() -> bool:
+    flags = cpu_flags()
+    return all(flag in flags for flag in _CPU_FLAGS)
+
+
+def cpu_has_vnni() -> bool:
+    """AVX-512 with VNNI (VPDPBUSD): Intel since Cascade Lake, AMD since Zen 4."""
+    flags = cpu_flags()
+    return all(flag in flags for flag in _VNNI_CPU_FLAGS)
 
 
 def compiler() -> str | None:
@@ -105,3 +121,20 @@ def load_amx_library(filename: str, what: str) -> ctypes.CDLL | None:
         logger.info("%s off: arch_prctl(ARCH_REQ_XCOMP_PERM) failed", what)
         return None
     return lib
+
+
+def load_vnni_library(filename: str, what: str) -> ctypes.CDLL | None:
+    """Build (once per machine) and load csrc/`filename`, an AVX-512 VNNI kernel, where the CPU
+    has VNNI and a compiler is found; None otherwise (why is logged at INFO, naming `what`)."""
+    if not cpu_has_vnni():
+        return None
+    cc = compiler()
+    if cc is None:
+        logger.info("%s off: no C compiler ($CC, gcc, cc)", what)
+        return None
+    try:
+        path = build(os.path.join(CSRC, filename), cc, VNNI_FLAGS)
+        return ctypes.CDLL(path) if path is not None else None
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.info("%s off: %s", what, e)
+        return None
