@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalellm.distributed.parallel_state import get_parallel_state, tensor_parallel_all_reduce
-from scalellm.layers import amx_gemm, fused_cpu
+from scalellm.layers import amx_gemm, bf16_gemv, fused_cpu
 from scalellm.layers.amx_gemm import AmxWeight
 from scalellm.layers.int8_rows import Int8Rows, ScaledRows, quantise
 from scalellm.layers.int_mm_backend import IntMmInt8Backend
@@ -136,6 +136,9 @@ class LinearBase(nn.Module):
     int4: Int4Weight | None = None  # set by set_int4(): calls of up to INT4_MAX_ROWS rows run on it
     amx_only: AmxWeight | None = None  # set by set_packed(): `packed` when it is AMX tiles and the only form
     bias32: torch.Tensor | None = None  # with amx_only: the bias in float32, converted once
+    # set by set_packed() beside oneDNN's packed weight where the bf16 GEMV loads (no AMX):
+    # the plain [N, K] weight, for calls of up to bf16_gemv.GEMV_MAX_ROWS rows
+    gemv_weight: torch.Tensor | None = None
     # set by a model's int8-rows wiring (layers/int8_rows.py): with a bias-free oneDNN int8
     # weight, forward returns ScaledRows, the consumer applying the row scale
     rows_out: bool = False
@@ -215,6 +218,10 @@ class LinearBase(nn.Module):
         (F.linear re-lays it out per call: 1.2-2x slower). Returns the bytes added."""
         before = self.weight.numel() * self.weight.element_size()
         self._pack()
+        if (not isinstance(self.packed, AmxWeight) and self.int4 is None and self.qweight is None
+                and bf16_gemv.supports(self.weight) and bf16_gemv.load()):
+            self.gemv_weight = self.weight.detach().contiguous()
+            before -= self.gemv_weight.numel() * self.gemv_weight.element_size()
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
         # every call on the AMX weight (no int4, int8 or fp8 form beside it): matmul's first line
         plain = self.int4 is None and self.qweight is None and self.fp8 is None and self.weight32 is None
@@ -263,6 +270,8 @@ class LinearBase(nn.Module):
             if qw.q is not None and x.dim() == 2 and x.is_contiguous() and fused_cpu.supports(x):
                 return fused_cpu.int8_rows(x, qw.inv_smooth, qw.q, qw.w_scales, bias)
             return qw(x, bias)
+        if self.gemv_weight is not None and bf16_gemv.takes(x):
+            return bf16_gemv.matmul(x, self.gemv_weight, bias)
         if self.packed is not None:
             return linear_packed(x, self.packed, bias)
         if self.weight32 is not None:
@@ -337,7 +346,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def _on_halves(self, x: torch.Tensor) -> bool:
         # an int8 weight (kept with the bf16 one) serves calls of up to INT8_MAX_ROWS rows
         return self.packed_halves is not None and (
-            self.qweight is None or x.numel() > INT8_MAX_ROWS * x.shape[-1])
+            self.qweight is None or x.numel() > INT8_MAX_ROWS * x.shape[-1]) and not (
+            self.gemv_weight is not None and bf16_gemv.takes(x))
 
     def matmul(self, x: torch.Tensor | Int8Rows, bias: torch.Tensor | None) -> torch.Tensor | ScaledRows:
         if isinstance(x, torch.Tensor) and self._on_halves(x) and not self._on_int4(x):

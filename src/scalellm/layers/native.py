@@ -123,17 +123,18 @@ def load_amx_library(filename: str, what: str) -> ctypes.CDLL | None:
     return lib
 
 
-def load_vnni_library(filename: str, what: str) -> ctypes.CDLL | None:
-    """Build (once per machine) and load csrc/`filename`, an AVX-512 VNNI kernel, where the CPU
-    has VNNI and a compiler is found; None otherwise (why is logged at INFO, naming `what`)."""
-    if not cpu_has_vnni():
+def load_vnni_library(filename: str, what: str, bf16: bool = False) -> ctypes.CDLL | None:
+    """Build (once per machine) and load csrc/`filename`, an AVX-512 VNNI kernel (bf16: an
+    AVX-512 BF16 one), where the CPU has it and a compiler is found; None otherwise (why is
+    logged at INFO, naming `what`)."""
+    if not cpu_has_vnni() or (bf16 and "avx512_bf16" not in cpu_flags()):
         return None
     cc = compiler()
     if cc is None:
         logger.info("%s off: no C compiler ($CC, gcc, cc)", what)
         return None
     try:
-        path = build(os.path.join(CSRC, filename), cc, VNNI_FLAGS)
+        path = build(os.path.join(CSRC, filename), cc, VNNI_FLAGS + (("-mavx512bf16",) if bf16 else ()))
         return ctypes.CDLL(path) if path is not None else None
     except (OSError, subprocess.SubprocessError) as e:
         logger.info("%s off: %s", what, e)
