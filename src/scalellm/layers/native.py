@@ -99,25 +99,29 @@ def build(source: str, cc: str, flags: tuple[str, ...] = AMX_FLAGS) -> str | Non
             os.unlink(tmp)
 
 
+def _build_and_load(filename: str, what: str, flags: tuple[str, ...]) -> ctypes.CDLL | None:
+    """csrc/`filename` built with `flags` (once per machine) and loaded; None, logged at INFO
+    naming `what`, where no compiler is found or the build or the load fails."""
+    cc = compiler()
+    if cc is None:
+        logger.info("%s off: no C compiler ($CC, gcc, cc)", what)
+        return None
+    try:
+        path = build(os.path.join(CSRC, filename), cc, flags)
+        return ctypes.CDLL(path) if path is not None else None
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.info("%s off: %s", what, e)
+        return None
+
+
 def load_amx_library(filename: str, what: str) -> ctypes.CDLL | None:
     """Build (once per machine) and load csrc/`filename`, which exports `sl_amx_init`, where
     the CPU has AMX, a compiler is found and Linux grants the tile state; None otherwise
     (why is logged at INFO, naming `what`)."""
     if not cpu_has_amx():
         return None
-    cc = compiler()
-    if cc is None:
-        logger.info("%s off: no C compiler ($CC, gcc, cc)", what)
-        return None
-    try:
-        path = build(os.path.join(CSRC, filename), cc)
-        if path is None:
-            return None
-        lib = ctypes.CDLL(path)
-    except (OSError, subprocess.SubprocessError) as e:
-        logger.info("%s off: %s", what, e)
-        return None
-    if lib.sl_amx_init() != 0:  # Linux refused this process the AMX tile state
+    lib = _build_and_load(filename, what, AMX_FLAGS)
+    if lib is not None and lib.sl_amx_init() != 0:  # Linux refused this process the AMX tile state
         logger.info("%s off: arch_prctl(ARCH_REQ_XCOMP_PERM) failed", what)
         return None
     return lib
@@ -129,13 +133,4 @@ def load_vnni_library(filename: str, what: str, bf16: bool = False) -> ctypes.CD
     logged at INFO, naming `what`)."""
     if not cpu_has_vnni() or (bf16 and "avx512_bf16" not in cpu_flags()):
         return None
-    cc = compiler()
-    if cc is None:
-        logger.info("%s off: no C compiler ($CC, gcc, cc)", what)
-        return None
-    try:
-        path = build(os.path.join(CSRC, filename), cc, VNNI_FLAGS + (("-mavx512bf16",) if bf16 else ()))
-        return ctypes.CDLL(path) if path is not None else None
-    except (OSError, subprocess.SubprocessError) as e:
-        logger.info("%s off: %s", what, e)
-        return None
+    return _build_and_load(filename, what, VNNI_FLAGS + (("-mavx512bf16",) if bf16 else ()))
