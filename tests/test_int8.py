@@ -277,3 +277,23 @@ def test_int_mm_backend_is_exact_integer_products_times_channel_scales(rows, dty
         with fused_cpu.torch_paths() if torch_only else contextlib.nullcontext():
             got = torch.cat(iw.gemm(codes, dtype), dim=-1)
         assert got.dtype == dtype and torch.equal(got, want), (torch_only, (got.float() - want.float()).abs().max())
+
+
+def test_qlinear_probe_says_no_on_a_busy_cpu_where_onednn_is_not_native():
+    """The probe behind qlinear_fast() must not mistake oneDNN's reference loop for a native
+    kernel when the CPU is busy (a server's start compiles numba kernels beside it): a first
+    version did in 4 of 6 tries on AMD Zen 4, and int8 then served at minutes an answer."""
+    import subprocess
+    import sys
+
+    from scalellm.quant import int8
+
+    if not int8.int_mm_fast() or int8._qlinear_native():
+        pytest.skip("oneDNN's int8 GEMM is native here (or no int8 units): nothing to mistake")
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+    try:
+        assert not any(int8._qlinear_native.__wrapped__() for _ in range(4))
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
