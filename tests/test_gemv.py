@@ -82,3 +82,30 @@ def test_engine_on_the_gemv_generates_what_the_onednn_path_does(tmp_path, monkey
     ref, _ = generate()
     assert not calls
     assert ours == ref
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5])
+def test_linear_with_a_bias_on_the_gemv(rows, monkeypatch):
+    """A packed bf16 linear with a bias (Qwen2's QKV): calls of up to GEMV_MAX_ROWS rows go to
+    the GEMV with the bias converted to float32 once at packing, larger ones to oneDNN; both
+    within a bf16 rounding of the float64 product plus bias."""
+    from scalellm.layers import amx_gemm, linear
+
+    if amx_gemm.load():
+        pytest.skip("with AMX the linears hold AMX tiles, not oneDNN's layout")
+    g = torch.Generator().manual_seed(rows)
+    layer = linear.ColumnParallelLinear(576, 960, bias=True, dtype=torch.bfloat16)
+    layer.weight.data = torch.randn(960, 576, generator=g).bfloat16()
+    layer.bias.data = torch.randn(960, generator=g).bfloat16()
+    x = torch.randn(rows, 576, generator=g).bfloat16()
+    exact = x.double() @ layer.weight.double().t() + layer.bias.double()
+    layer.set_packed()
+    assert layer.gemv_weight is not None and layer.bias32 is not None and layer.bias32.dtype == torch.float32
+    calls = []
+    real = bf16_gemv.matmul
+    monkeypatch.setattr(bf16_gemv, "matmul", lambda x, w, b: calls.append(b) or real(x, w, b))
+    out = layer(x)
+    assert len(calls) == (rows <= bf16_gemv.GEMV_MAX_ROWS)
+    assert all(b is layer.bias32 for b in calls)
+    err = (out.double() - exact).abs()
+    assert (err <= exact.abs() * 2.0 ** -8 + 1e-4 * 576 ** 0.5).all(), err.max()

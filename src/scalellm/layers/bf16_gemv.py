@@ -11,8 +11,6 @@ that is mostly the reading of every weight once.
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
 
 import torch
 
@@ -23,30 +21,17 @@ from scalellm.layers import native
 # 1 row 11.4-12.0 vs 15.7-17.6 ms, 4 rows 13.5 vs 14.2-17.3, 8 rows 18.0-18.4 vs 15.8-17.7.
 GEMV_MAX_ROWS = 4
 
-_lock = threading.Lock()
-_fn = None  # the loaded sl_gemv_bf16
-_tried = False
+_kernel = native.lazy_vnni_function(
+    "bf16_gemv.c", "bf16 GEMV", "sl_gemv_bf16",
+    [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int],
+    bf16=True, off_env="SCALELLM_NO_BF16_GEMV")
 
 
 def load() -> bool:
     """Build (once per machine) and load the GEMV where the CPU (AVX-512 BF16) and a compiler
-    allow. Safe from any thread, any number of times."""
-    global _fn, _tried
-    if _tried:
-        return _fn is not None
-    with _lock:
-        if not _tried:
-            _tried = True
-            lib = None if os.environ.get("SCALELLM_NO_BF16_GEMV") else native.load_vnni_library(
-                "bf16_gemv.c", "bf16 GEMV", bf16=True)
-            if lib is not None:
-                fn = lib.sl_gemv_bf16
-                fn.restype = None
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                               ctypes.c_int]
-                _fn = fn
-    return _fn is not None
+    allow."""
+    return _kernel() is not None
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -59,9 +44,9 @@ def takes(x: torch.Tensor) -> bool:
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] bf16 @ weight [N, K] bf16 (+ bias [N]) -> [..., N] bf16, float32 sums
-    rounded once. load() first."""
-    fn = _fn
+    """x [..., K] bf16 @ weight [N, K] bf16 (+ bias [N], best float32: what is added) ->
+    [..., N] bf16, float32 sums rounded once. load() first."""
+    fn = _kernel()
     assert fn is not None, "bf16_gemv.load() first"
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -69,7 +54,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         x2 = x2.contiguous()
     n, k = weight.shape
     out = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-    b32 = bias.float().contiguous() if bias is not None else None
+    b32 = bias if bias is None or bias.dtype == torch.float32 else bias.float()
     if x2.shape[0]:
         fn(x2.data_ptr(), x2.stride(0), x2.shape[0], weight.data_ptr(), n, k,
            b32.data_ptr() if b32 is not None else None, out.data_ptr(), n, 0, torch.get_num_threads())

@@ -59,7 +59,12 @@ def ready() -> bool:
 
 def supports(x: torch.Tensor) -> bool:
     """Whether the kernels are compiled for x's dtype (and x is on the CPU), outside `torch_paths`."""
-    return not _torch_only and x.dtype in _compiled and x.device.type == "cpu"
+    return supports_dtype(x.dtype) and x.device.type == "cpu"
+
+
+def supports_dtype(dtype: torch.dtype) -> bool:
+    """`supports` for CPU tensors of `dtype` (none at hand to ask with)."""
+    return not _torch_only and dtype in _compiled
 
 
 def torch_only() -> bool:
@@ -244,10 +249,15 @@ def int8_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None, q_weight: torch.
 def dequant_cols(acc: torch.Tensor, w_scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An int8 GEMM's int32 sums acc [M, N] times the weight's channel scales w_scales [N]
     float32, in dtype (x's kernels' dtype), in one pass: float32(acc) * w_scale, rounded once."""
+    global _ones
     out, out_np = empty(tuple(acc.shape), dtype)
-    ones = np.ones(acc.shape[0], dtype=np.float32)
-    _int8.dequant_rows(acc.numpy(), ones, const_bits(w_scales), out_np[:1], False, out_np)
+    if _ones.shape[0] < acc.shape[0]:  # (row scales of 1: dequant_rows' row factor)
+        _ones = np.ones(max(acc.shape[0], 2 * _ones.shape[0]), dtype=np.float32)
+    _int8.dequant_rows(acc.numpy(), _ones[:acc.shape[0]], const_bits(w_scales), out_np[:1], False, out_np)
     return out
+
+
+_ones = np.ones(64, dtype=np.float32)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,

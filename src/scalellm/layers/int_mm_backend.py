@@ -15,8 +15,6 @@ scale of 1, the row scales left to the chain. At one row torch._int_mm read the 
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -30,29 +28,16 @@ from scalellm.layers import fused_cpu, native
 # kernel is the one (724 GOP/s at gate_up's shape).
 GEMV_MAX_ROWS = 16
 
-_lock = threading.Lock()
-_gemv = None  # the loaded sl_gemv_s8
-_tried = False
+_gemv = native.lazy_vnni_function(
+    "vnni_gemv.c", "VNNI GEMV", "sl_gemv_s8",
+    [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+     ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int],
+    restype=ctypes.c_int, off_env="SCALELLM_NO_VNNI_GEMV")
 
 
 def load_gemv() -> bool:
     """Build (once per machine) and load the VNNI GEMV where the CPU and a compiler allow."""
-    global _gemv, _tried
-    if _tried:
-        return _gemv is not None
-    with _lock:
-        if not _tried:
-            _tried = True
-            lib = None if os.environ.get("SCALELLM_NO_VNNI_GEMV") else native.load_vnni_library(
-                "vnni_gemv.c", "VNNI GEMV")
-            if lib is not None:
-                fn = lib.sl_gemv_s8
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                               ctypes.c_int, ctypes.c_int]
-                _gemv = fn
-    return _gemv is not None
+    return _gemv() is not None
 
 
 @dataclass(slots=True, frozen=True)
@@ -85,7 +70,7 @@ class IntMmInt8Backend:
         if rows == 0:
             return torch.empty(0, n, dtype=dtype)
         if rows <= GEMV_MAX_ROWS and w.wsum is not None and dtype in (torch.bfloat16, torch.float32):
-            fn = _gemv
+            fn = _gemv()
             assert fn is not None
             if codes.stride(1) != 1:
                 codes = codes.contiguous()
@@ -94,6 +79,6 @@ class IntMmInt8Backend:
                   n, w.scales.data_ptr(), int(dtype == torch.float32), torch.get_num_threads()) == 0:
                 return out
         acc = torch._int_mm(codes.contiguous(), w.q.t())
-        if fused_cpu.supports(acc.new_empty(0, dtype=dtype)):
+        if fused_cpu.supports_dtype(dtype):
             return fused_cpu.dequant_cols(acc, w.scales, dtype)
         return (acc.float() * w.scales).to(dtype)

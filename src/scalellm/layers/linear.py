@@ -135,7 +135,7 @@ class LinearBase(nn.Module):
     fp8: Fp8Weight | None = None  # set by set_fp8(): the matmul runs in fp8 (quant/fp8.py), `weight` is freed
     int4: Int4Weight | None = None  # set by set_int4(): calls of up to INT4_MAX_ROWS rows run on it
     amx_only: AmxWeight | None = None  # set by set_packed(): `packed` when it is AMX tiles and the only form
-    bias32: torch.Tensor | None = None  # with amx_only: the bias in float32, converted once
+    bias32: torch.Tensor | None = None  # with amx_only or gemv_weight: the bias in float32, converted once
     # set by set_packed() beside oneDNN's packed weight where the bf16 GEMV loads (no AMX):
     # the plain [N, K] weight, for calls of up to bf16_gemv.GEMV_MAX_ROWS rows
     gemv_weight: torch.Tensor | None = None
@@ -226,8 +226,8 @@ class LinearBase(nn.Module):
         # every call on the AMX weight (no int4, int8 or fp8 form beside it): matmul's first line
         plain = self.int4 is None and self.qweight is None and self.fp8 is None and self.weight32 is None
         self.amx_only = self.packed if plain and isinstance(self.packed, AmxWeight) else None
-        if self.amx_only is not None and self.bias is not None:
-            self.bias32 = self.bias.detach().float().contiguous()  # what the AMX epilogue adds
+        if (self.amx_only is not None or self.gemv_weight is not None) and self.bias is not None:
+            self.bias32 = self.bias.detach().float().contiguous()  # what the AMX epilogue / GEMV adds
         return self._packed_nbytes() - before
 
     def _pack(self) -> None:
@@ -271,7 +271,7 @@ class LinearBase(nn.Module):
                 return fused_cpu.int8_rows(x, qw.inv_smooth, qw.q, qw.w_scales, bias)
             return qw(x, bias)
         if self.gemv_weight is not None and bf16_gemv.takes(x):
-            return bf16_gemv.matmul(x, self.gemv_weight, bias)
+            return bf16_gemv.matmul(x, self.gemv_weight, self.bias32 if bias is self.bias else bias)
         if self.packed is not None:
             return linear_packed(x, self.packed, bias)
         if self.weight32 is not None:

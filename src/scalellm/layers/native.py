@@ -12,6 +12,7 @@ torch paths.
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import hashlib
 import logging
@@ -20,6 +21,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 from scalellm.paths import cache_dir
 
@@ -134,3 +137,23 @@ def load_vnni_library(filename: str, what: str, bf16: bool = False) -> ctypes.CD
     if not cpu_has_vnni() or (bf16 and "avx512_bf16" not in cpu_flags()):
         return None
     return _build_and_load(filename, what, VNNI_FLAGS + (("-mavx512bf16",) if bf16 else ()))
+
+
+def lazy_vnni_function(filename: str, what: str, symbol: str, argtypes: list[Any], restype: Any = None,
+                       bf16: bool = False, off_env: str = "") -> Callable[[], Any]:
+    """A getter for `symbol` of csrc/`filename` (`load_vnni_library`), built and loaded on its
+    first call and kept: the ctypes function, or None where it does not load or `off_env` is
+    set. (Two threads racing on the first call both load it: harmless, `build` is atomic.)"""
+
+    @functools.cache
+    def get() -> Any:
+        if off_env and os.environ.get(off_env):
+            return None
+        lib = load_vnni_library(filename, what, bf16)
+        if lib is None:
+            return None
+        fn = getattr(lib, symbol)
+        fn.restype, fn.argtypes = restype, argtypes
+        return fn
+
+    return get

@@ -153,7 +153,8 @@ def _load_and_quantize(model: torch.nn.Module, args: ModelArgs, source: ModelSou
                          if hasattr(m, "set_packed") and getattr(m, "qweight", None) is None)
             from scalellm.layers.linear import int8_rows_backend
 
-            gemm = type(int8_rows_backend()).__name__.replace("NoneType", "oneDNN's int8 GEMM")
+            backend = int8_rows_backend()
+            gemm = type(backend).__name__ if backend is not None else "oneDNN's int8 GEMM"
             logger.info("int8 linears on %s, %d int8-rows links: %.0f MB of weights freed", gemm, links,
                         saved / 2**20)
         elif hybrid:
