@@ -1,5 +1,6 @@
-"""The AMX prefill attention (layers/causal_attention_amx.py) against torch's SDPA path, in
-process, alternated round by round in one engine (the kernel switched off by unloading it):
+"""The CPU prefill attention kernel (layers/causal_attention_cpu.py: its AMX build, else its
+AVX-512 BF16 one) against torch's SDPA path, in process, alternated round by round in one
+engine (the kernel switched off by unloading it):
 
 - fresh: `--prompts` fresh prompts of `--prompt-len` tokens, one prefill step
   (`LLM.generate`, one output token each);
@@ -30,10 +31,10 @@ def main() -> int:
     a = p.parse_args()
 
     from scalellm import LLM, SamplingParams
-    from scalellm.layers import causal_attention_amx as amx
+    from scalellm.layers import causal_attention_cpu as amx
 
     if not amx.load():
-        print("the AMX kernel is not available here (no AMX CPU or no C compiler)", file=sys.stderr)
+        print("the kernel is not available here (no AMX or AVX-512 BF16 CPU, or no C compiler)", file=sys.stderr)
         return 1
     llm = LLM(dtype="bfloat16", max_model_len=2048,
               max_num_batched_tokens=max(4096, a.prompts * max(a.prompt_len, a.suffix_len)))
@@ -67,10 +68,10 @@ def main() -> int:
                 llm.generate(prompts, one)
                 times[w][path].append((time.perf_counter() - t0) * 1e3)
     amx._fn = kernel
-    out = {"config": vars(a), "ms": times,
+    out = {"config": vars(a), "kernel": amx.backend(), "ms": times,
            "median_ms": {w: {k: statistics.median(v) for k, v in d.items()} for w, d in times.items()}}
     for w, d in out["median_ms"].items():
-        print(f"{w:7s} AMX {d['amx']:7.1f} ms   torch SDPA {d['torch']:7.1f} ms   ({d['amx'] / d['torch']:.2f}x)  "
+        print(f"{w:7s} {amx.backend()} {d['amx']:7.1f} ms   torch SDPA {d['torch']:7.1f} ms   ({d['amx'] / d['torch']:.2f}x)  "
               f"rounds: {[round(x) for x in times[w]['amx']]} / {[round(x) for x in times[w]['torch']]}")
     if a.out:
         with open(a.out, "w") as f:

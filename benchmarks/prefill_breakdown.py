@@ -36,7 +36,7 @@ def main() -> int:
     p.add_argument("--out", default="")
     a = p.parse_args()
 
-    from scalellm.layers import attention, causal_attention_amx, embedding, fused_cpu, linear, norm
+    from scalellm.layers import attention, causal_attention_cpu, embedding, fused_cpu, linear, norm
     from scalellm.quant import int8
     from scalellm.worker import model_runner
 
@@ -73,7 +73,7 @@ def main() -> int:
     wrap(fused_cpu, "quant_rows", "  quantise o's input (int8 rows)")
     wrap(attention.Attention, "forward_qkv", "attention")
     wrap(attention, "_sdpa", "  causal SDPA")
-    wrap(causal_attention_amx, "run", "  causal attention (AMX kernel)")
+    wrap(causal_attention_cpu, "run", "  causal attention (CPU kernel)")
     wrap(fused_cpu, "rope_write_kv", "  rotary + KV write")
     wrap(linear.MergedColumnParallelLinear, "silu_and_mul", "gate/up + SiLU-mul")
     wrap(fused_cpu, "silu_mul_quant", "  SiLU-mul + quantise (int8 rows)")

@@ -74,7 +74,7 @@ def test_int8_perplexity_stays_near_bf16(monkeypatch):
 
     NOTE: on the ~300 tokens of quant_quality.TEXT the int8 deltas moved with the attention's
     rounding alone: fused +0.7% / +1.5% / +2.4%, stand-ins +0.8% / +2.3% / +1.5% with torch's
-    bf16 SDPA, the AMX kernel (layers/causal_attention_amx.py) and exact float32 attention; on
+    bf16 SDPA, the AMX kernel (layers/causal_attention_cpu.py's AMX build) and exact float32 attention; on
     these 1,024 tokens all three agree within 0.2% (benchmarks/README.md, session 17)."""
     import math
 

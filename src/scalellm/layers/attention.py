@@ -15,9 +15,9 @@ Decodes (one query token each) run, on CPU, as one fused
 kernel that reads K/V where they lie (`paged_attention_cpu`, numba); on GPU as one
 Triton kernel that reads them through the block tables (`paged_attention_triton`,
 CUDA-graph safe; there all prefill chunks also run as one kernel); otherwise as one batched SDPA call over K/V gathered through their
-slots and padded to the longest context (masked). On an AMX CPU with bf16, every
+slots and padded to the longest context (masked). On an AMX or AVX-512 BF16 CPU with bf16, every
 prefill chunk of the step runs in one call of a small C kernel
-(`causal_attention_amx`) that reads keys from the cache by slot (with an 8-bit
+(`causal_attention_cpu`) that reads keys from the cache by slot (with an 8-bit
 cache: the fresh prompts only, over their own rows). Otherwise fresh prompts run
 one causal SDPA call per run of equal lengths, and a chunk that continues a cached
 context gathers its earlier K/V through its block table for its own SDPA call.
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalellm.layers import (causal_attention_amx, fused_cpu, fused_gpu, kv_quant, paged_attention_cpu,
+from scalellm.layers import (causal_attention_cpu, fused_cpu, fused_gpu, kv_quant, paged_attention_cpu,
                              paged_attention_triton)
 from scalellm.layers.int8_rows import ScaledRows
 from scalellm.layers.rotary import RotaryEmbedding
@@ -68,9 +68,9 @@ class AttentionMetadata:
     prefill_meta: torch.Tensor | None = None
     prefill_max_q: int = 0
     fused_index: paged_attention_cpu.DecodeIndex | None = None  # made by the first layer of a step
-    # the prefill chunks as the AMX kernel reads them (`_amx_chunks`), made by the first layer
+    # the prefill chunks as the CPU kernel reads them (`_kernel_chunks`), made by the first layer
     # of a step that runs it
-    amx_chunks: causal_attention_amx.Chunks | None = None
+    kernel_chunks: causal_attention_cpu.Chunks | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     num_pad_tokens: int = 0  # the last rows pad the step to a bucketed size: their output is zero
 
@@ -122,8 +122,8 @@ def _fresh_run_length(chunks: list[PrefillChunk], i: int) -> int:
     return n
 
 
-def _amx_chunks(md: AttentionMetadata, from_cache: bool) -> causal_attention_amx.Chunks | None:
-    """The step's prefill chunks for the AMX kernel: all of them with their keys read from the
+def _kernel_chunks(md: AttentionMetadata, from_cache: bool) -> causal_attention_cpu.Chunks | None:
+    """The step's prefill chunks for the CPU kernel: all of them with their keys read from the
     cache by slot (`from_cache`: a cache of the queries' dtype, where this step's K/V were
     written before attending), else the fresh prompts over their own rows; None if none."""
     chunks = md.prefills if from_cache else [c for c in md.prefills if c.ctx_slots is None]
@@ -131,10 +131,10 @@ def _amx_chunks(md: AttentionMetadata, from_cache: bool) -> causal_attention_amx
         return None
     starts, lens = [c.q_start for c in chunks], [c.q_len for c in chunks]
     if not from_cache:
-        return causal_attention_amx.chunks(starts, lens)
+        return causal_attention_cpu.chunks(starts, lens)
     slots = [c.ctx_slots if c.ctx_slots is not None else md.slot_mapping[c.q_start:c.q_start + c.q_len]
              for c in chunks]
-    return causal_attention_amx.chunks(starts, lens, slots)
+    return causal_attention_cpu.chunks(starts, lens, slots)
 
 
 class Attention(nn.Module):
@@ -255,13 +255,13 @@ class Attention(nn.Module):
                                                      self.scale, out)
             return out
         chunks = md.prefills
-        if chunks and not fused_cpu.torch_only() and causal_attention_amx.supports(
+        if chunks and not fused_cpu.torch_only() and causal_attention_cpu.supports(
                 q, self.num_heads, self.num_kv_heads, self.head_dim):
             from_cache = k_scales is None and k_flat.dtype == q.dtype
-            if md.amx_chunks is None:
-                md.amx_chunks = _amx_chunks(md, from_cache)
-            if md.amx_chunks is not None and causal_attention_amx.run(
-                    q, k_flat if from_cache else k, v_flat if from_cache else v, out, md.amx_chunks, self.scale):
+            if md.kernel_chunks is None:
+                md.kernel_chunks = _kernel_chunks(md, from_cache)
+            if md.kernel_chunks is not None and causal_attention_cpu.run(
+                    q, k_flat if from_cache else k, v_flat if from_cache else v, out, md.kernel_chunks, self.scale):
                 # all done, or (an 8-bit cache: the kernel took the fresh prompts) the rest
                 chunks = [] if from_cache else [c for c in chunks if c.ctx_slots is not None]
         i = 0

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scalellm.layers import causal_attention_amx, paged_attention_cpu
+from scalellm.layers import causal_attention_cpu, paged_attention_cpu
 from scalellm.layers.numpy_views import bits as _bits
 from scalellm.layers.numpy_views import const_bits, empty, scratch
 from scalellm.memory import drop_library_pages, trim_heap
@@ -130,7 +130,7 @@ def warm_up_model(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_head
     back. Returns whether any is usable."""
     try:
         if dtype == torch.bfloat16:
-            causal_attention_amx.load()  # a C compiler's subprocess, ~1 s, once per machine
+            causal_attention_cpu.load()  # a C compiler's subprocess, ~1 s, once per machine
         ok = paged_attention_cpu.warm_up(torch.int8 if kv_codes else dtype, head_dim, num_heads, num_kv_heads,
                                          query_dtype=dtype)
         fused = warm_up(dtype)

@@ -1,17 +1,21 @@
-"""Causal attention of prefill chunks on Intel AMX: a small C kernel, compiled at run time.
+"""Causal attention of prefill chunks on the CPU: a small C kernel, compiled at run time, on
+Intel AMX or else on AVX-512 BF16 (AMD Zen 4, Intel Cooper Lake).
 
 torch's CPU flash-attention kernel cuts prompts shorter than 192 tokens into 32-row query
 blocks: for a 4,096-token prefill step of 128-token prompts at SmolLM2's heads that is ~2,300
-small GEMMs a layer, ~20% of the step; and a chunk that continues a cached context (a prefix
-cache hit, a long prompt's later chunks) gathers its keys and runs its own masked call.
-`csrc/causal_attention_amx.c` does all of a layer's chunks in one call on AMX tiles (16-row
-blocks, float32 scores and softmax, bf16 P and output as torch's kernel has them), reading
-cached keys where they lie: 1.5-1.7 ms a layer against 3.3-4.2 at 32 x 128 fresh tokens.
+small GEMMs a layer; and a chunk that continues a cached context (a prefix cache hit, a long
+prompt's later chunks) gathers its keys and runs its own masked call. The kernel does all of a
+layer's chunks in one call (16-row query blocks, float32 scores and softmax, bf16 P and output
+as torch's kernel has them), reading cached keys where they lie. `csrc/attention_common.h`
+holds what the two builds share; the products run on AMX tiles (`causal_attention_amx.c`:
+1.5-1.7 ms a layer against torch's 3.3-4.2 at 32 x 128 fresh tokens on a 2-core Xeon) or on
+VDPBF16PS (`causal_attention_avx512.c`: see its header for the numbers on a 2-core Zen 4).
 
 The C file is compiled once per machine and loaded with ctypes (`layers/native.py`). Without
-a compiler, AMX (Linux x86-64, `amx_bf16` in /proc/cpuinfo and the kernel's permission for
-the tile state) or with SCALELLM_NO_AMX_ATTENTION=1, `ready()` stays False and callers keep
-torch's SDPA. Knows nothing of models or requests: row offsets and lengths in, rows out.
+a compiler, without AMX and AVX-512 BF16 (Linux x86-64, /proc/cpuinfo; AMX also needs the
+kernel's permission for the tile state), or with SCALELLM_NO_CPU_ATTENTION=1, `ready()` stays
+False and callers keep torch's SDPA. SCALELLM_NO_AMX_ATTENTION=1 skips only the AMX build.
+Knows nothing of models or requests: row offsets and lengths in, rows out.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Any
 
 import torch
 
@@ -34,12 +39,18 @@ MAX_HEAD_DIM = 128  # the kernel's per-thread scratch holds 16 rows of at most 1
 
 _lock = threading.Lock()
 _fn = None  # the loaded sl_causal_attention, once ready
+_backend = ""  # "amx" or "avx512", once ready
 _tried = False  # load() ran (whatever it found)
 
 
 def ready() -> bool:
     """Whether the kernel is loaded (see the module docstring)."""
     return _fn is not None
+
+
+def backend() -> str:
+    """Which build is loaded: "amx", "avx512", or "" (none: torch's SDPA)."""
+    return _backend if _fn is not None else ""
 
 
 def supports(q: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
@@ -49,29 +60,47 @@ def supports(q: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) 
             and head_dim % 32 == 0 and head_dim <= MAX_HEAD_DIM and num_heads % num_kv_heads == 0)
 
 
+BUILDS = ("amx", "avx512")  # in the order load() tries them
+
+
+def open_build(name: str) -> Any:
+    """The sl_causal_attention of one build ("amx" or "avx512"), built (once per machine) and
+    loaded where the CPU and a compiler allow; None otherwise. (load() picks the first.)"""
+    if name == "amx":
+        lib = native.load_amx_library("causal_attention_amx.c", "AMX prefill attention")
+    else:
+        lib = native.load_vnni_library("causal_attention_avx512.c", "AVX-512 prefill attention", bf16=True)
+    if lib is None:
+        return None
+    fn = lib.sl_causal_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_void_p] * 5
+                   + [ctypes.c_int] * 3 + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
+    return fn
+
+
 def load() -> bool:
     """Build (once per machine) and load the kernel where the CPU and a compiler allow;
     returns `ready()`. Safe to call from any thread, any number of times."""
-    global _fn, _tried
+    global _fn, _backend, _tried
     if _tried:
         return _fn is not None
     with _lock:
         if _tried:
             return _fn is not None
         _tried = True
-        if os.environ.get("SCALELLM_NO_AMX_ATTENTION"):
+        if os.environ.get("SCALELLM_NO_CPU_ATTENTION"):
             return False
         t0 = time.monotonic()
-        lib = native.load_amx_library("causal_attention_amx.c", "AMX prefill attention")
-        if lib is None:
-            return False
-        fn = lib.sl_causal_attention
-        fn.restype = ctypes.c_int
-        fn.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_void_p] * 5
-                       + [ctypes.c_int] * 3 + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
-        _fn = fn
-        logger.debug("AMX prefill attention ready in %.2fs", time.monotonic() - t0)
-        return True
+        for name in BUILDS:
+            if name == "amx" and os.environ.get("SCALELLM_NO_AMX_ATTENTION"):
+                continue
+            fn = open_build(name)
+            if fn is not None:
+                _fn, _backend = fn, name
+                logger.debug("prefill attention (%s) ready in %.2fs", name, time.monotonic() - t0)
+                return True
+        return False
 
 
 @dataclass(frozen=True, slots=True)
