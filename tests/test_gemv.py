@@ -1,7 +1,7 @@
-"""Our GEMVs for calls of a few rows on CPUs without AMX (layers/bf16_gemv.py, and the int8
-one inside layers/int_mm_backend.py, whose exactness tests/test_int8.py checks): against
-float32 products, and the engine's greedy tokens on them against oneDNN's path. Skipped
-where the CPU (AVX-512 BF16) or a C compiler is missing."""
+"""Our bf16 GEMV for calls of a few rows on CPUs without AMX (layers/bf16_gemv.py): against
+float32 products, and the engine's greedy tokens on it against oneDNN's path. Skipped where
+the CPU (AVX-512 BF16) or a C compiler is missing. (The int8 chain's VNNI GEMM, which also
+takes its few-row calls, is checked for exactness in tests/test_int8.py.)"""
 
 from __future__ import annotations
 
@@ -61,17 +61,17 @@ def test_engine_on_the_gemv_generates_what_the_onednn_path_does(tmp_path, monkey
         pytest.skip("with AMX the linears hold AMX tiles, not oneDNN's layout")
     path = build_tiny_model(str(tmp_path / "llama"), "llama", hidden_size=128, intermediate_size=256)
     prompts = [list(range(3, 3 + n)) for n in (5, 16, 33, 70)]
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
     calls = []
     real = bf16_gemv.matmul
     monkeypatch.setattr(bf16_gemv, "matmul", lambda x, w, b: calls.append(x.shape[0]) or real(x, w, b))
 
-    def generate() -> list[list[int]]:
+    def generate() -> tuple[list[tuple[list[int], list[dict[int, float]]]], list]:
         llm = LLM(path, dtype="bfloat16")
         model = llm.engine.core.executor.model
         layers = [m for m in model.modules() if hasattr(m, "gemv_weight")]
         wait_for_kernels(llm.engine.core.executor)
-        out = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+        out = [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
         return out, layers
 
     ours, layers = generate()
@@ -81,7 +81,23 @@ def test_engine_on_the_gemv_generates_what_the_onednn_path_does(tmp_path, monkey
     monkeypatch.setattr(bf16_gemv, "GEMV_MAX_ROWS", 0)  # every call on oneDNN
     ref, _ = generate()
     assert not calls
-    assert ours == ref
+    assert_same_tokens_but_near_ties(ours, ref)
+
+
+def assert_same_tokens_but_near_ties(ours, ref, tie: float = 0.05) -> None:
+    """Greedy tokens of two runs that sum in different orders: equal, or equal up to a step
+    where the reference's top two were a near-tie (within `tie` in logprob) and ours took the
+    other of them (after which the sequences may go their own ways). NOTE: a run of 4 x 12
+    tokens on a tiny model met one such tie (token 10 of one prompt) once the prefill
+    attention's rounding changed (session 20)."""
+    for (got, _), (want, want_lp) in zip(ours, ref):
+        n = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if n is None:
+            assert len(got) == len(want)
+            continue
+        top = want_lp[n]
+        assert got[n] in top, (n, got[n], top)
+        assert abs(top[got[n]] - top[want[n]]) < tie, (n, top)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 5])

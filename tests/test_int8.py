@@ -247,11 +247,13 @@ def test_qlinear_fast_only_where_onednn_runs_a_native_int8_kernel():
     assert time.perf_counter() - t0 < 20 * int_mm_s + 5e-3
 
 
-@pytest.mark.parametrize("rows", [1, 3, 5, 16, 17, 64, 300])
+@pytest.mark.parametrize("rows", [1, 3, 5, 6, 7, 16, 17, 64, 300])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int_mm_backend_is_exact_integer_products_times_channel_scales(rows, dtype):
+@pytest.mark.parametrize("kernel", ["vnni", "int_mm"])
+@pytest.mark.parametrize("shape", [(384, 576), (200, 36)])  # parts of 192 and of 100 channels (not whole blocks)
+def test_int_mm_backend_is_exact_integer_products_times_channel_scales(rows, dtype, kernel, shape, monkeypatch):
     """The int8-rows chain's GEMM where neither the AMX kernel nor a native oneDNN int8 linear
-    runs (the VNNI GEMV up to GEMV_MAX_ROWS rows where it builds, torch._int_mm above): each
+    runs (our VNNI GEMM where it builds, else torch._int_mm and the channel scales): each
     output is the exact integer dot product of a row's codes with a channel's codes, times the
     channel's scale in float32, rounded once to dtype; through the numba pass and through
     torch ops alike, and from codes with a row stride wider than K."""
@@ -261,13 +263,19 @@ def test_int_mm_backend_is_exact_integer_products_times_channel_scales(rows, dty
 
     if not int_mm_fast():
         pytest.skip("no int8 units")
+    if kernel == "vnni":
+        if not (native.cpu_has_vnni() and native.compiler() is not None):
+            pytest.skip("no AVX-512 VNNI or no C compiler")
+        assert int_mm_backend.load_gemm()
+    else:
+        monkeypatch.setattr(int_mm_backend, "load_gemm", lambda: False)
     g = torch.Generator().manual_seed(rows)
-    w = torch.randn(384, 576, generator=g)
-    codes = torch.randint(-127, 128, (rows, 640), dtype=torch.int8, generator=g)[:, 32:608]  # strided rows
+    n, k = shape
+    w = torch.randn(n, k, generator=g)
+    codes = torch.randint(-127, 128, (rows, k + 64), dtype=torch.int8, generator=g)[:, 32:32 + k]  # strided rows
     iw = Int8Weight(w, onednn_parts=2, backend=IntMmInt8Backend())
     assert iw.backend is not None and len(iw.onednn) == 2
-    if native.cpu_has_vnni() and native.compiler() is not None:
-        assert int_mm_backend.load_gemv() and all(p.wsum is not None for p in iw.onednn)
+    assert all((p.blocks is not None) == (kernel == "vnni") for p in iw.onednn)
     q = torch.round(w / (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)).clamp(-127, 127)
     scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
     exact = (codes.double() @ q.double().t())  # integers, exact in float64

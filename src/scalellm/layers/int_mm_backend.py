@@ -1,15 +1,17 @@
 """The int8-rows chain's GEMM (quant.int8.Int8Backend) on CPUs with int8 units where neither
-our AMX kernel (layers/amx_gemm.py) nor oneDNN's own int8 linear runs: torch._int_mm, and
-for calls of a few rows our AVX-512 VNNI GEMV (csrc/vnni_gemv.c).
+our AMX kernel (layers/amx_gemm.py) nor oneDNN's own int8 linear runs: our AVX-512 VNNI GEMM
+(csrc/vnni_gemm.c) where it builds, else torch._int_mm.
 
 NOTE: on an AMD EPYC (Zen 4: AVX-512 VNNI and BF16, no AMX), torch 2.13's
 `onednn.qlinear_prepack` lays weights out for a kernel that only oneDNN's reference loop
-then takes (~2,000x slower; quant.int8.qlinear_fast tells), while torch._int_mm runs
-oneDNN's VNNI matmul: 660-830 GOP/s at SmolLM2's shapes, 1.7-2.3x the bf16 GEMM
-(benchmarks/matmul_peak.py). Its int32 sums get the weight's channel scales in one pass
-(fused_cpu.dequant_cols), so a part comes out as oneDNN's int8 GEMM writes it with an input
-scale of 1, the row scales left to the chain. At one row torch._int_mm read the weights at
-~6-11 GB/s; the GEMV streams them at ~21 (same integers, same rounding).
+then takes (~2,000x slower; quant.int8.qlinear_fast tells). torch._int_mm runs oneDNN's VNNI
+matmul, but at a c=64 decode step's 64 rows SmolLM2's linears ran on it at ~350-630 GOP/s,
+no faster than the bf16 GEMM, and at one row it read the weights at ~6-11 GB/s. Our GEMM
+(weights packed once in blocks of 64 channels, 6 x 64 sums in registers) at 64 rows:
+600-810 GOP/s; all of SmolLM2's int8 linears cycled from DRAM (106 MB): 1 row 5.1 ms, 16
+rows 6.7, 64 rows 20.9, against 4.9 / 12.6 / 32.3 on the VNNI GEMV it replaced (<= 16 rows)
+and torch._int_mm + the channel scales. Both compute the same integers with the same
+rounding: float32(sum) * the channel's scale, rounded once.
 """
 
 from __future__ import annotations
@@ -21,30 +23,41 @@ import torch
 
 from scalellm.layers import fused_cpu, native
 
-# calls of up to this many rows take the GEMV where it loads (SCALELLM_NO_VNNI_GEMV=1: never).
-# Measured on the Zen 4 EPYC, SmolLM2's linears (200 int8 weights, 142 MB, cycled), GEMV vs
-# torch._int_mm: 1 row 6.7 vs 12.2-12.7 ms, 4 rows 8.7 vs 16.9, 8 rows 10.4 vs 18.9, 16 rows
-# 14.7-21.5 vs 25.0-41.0, 24 rows 19.9-26.4 vs 29.5-34.4; at 64 rows torch._int_mm's blocked
-# kernel is the one (724 GOP/s at gate_up's shape).
-GEMV_MAX_ROWS = 16
+BLOCK = 64  # output channels of a packed block (csrc/vnni_gemm.c's NR)
 
-_gemv = native.lazy_vnni_function(
-    "vnni_gemv.c", "VNNI GEMV", "sl_gemv_s8",
+_gemm = native.lazy_vnni_function(
+    "vnni_gemm.c", "VNNI GEMM", "sl_gemm_s8",
     [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int],
-    restype=ctypes.c_int, off_env="SCALELLM_NO_VNNI_GEMV")
+    restype=ctypes.c_int, off_env="SCALELLM_NO_VNNI_GEMM")
 
 
-def load_gemv() -> bool:
-    """Build (once per machine) and load the VNNI GEMV where the CPU and a compiler allow."""
-    return _gemv() is not None
+def load_gemm() -> bool:
+    """Build (once per machine) and load the VNNI GEMM where the CPU and a compiler allow
+    (SCALELLM_NO_VNNI_GEMM=1: never)."""
+    return _gemm() is not None
+
+
+def pack(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] int8 codes (K a multiple of 4) -> (the GEMM's layout: blocks of 64 channels, each
+    channel's 4 codes of a quad of K together, N padded with zero channels to a multiple of 64;
+    128 * each channel's code sum [Np] int32, the correction of its x + 128 inputs)."""
+    n, k = q.shape
+    padded = -(-n // BLOCK) * BLOCK
+    full = torch.zeros(padded, k, dtype=torch.int8)
+    full[:n] = q
+    blocks = full.view(padded // BLOCK, BLOCK, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+    return blocks, 128 * full.sum(dim=1, dtype=torch.int32)
 
 
 @dataclass(slots=True, frozen=True)
 class IntMmWeight:
-    q: torch.Tensor  # [N, K] int8 codes, contiguous (torch._int_mm reads q.t())
-    scales: torch.Tensor  # [N] float32
-    wsum: torch.Tensor | None  # [N] int32: each channel's sum of codes (the GEMV's), where it runs
+    n: int  # output channels
+    k: int  # input features
+    scales: torch.Tensor  # [N] float32 (padded with zeros to the blocks' channels for the GEMM)
+    q: torch.Tensor | None = None  # [N, K] int8 codes for torch._int_mm (where the GEMM does not run)
+    blocks: torch.Tensor | None = None  # the GEMM's packed codes (`pack`)
+    corr: torch.Tensor | None = None  # [Np] int32, with blocks
 
 
 class IntMmInt8Backend:
@@ -57,27 +70,35 @@ class IntMmInt8Backend:
 
     @staticmethod
     def prepack(q: torch.Tensor, scales: torch.Tensor) -> IntMmWeight:
-        q = q.contiguous()
-        wsum = q.sum(dim=1, dtype=torch.int32) if q.shape[1] % 64 == 0 and load_gemv() else None
-        return IntMmWeight(q, scales.detach().to(torch.float32).contiguous(), wsum)
+        n, k = q.shape
+        scales = scales.detach().to(torch.float32).contiguous()
+        if k % 4 == 0 and load_gemm():
+            blocks, corr = pack(q)
+            padded = torch.zeros(blocks.shape[0] * BLOCK, dtype=torch.float32)
+            padded[:n] = scales
+            return IntMmWeight(n, k, padded, blocks=blocks, corr=corr)
+        return IntMmWeight(n, k, scales, q=q.contiguous())
 
     @staticmethod
     def gemm(codes: torch.Tensor, w: IntMmWeight, dtype: torch.dtype) -> torch.Tensor:
-        n, k = w.q.shape
+        n, k = w.n, w.k
         if codes.dtype != torch.int8 or codes.dim() != 2 or codes.shape[1] != k:
             raise TypeError(f"int8 codes [T, {k}] expected, got {codes.dtype} {tuple(codes.shape)}")
         rows = codes.shape[0]
         if rows == 0:
             return torch.empty(0, n, dtype=dtype)
-        if rows <= GEMV_MAX_ROWS and w.wsum is not None and dtype in (torch.bfloat16, torch.float32):
-            fn = _gemv()
-            assert fn is not None
+        if w.blocks is not None:
+            fn = _gemm()
+            assert fn is not None and w.corr is not None
             if codes.stride(1) != 1:
                 codes = codes.contiguous()
-            out = torch.empty(rows, n, dtype=dtype)
-            if fn(codes.data_ptr(), codes.stride(0), rows, w.q.data_ptr(), w.wsum.data_ptr(), n, k, out.data_ptr(),
-                  n, w.scales.data_ptr(), int(dtype == torch.float32), torch.get_num_threads()) == 0:
-                return out
+            out32 = dtype == torch.float32
+            out = torch.empty(rows, n, dtype=torch.float32 if out32 else torch.bfloat16)
+            if fn(codes.data_ptr(), codes.stride(0), rows, w.blocks.data_ptr(), w.corr.data_ptr(), n, k,
+                  out.data_ptr(), n, w.scales.data_ptr(), int(out32), torch.get_num_threads()) != 0:
+                raise MemoryError("VNNI GEMM: out of memory for its scratch")
+            return out if dtype in (torch.float32, torch.bfloat16) else out.to(dtype)
+        assert w.q is not None
         acc = torch._int_mm(codes.contiguous(), w.q.t())
         if fused_cpu.supports_dtype(dtype):
             return fused_cpu.dequant_cols(acc, w.scales, dtype)

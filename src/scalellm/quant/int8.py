@@ -68,7 +68,7 @@ def qlinear_fast() -> bool:
 def int8_rows_available() -> bool:
     """Whether the int8-rows chain (layers/int8_rows.py: every int8 linear's call on int8 codes
     with one scale a row) has an int8 GEMM here: our AMX kernel, oneDNN's int8 linear where it
-    runs natively (`qlinear_fast`), else torch._int_mm (layers/int_mm_backend.py), each on int8
+    runs natively (`qlinear_fast`), else our VNNI GEMM or torch._int_mm (layers/int_mm_backend.py), on int8
     units (`int_mm_fast`). SCALELLM_INT8_ONEDNN=0 turns the chain off (then torch._int_mm for
     calls of up to INT8_MAX_ROWS rows and the bf16 weight above)."""
     return os.environ.get("SCALELLM_INT8_ONEDNN", "1") != "0" and int_mm_fast()

@@ -10,12 +10,27 @@
  * of its rows once. VDPBF16PS multiplies pairs of bf16 and accumulates in float32; each output
  * is the float32 sum (+ bias) rounded once to bf16 (nearest even) or kept as float32.
  */
-#include "gemv_common.h"
-
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
+
+#define GEMV_ROW_GROUP 4  /* rows taken together: each weight line loaded once for them */
+
+static inline uint16_t gemv_to_bf16(float v) {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    b += 0x7FFFu + ((b >> 16) & 1u);  /* round to nearest even (no NaN here) */
+    return (uint16_t)(b >> 16);
+}
+
+/* this thread's channels [*n0, *n1) of N, inside a parallel region */
+static inline void gemv_thread_range(int64_t N, int64_t *n0, int64_t *n1) {
+    const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t per = (N + nth - 1) / nth;
+    *n0 = me * per < N ? me * per : N;
+    *n1 = *n0 + per < N ? *n0 + per : N;
+}
 
 static inline void rows_m(const uint16_t *x, int64_t ldx, int M, const uint16_t *w, int64_t n0, int64_t n1,
                           int64_t k, const float *bias, void *out, int64_t ldo, int out32) {
