@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scalellm.layers import amx_gemm, bf16_gemv, fused_cpu, linear, paged_attention_cpu
+from scalellm.layers import amx_gemm, bf16_gemm, fused_cpu, linear, paged_attention_cpu
 from scalellm.layers.activation import SiluAndMul
 from scalellm.layers.norm import RMSNorm
 from scalellm.layers.rotary import RotaryEmbedding
@@ -140,15 +140,24 @@ def test_inverse_cdf_draw_matches_cumsum_searchsorted():
     assert bool((probs[torch.arange(64), got] > 0).all())
 
 
-@pytest.mark.skipif(not linear.onednn_packing_available(), reason="no oneDNN bf16 linear on this CPU")
-@pytest.mark.parametrize("rows", [1, 3, 64, 200])
-@pytest.mark.parametrize("backend", ["amx", "onednn"])
-def test_packed_bf16_linear_matches_f_linear(rows, backend, monkeypatch):
+def _use_backend(backend: str, monkeypatch) -> None:
+    """Packing for one bf16 GEMM: AMX tiles, our AVX-512 BF16 blocks or oneDNN's layout."""
     if backend == "amx" and not amx_gemm.load():
         pytest.skip("no AMX GEMM here")
-    if backend == "onednn":
+    if backend != "amx":
         monkeypatch.setattr(amx_gemm, "_tried", True)
         monkeypatch.setattr(amx_gemm, "_fn", None)
+    if backend == "avx512" and not bf16_gemm.load():
+        pytest.skip("no AVX-512 BF16 GEMM here")
+    if backend == "onednn":
+        monkeypatch.setattr(bf16_gemm, "takes", lambda w: False)
+
+
+@pytest.mark.skipif(not linear.onednn_packing_available(), reason="no oneDNN bf16 linear on this CPU")
+@pytest.mark.parametrize("rows", [1, 3, 64, 200])
+@pytest.mark.parametrize("backend", ["amx", "avx512", "onednn"])
+def test_packed_bf16_linear_matches_f_linear(rows, backend, monkeypatch):
+    _use_backend(backend, monkeypatch)
     g = torch.Generator().manual_seed(rows)
     layer = linear.ReplicatedLinear(576, 960, bias=True, dtype=torch.bfloat16)
     layer.weight.data = (torch.randn(960, 576, generator=g) * 0.05).bfloat16()
@@ -158,6 +167,7 @@ def test_packed_bf16_linear_matches_f_linear(rows, backend, monkeypatch):
     layer.set_packed()
     assert layer.weight.numel() == 0  # the plain copy is freed
     assert isinstance(layer.packed, amx_gemm.AmxWeight) == (backend == "amx")
+    assert isinstance(layer.packed, bf16_gemm.Bf16Blocks) == (backend == "avx512")
     got = layer(x)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 960)
     # the same bf16 products; oneDNN may sum in another order: within a bf16 ulp or two
@@ -166,17 +176,14 @@ def test_packed_bf16_linear_matches_f_linear(rows, backend, monkeypatch):
 
 @pytest.mark.skipif(not linear.onednn_packing_available(), reason="no oneDNN bf16 linear on this CPU")
 @pytest.mark.parametrize("rows", [1, 64, 300])
-@pytest.mark.parametrize("backend", ["amx", "onednn"])
+@pytest.mark.parametrize("backend", ["amx", "avx512", "onednn"])
 def test_packed_gate_up_fuses_silu_and_mul(rows, backend, monkeypatch):
     """A [gate | up] linear packed for the AMX GEMM ((gate, up) block pairs) or half by half for
     oneDNN: silu_and_mul (the activation and the product in the GEMMs' epilogues) matches
-    silu(gate) * up in float64, and a plain call still returns the merged [gate | up] output."""
-    if backend == "amx" and not amx_gemm.load():
-        pytest.skip("no AMX GEMM here")
-    if backend == "onednn":
-        monkeypatch.setattr(amx_gemm, "_tried", True)
-        monkeypatch.setattr(amx_gemm, "_fn", None)
-        monkeypatch.setattr(bf16_gemv, "GEMV_MAX_ROWS", 0)  # (tests/test_gemv.py: the few-row calls on it)
+    silu(gate) * up in float64, and a plain call still returns the merged [gate | up] output.
+    On our AVX-512 BF16 GEMM the pair is packed whole and silu_and_mul says None (the caller's
+    SiLU-mul pass follows the merged GEMM)."""
+    _use_backend(backend, monkeypatch)
     g = torch.Generator().manual_seed(rows)
     layer = linear.MergedColumnParallelLinear(576, [1536, 1536], bias=False, dtype=torch.bfloat16)
     layer.weight.data = (torch.randn(3072, 576, generator=g) * 0.05).bfloat16()
@@ -188,6 +195,10 @@ def test_packed_gate_up_fuses_silu_and_mul(rows, backend, monkeypatch):
     assert layer.weight.numel() == 0
     if backend == "amx":
         assert isinstance(layer.packed, amx_gemm.AmxWeight) and layer.packed.swiglu
+    elif backend == "avx512":
+        assert isinstance(layer.packed, bf16_gemm.Bf16Blocks) and layer.silu_and_mul(x) is None
+        torch.testing.assert_close(layer(x).double(), gu, atol=2e-2 * gu.abs().max().item(), rtol=1.6e-2)
+        return
     else:
         assert layer.packed_halves is not None
     got = layer.silu_and_mul(x)

@@ -12,9 +12,8 @@ from scalellm.distributed.parallel_state import (
     tensor_parallel_all_gather,
     tensor_parallel_all_reduce,
 )
-from scalellm.layers import amx_gemm, fused_cpu
-from scalellm.layers.amx_gemm import AmxWeight
-from scalellm.layers.linear import PackedWeight, linear_packed, pack_bf16, packed_nbytes
+from scalellm.layers import fused_cpu
+from scalellm.layers.linear import OwnWeight, PackedWeight, linear_packed, pack_bf16, packed_nbytes
 from scalellm.protocol.errors import ModelLoadError
 from scalellm.quant.int8 import Int8Weight
 
@@ -102,8 +101,8 @@ class ParallelLMHead(VocabParallelEmbedding):
             logits, exact = self.qweight(hidden.float()), False  # [B, V/tp] float32
         elif self.weight.dtype == torch.float32:
             logits = _logits_fp32(hidden.float(), self.weight)  # [B, V/tp]
-        elif isinstance(self.packed, AmxWeight):  # float32 out of the accumulators: the bf16 inputs' error only
-            logits, exact, bf16 = amx_gemm.matmul(hidden.to(self.weight.dtype), self.packed, out_float32=True), False, True
+        elif isinstance(self.packed, OwnWeight):  # float32 out of the accumulators: the bf16 inputs' error only
+            logits, exact, bf16 = linear_packed(hidden.to(self.weight.dtype), self.packed, None, out_float32=True), False, True
         elif self.packed is not None:
             logits, exact, bf16 = linear_packed(hidden.to(self.weight.dtype), self.packed, None).float(), False, True
         else:

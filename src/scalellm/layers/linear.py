@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalellm.distributed.parallel_state import get_parallel_state, tensor_parallel_all_reduce
-from scalellm.layers import amx_gemm, bf16_gemv, fused_cpu
+from scalellm.layers import amx_gemm, bf16_gemm, fused_cpu
 from scalellm.layers.amx_gemm import AmxWeight
+from scalellm.layers.bf16_gemm import Bf16Blocks
 from scalellm.layers.int8_rows import Int8Rows, ScaledRows, quantise
 from scalellm.layers.int_mm_backend import IntMmInt8Backend
 from scalellm.protocol.errors import ModelLoadError
@@ -57,7 +58,9 @@ def pack_onednn(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
 
 
-PackedWeight = torch.Tensor | AmxWeight  # oneDNN's blocked layout, or AMX tiles (layers/amx_gemm.py)
+# oneDNN's blocked layout, AMX tiles (layers/amx_gemm.py) or our AVX-512 BF16 blocks (layers/bf16_gemm.py)
+PackedWeight = torch.Tensor | AmxWeight | Bf16Blocks
+OwnWeight = AmxWeight | Bf16Blocks  # a layout of our own kernels
 
 
 def amx_takes(weight: torch.Tensor) -> bool:
@@ -67,8 +70,11 @@ def amx_takes(weight: torch.Tensor) -> bool:
 
 
 def pack_bf16(weight: torch.Tensor) -> PackedWeight:
-    """weight [N, K] -> AMX tiles where the AMX GEMM takes it, else oneDNN's layout."""
-    return amx_gemm.pack(weight) if amx_takes(weight) else pack_onednn(weight)
+    """weight [N, K] -> AMX tiles where the AMX GEMM takes it, else our AVX-512 BF16 GEMM's
+    blocks where that takes it, else oneDNN's layout."""
+    if amx_takes(weight):
+        return amx_gemm.pack(weight)
+    return bf16_gemm.pack(weight) if bf16_gemm.takes(weight) else pack_onednn(weight)
 
 
 def all_linears_on_amx(model: nn.Module) -> bool:
@@ -80,13 +86,18 @@ def all_linears_on_amx(model: nn.Module) -> bool:
 
 
 def packed_nbytes(packed: PackedWeight) -> int:
-    return packed.nbytes if isinstance(packed, AmxWeight) else packed.numel() * packed.element_size()
+    return packed.nbytes if isinstance(packed, OwnWeight) else packed.numel() * packed.element_size()
 
 
-def linear_packed(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear with a weight from `pack_bf16` or `pack_onednn`; x: [..., K]."""
+def linear_packed(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
+                  out_float32: bool = False) -> torch.Tensor:
+    """F.linear with a weight from `pack_bf16` or `pack_onednn`; x: [..., K]. out_float32 (our
+    kernels only): the float32 sums, unrounded."""
     if isinstance(packed, AmxWeight):
-        return amx_gemm.matmul(x, packed, bias)
+        return amx_gemm.matmul(x, packed, bias, out_float32)
+    if isinstance(packed, Bf16Blocks):
+        return bf16_gemm.matmul(x, packed, bias, out_float32)
+    assert not out_float32
     shape = x.shape
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), packed, bias, "none", [], "")
     return y if len(shape) == 2 else y.view(*shape[:-1], y.shape[-1])
@@ -131,14 +142,12 @@ def int8_rows_backend() -> Int8Backend | None:
 class LinearBase(nn.Module):
     qweight: Int8Weight | None = None  # set by set_int8(): the matmul runs in int8, `weight` is freed
     weight32: torch.Tensor | None = None  # set by set_fp32_compute(): bf16 values held as float32
-    packed: PackedWeight | None = None  # set by set_packed(): AMX tiles or oneDNN's layout, `weight` is freed
+    packed: PackedWeight | None = None  # set by set_packed(): `pack_bf16`'s layout, `weight` is freed
     fp8: Fp8Weight | None = None  # set by set_fp8(): the matmul runs in fp8 (quant/fp8.py), `weight` is freed
     int4: Int4Weight | None = None  # set by set_int4(): calls of up to INT4_MAX_ROWS rows run on it
-    amx_only: AmxWeight | None = None  # set by set_packed(): `packed` when it is AMX tiles and the only form
-    bias32: torch.Tensor | None = None  # with amx_only or gemv_weight: the bias in float32, converted once
-    # set by set_packed() beside oneDNN's packed weight where the bf16 GEMV loads (no AMX):
-    # the plain [N, K] weight, for calls of up to bf16_gemv.GEMV_MAX_ROWS rows
-    gemv_weight: torch.Tensor | None = None
+    # set by set_packed(): `packed` when it is our kernels' layout and the only form
+    own_only: OwnWeight | None = None
+    bias32: torch.Tensor | None = None  # with own_only: the bias in float32, converted once
     # set by a model's int8-rows wiring (layers/int8_rows.py): with a bias-free oneDNN int8
     # weight, forward returns ScaledRows, the consumer applying the row scale
     rows_out: bool = False
@@ -214,20 +223,17 @@ class LinearBase(nn.Module):
 
     def set_packed(self) -> int:
         """For CPUs with bf16 units: hold the weight prepacked once, in AMX tiles for the AMX
-        GEMM where it runs (1.3-2.3x oneDNN at decode sizes), else in oneDNN's blocked layout
+        GEMM where it runs (1.3-2.3x oneDNN at decode sizes), else in blocks for our AVX-512
+        BF16 GEMM where that runs (layers/bf16_gemm.py), else in oneDNN's blocked layout
         (F.linear re-lays it out per call: 1.2-2x slower). Returns the bytes added."""
         before = self.weight.numel() * self.weight.element_size()
         self._pack()
-        if (not isinstance(self.packed, AmxWeight) and self.int4 is None and self.qweight is None
-                and bf16_gemv.supports(self.weight) and bf16_gemv.load()):
-            self.gemv_weight = self.weight.detach().contiguous()
-            before -= self.gemv_weight.numel() * self.gemv_weight.element_size()
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
-        # every call on the AMX weight (no int4, int8 or fp8 form beside it): matmul's first line
+        # every call on our kernel's weight (no int4, int8 or fp8 form beside it): matmul's first line
         plain = self.int4 is None and self.qweight is None and self.fp8 is None and self.weight32 is None
-        self.amx_only = self.packed if plain and isinstance(self.packed, AmxWeight) else None
-        if (self.amx_only is not None or self.gemv_weight is not None) and self.bias is not None:
-            self.bias32 = self.bias.detach().float().contiguous()  # what the AMX epilogue / GEMV adds
+        self.own_only = self.packed if plain and isinstance(self.packed, OwnWeight) else None
+        if self.own_only is not None and self.bias is not None:
+            self.bias32 = self.bias.detach().float().contiguous()  # what the kernel's epilogue adds
         return self._packed_nbytes() - before
 
     def _pack(self) -> None:
@@ -250,8 +256,8 @@ class LinearBase(nn.Module):
     def matmul(self, x: torch.Tensor | Int8Rows, bias: torch.Tensor | None) -> torch.Tensor | ScaledRows:
         """x @ W.T (+ bias). With a oneDNN int8 weight x may be int8 rows, and when wired
         (`rows_out`) the output is ScaledRows, its row scales left to the consumer."""
-        if self.amx_only is not None and type(x) is torch.Tensor:
-            return amx_gemm.matmul(x, self.amx_only, self.bias32 if bias is self.bias else bias)
+        if self.own_only is not None and type(x) is torch.Tensor:
+            return linear_packed(x, self.own_only, self.bias32 if bias is self.bias else bias)
         if self._on_int4(x):
             assert isinstance(x, torch.Tensor)
             return self._int4_matmul(x, bias)
@@ -270,8 +276,6 @@ class LinearBase(nn.Module):
             if qw.q is not None and x.dim() == 2 and x.is_contiguous() and fused_cpu.supports(x):
                 return fused_cpu.int8_rows(x, qw.inv_smooth, qw.q, qw.w_scales, bias)
             return qw(x, bias)
-        if self.gemv_weight is not None and bf16_gemv.takes(x):
-            return bf16_gemv.matmul(x, self.gemv_weight, self.bias32 if bias is self.bias else bias)
         if self.packed is not None:
             return linear_packed(x, self.packed, bias)
         if self.weight32 is not None:
@@ -321,8 +325,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def _pack(self) -> None:
         """A [gate | up] pair is packed for `silu_and_mul`: as AMX tiles in (gate, up) block
-        pairs, else half by half in oneDNN's layout."""
-        if not self.gate_up:
+        pairs, else half by half in oneDNN's layout (with our AVX-512 BF16 GEMM: whole, the
+        SiLU-mul a pass after it)."""
+        if not self.gate_up or (not amx_takes(self.weight) and bf16_gemm.takes(self.weight)):
             super()._pack()
         elif amx_takes(self.weight):
             self.packed = amx_gemm.pack(self.weight, swiglu=True)
@@ -346,8 +351,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def _on_halves(self, x: torch.Tensor) -> bool:
         # an int8 weight (kept with the bf16 one) serves calls of up to INT8_MAX_ROWS rows
         return self.packed_halves is not None and (
-            self.qweight is None or x.numel() > INT8_MAX_ROWS * x.shape[-1]) and not (
-            self.gemv_weight is not None and bf16_gemv.takes(x))
+            self.qweight is None or x.numel() > INT8_MAX_ROWS * x.shape[-1])
 
     def matmul(self, x: torch.Tensor | Int8Rows, bias: torch.Tensor | None) -> torch.Tensor | ScaledRows:
         if isinstance(x, torch.Tensor) and self._on_halves(x) and not self._on_int4(x):
