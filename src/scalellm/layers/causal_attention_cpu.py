@@ -83,24 +83,26 @@ def load() -> bool:
     """Build (once per machine) and load the kernel where the CPU and a compiler allow;
     returns `ready()`. Safe to call from any thread, any number of times."""
     global _fn, _backend, _tried
-    if _tried:
-        return _fn is not None
     with _lock:
-        if _tried:
-            return _fn is not None
-        _tried = True
-        if os.environ.get("SCALELLM_NO_CPU_ATTENTION"):
-            return False
-        t0 = time.monotonic()
-        for name in BUILDS:
-            if name == "amx" and os.environ.get("SCALELLM_NO_AMX_ATTENTION"):
-                continue
-            fn = open_build(name)
-            if fn is not None:
-                _fn, _backend = fn, name
-                logger.debug("prefill attention (%s) ready in %.2fs", name, time.monotonic() - t0)
-                return True
-        return False
+        if not _tried:
+            _tried = True
+            _fn, _backend = _first_build()
+    return _fn is not None
+
+
+def _first_build() -> tuple[Any, str]:
+    """The first of BUILDS that loads here and is not switched off, and its name; (None, "")."""
+    if os.environ.get("SCALELLM_NO_CPU_ATTENTION"):
+        return None, ""
+    t0 = time.monotonic()
+    for name in BUILDS:
+        if name == "amx" and os.environ.get("SCALELLM_NO_AMX_ATTENTION"):
+            continue
+        fn = open_build(name)
+        if fn is not None:
+            logger.debug("prefill attention (%s) ready in %.2fs", name, time.monotonic() - t0)
+            return fn, name
+    return None, ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,22 +9,25 @@
  * W is packed once (`pack` in the Python module) in blocks of 64 output channels: block b,
  * quad q of K holds channels 64b..64b+63, each with its 4 codes k = 4q..4q+3 (256 bytes, 4
  * registers), N padded with zero channels to a multiple of 64, K a multiple of 4. Each
- * OpenMP thread takes a contiguous range of (channel block, strip of 6 rows) units; a unit
- * keeps 6 x 64 int32 sums in 24 registers and, per quad of K, loads the block's 4 registers
- * and broadcasts each row's 4 codes (VPDPBUSD: 24 a quad). VPDPBUSD multiplies unsigned by
+ * OpenMP thread takes a contiguous range of (channel block, strip of 6 rows) units, each
+ * blocked as gemm_blocks.h says (6 x 64 int32 sums in registers). VPDPBUSD multiplies unsigned by
  * signed bytes, so the codes x (signed) go in as x + 128 (XOR 0x80, once per call) and each
  * sum is corrected by 128 * sum_k W[n][k] (`corr`, made at packing): exact integers. Each
  * output is float32(sum) * scales[n], rounded once to bf16 (nearest even) or kept as
  * float32: what torch._int_mm followed by the channel scales computes.
  */
+#define GB_ACC __m512i
+#define GB_SUM int32_t
+#define GB_ZERO() _mm512_setzero_si512()
+#define GB_DP(a, x, w) _mm512_dpbusd_epi32(a, x, w)
+#define GB_STORE(p, a) _mm512_store_si512((void *)(p), a)
+#include "gemm_blocks.h"
+
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-
-#define NR 64 /* output channels of a block: 4 registers of 16 */
-#define MR 6  /* rows of a strip */
 
 /* 16 float32 -> bf16 bits, nearest even (no NaN here), with AVX-512F only */
 static inline __m256i bf16_of(__m512 v) {
@@ -33,45 +36,6 @@ static inline __m256i bf16_of(__m512 v) {
     const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
-
-/* The sums of one strip of M (1..MR) rows of unsigned codes (row m's quad q at x32[m * ld32 +
- * q]) against channel block wb, into acc [MR][NR]. Named registers and a constant M: with an
- * array of them, gcc 12 kept copies of the sums on the stack inside the loop (half the speed). */
-#define ROW_DP(m)                                                                  \
-    if (M > m) {                                                                   \
-        const __m512i xb = _mm512_set1_epi32(x32[m * ld32 + q]);                   \
-        a##m##0 = _mm512_dpbusd_epi32(a##m##0, xb, w0);                            \
-        a##m##1 = _mm512_dpbusd_epi32(a##m##1, xb, w1);                            \
-        a##m##2 = _mm512_dpbusd_epi32(a##m##2, xb, w2);                            \
-        a##m##3 = _mm512_dpbusd_epi32(a##m##3, xb, w3);                            \
-    }
-#define ROW_ZERO(m) __m512i a##m##0 = _mm512_setzero_si512(), a##m##1 = a##m##0, a##m##2 = a##m##0, a##m##3 = a##m##0;
-#define ROW_STORE(m)                                                               \
-    if (M > m) {                                                                   \
-        _mm512_store_si512((void *)(acc + m * NR), a##m##0);                       \
-        _mm512_store_si512((void *)(acc + m * NR + 16), a##m##1);                  \
-        _mm512_store_si512((void *)(acc + m * NR + 32), a##m##2);                  \
-        _mm512_store_si512((void *)(acc + m * NR + 48), a##m##3);                  \
-    }
-
-static inline __attribute__((always_inline)) void strip_sums(const int32_t *x32, int64_t ld32, const int8_t *wb,
-                                                             int64_t kq, int32_t *acc, const int M) {
-    ROW_ZERO(0) ROW_ZERO(1) ROW_ZERO(2) ROW_ZERO(3) ROW_ZERO(4) ROW_ZERO(5)
-    for (int64_t q = 0; q < kq; q++) {
-        const __m512i *wq = (const __m512i *)(wb + q * 256);
-        const __m512i w0 = _mm512_load_si512(wq), w1 = _mm512_load_si512(wq + 1);
-        const __m512i w2 = _mm512_load_si512(wq + 2), w3 = _mm512_load_si512(wq + 3);
-        ROW_DP(0) ROW_DP(1) ROW_DP(2) ROW_DP(3) ROW_DP(4) ROW_DP(5)
-    }
-    ROW_STORE(0) ROW_STORE(1) ROW_STORE(2) ROW_STORE(3) ROW_STORE(4) ROW_STORE(5)
-}
-
-#define STRIP_OF(m)                                                                                          \
-    static __attribute__((noinline)) void strip_##m(const int32_t *x32, int64_t ld32, const int8_t *wb,       \
-                                                    int64_t kq, int32_t *acc) {                               \
-        strip_sums(x32, ld32, wb, kq, acc, m);                                                               \
-    }
-STRIP_OF(1) STRIP_OF(2) STRIP_OF(3) STRIP_OF(4) STRIP_OF(5) STRIP_OF(6)
 
 /* out rows 0..M-1, channels n0..n0+63 (those below N) from the strip's sums */
 static void strip_out(const int32_t *acc, int M, const int32_t *corr, const float *scales, int64_t n0, int64_t N,
@@ -124,15 +88,7 @@ int sl_gemm_s8(const int8_t *codes, int64_t lda, int64_t M, const int8_t *wp, co
             const int8_t *wb = wp + b * NR * K;
             const uint8_t *xs = xu + m0 * K;
             void *o = out32 ? (void *)((float *)out + m0 * ldo) : (void *)((uint16_t *)out + m0 * ldo);
-            const int32_t *x32 = (const int32_t *)xs;
-            switch (rows) {  /* constant row counts */
-                case 1: strip_1(x32, K / 4, wb, K / 4, acc); break;
-                case 2: strip_2(x32, K / 4, wb, K / 4, acc); break;
-                case 3: strip_3(x32, K / 4, wb, K / 4, acc); break;
-                case 4: strip_4(x32, K / 4, wb, K / 4, acc); break;
-                case 5: strip_5(x32, K / 4, wb, K / 4, acc); break;
-                default: strip_6(x32, K / 4, wb, K / 4, acc); break;
-            }
+            strip_sums(rows, (const int32_t *)xs, K / 4, wb, K / 4, acc);
             strip_out(acc, (int)rows, corr, scales, b * NR, N, o, ldo, out32);
         }
     }
