@@ -47,6 +47,22 @@ def test_float32_sums_rounded_once(rows, n, k, with_bias):
     assert ((out32.double() - exact).abs() <= 1e-5 * (x.double().abs() @ w.double().abs().t()) + 1e-5).all()
 
 
+@pytest.mark.parametrize("rows", [1, 5, 64, 131])
+def test_silu_mul_of_a_gate_up_pair(rows):
+    """SwiGLU on a [gate | up] weight packed whole: silu(gate) * up from the float32 sums,
+    rounded once: within ~2 bf16 steps of float64; only halves of whole blocks are taken."""
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(2 * 192, 96, generator=g) * 0.2).bfloat16()
+    x = torch.randn(rows, 96, generator=g).bfloat16()
+    packed = bf16_gemm.pack(w)
+    assert bf16_gemm.takes_swiglu(packed) and not bf16_gemm.takes_swiglu(bf16_gemm.pack(w[:320]))
+    gu = x.double() @ w.double().t()
+    ref = torch.nn.functional.silu(gu[:, :192]) * gu[:, 192:]
+    got = bf16_gemm.silu_mul(x, packed)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 192)
+    assert ((got.double() - ref).abs() <= ref.abs() * 2.0 ** -7 + 1e-3).all()
+
+
 def test_keeps_leading_dims_and_reads_misaligned_rows():
     w = torch.randn(64, 96).bfloat16()
     packed = bf16_gemm.pack(w)

@@ -24,6 +24,11 @@ _kernel = native.lazy_vnni_function(
     [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int],
     bf16=True, off_env="SCALELLM_NO_BF16_GEMM")
+_swiglu = native.lazy_vnni_function(
+    "bf16_gemm.c", "bf16 GEMM", "sl_silu_mul_bf16",
+    [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int],
+    bf16=True, off_env="SCALELLM_NO_BF16_GEMM")
 
 
 @dataclass(slots=True, frozen=True)
@@ -65,20 +70,46 @@ def pack(weight: torch.Tensor) -> Bf16Blocks:
     return Bf16Blocks(full.view(padded // BLOCK, BLOCK, k // 2, 2).permute(0, 2, 1, 3).contiguous(), n, k)
 
 
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., K] bf16 as [T, K] rows the kernels read: whole pairs, 4-byte aligned."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.bfloat16 or x2.shape[1] != k:
+        raise TypeError(f"bf16 [T, {k}] expected, got {x2.dtype} {tuple(x2.shape)}")
+    if x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    return x2
+
+
 def matmul(x: torch.Tensor, w: Bf16Blocks, bias: torch.Tensor | None = None, out_float32: bool = False) -> torch.Tensor:
     """x [..., K] bf16 @ W^T (+ bias [N], best float32: what is added) -> [..., N], bf16 (the
     float32 sums rounded once, nearest even) or float32. load() first."""
     fn = _kernel()
     assert fn is not None, "bf16_gemm.load() first"
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.dtype != torch.bfloat16 or x2.shape[1] != w.k:
-        raise TypeError(f"bf16 [T, {w.k}] expected, got {x2.dtype} {tuple(x2.shape)}")
-    if x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
-        x2 = x2.clone(memory_format=torch.contiguous_format)  # rows of whole pairs, 4-byte aligned
+    x2 = _rows(x, w.k)
     out = torch.empty(x2.shape[0], w.n, dtype=torch.float32 if out_float32 else torch.bfloat16)
     b32 = None if bias is None else bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.float().contiguous()
     if x2.shape[0]:
         fn(x2.data_ptr(), x2.stride(0), x2.shape[0], w.blocks.data_ptr(), b32.data_ptr() if b32 is not None else None,
            w.n, w.k, out.data_ptr(), w.n, int(out_float32), torch.get_num_threads())
     return out if len(shape) == 2 else out.view(*shape[:-1], w.n)
+
+
+def takes_swiglu(w: Bf16Blocks) -> bool:
+    """Whether `silu_mul` takes this [gate | up] weight: each half a whole number of blocks."""
+    return w.n % (2 * BLOCK) == 0
+
+
+def silu_mul(x: torch.Tensor, w: Bf16Blocks) -> torch.Tensor:
+    """silu(x @ gate^T) * (x @ up^T) for a [gate | up] weight packed whole (`pack`): x [T, K]
+    bf16 -> [T, N/2] bf16, both products and the activation in float32, rounded once; the
+    merged output is never written. takes_swiglu(w) first."""
+    fn = _swiglu()
+    assert fn is not None and takes_swiglu(w), "bf16_gemm.load() and takes_swiglu(w) first"
+    x2 = _rows(x, w.k)
+    half = w.n // 2
+    out = torch.empty(x2.shape[0], half, dtype=torch.bfloat16)
+    if x2.shape[0]:
+        fn(x2.data_ptr(), x2.stride(0), x2.shape[0], w.blocks.data_ptr(), half, w.k, out.data_ptr(), half,
+           torch.get_num_threads())
+    return out

@@ -325,8 +325,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def _pack(self) -> None:
         """A [gate | up] pair is packed for `silu_and_mul`: as AMX tiles in (gate, up) block
-        pairs, else half by half in oneDNN's layout (with our AVX-512 BF16 GEMM: whole, the
-        SiLU-mul a pass after it)."""
+        pairs, for our AVX-512 BF16 GEMM whole (its SwiGLU call pairs the halves' blocks), else
+        half by half in oneDNN's layout."""
         if not self.gate_up or (not amx_takes(self.weight) and bf16_gemm.takes(self.weight)):
             super()._pack()
         elif amx_takes(self.weight):
@@ -372,6 +372,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             return None  # (the 4-bit GEMM, then the SiLU-mul pass)
         if isinstance(self.packed, AmxWeight) and (self.qweight is None or x.numel() > INT8_MAX_ROWS * x.shape[-1]):
             return amx_gemm.silu_mul(x, self.packed)
+        if (isinstance(self.packed, Bf16Blocks) and self.gate_up and bf16_gemm.takes_swiglu(self.packed)
+                and (self.qweight is None or x.numel() > INT8_MAX_ROWS * x.shape[-1])):
+            return bf16_gemm.silu_mul(x, self.packed)
         if self._on_halves(x):
             assert self.packed_halves is not None
             return silu_mul_packed(x, *self.packed_halves)

@@ -7,6 +7,11 @@
  * 2 values k = 2p, 2p+1 (256 bytes, 4 registers), N padded with zero channels to a multiple
  * of 64, K even. Each OpenMP thread takes a contiguous range of (channel block, strip of 6
  * rows) units, each blocked as gemm_blocks.h says (6 x 64 float32 sums in registers).
+ *
+ * SwiGLU (`sl_silu_mul_bf16`): a [gate | up] weight packed as one (gate's channels, then up's,
+ * each half a whole number of blocks) gives silu(x gate^T) * (x up^T): a unit takes gate's
+ * block b and up's block b, and its epilogue computes the activation and the product on the
+ * float32 sums, rounded once to bf16; the [T, 2I] output is never written.
  */
 #define GB_ACC __m512
 #define GB_SUM float
@@ -14,6 +19,7 @@
 #define GB_DP(a, x, w) _mm512_dpbf16_ps(a, (__m512bh)(x), (__m512bh)(w))
 #define GB_STORE(p, a) _mm512_store_ps(p, a)
 #include "gemm_blocks.h"
+#include "avx512_common.h"
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -58,6 +64,34 @@ void sl_gemm_bf16(const uint16_t *x, int64_t ldx, int64_t M, const uint16_t *wp,
             void *o = out32 ? (void *)((float *)out + m0 * ldo) : (void *)((uint16_t *)out + m0 * ldo);
             strip_sums(rows, x32, ldx / 2, wb, K / 2, acc);
             strip_out(acc, (int)rows, bias, b * NR, N, o, ldo, out32);
+        }
+    }
+}
+
+/* x [M, K] bf16 (as for sl_gemm_bf16), W a [gate | up] weight of 2 * I channels packed (see
+ * above), I a multiple of 64 -> out [M, I] (row stride ldo) bf16 = silu(x gate^T) * (x up^T). */
+void sl_silu_mul_bf16(const uint16_t *x, int64_t ldx, int64_t M, const uint16_t *wp, int64_t I, int64_t K,
+                      uint16_t *out, int64_t ldo, int num_threads) {
+    const int64_t nblocks = I / NR, strips = (M + MR - 1) / MR, units = nblocks * strips;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float gate[MR * NR] __attribute__((aligned(64)));
+        float up[MR * NR] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < units; u++) {
+            const int64_t b = u / strips, s = u % strips;
+            const int64_t m0 = s * MR, rows = M - m0 < MR ? M - m0 : MR;
+            const int32_t *x32 = (const int32_t *)(x + m0 * ldx);
+            strip_sums(rows, x32, ldx / 2, wp + b * NR * K, K / 2, gate);
+            strip_sums(rows, x32, ldx / 2, wp + (nblocks + b) * NR * K, K / 2, up);
+            for (int64_t m = 0; m < rows; m++)
+                for (int j = 0; j < 4; j++) {
+                    const __m512 g = _mm512_load_ps(gate + m * NR + 16 * j);
+                    /* silu(g) = g / (1 + exp(-g)) */
+                    const __m512 act = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+                    _mm256_storeu_si256((__m256i *)(out + (m0 + m) * ldo + b * NR + 16 * j),
+                                        to_bf16(_mm512_mul_ps(act, _mm512_load_ps(up + m * NR + 16 * j))));
+                }
         }
     }
 }
