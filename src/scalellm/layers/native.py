@@ -1,12 +1,12 @@
-"""Building and loading the C kernels of `layers/csrc` (AMX attention, AMX GEMM, VNNI GEMV).
+"""Building and loading the C kernels of `layers/csrc` (prefill attention, AMX GEMM, AVX-512 GEMMs).
 
 Each C file is compiled once per machine with the system's C compiler (`$CC`, else gcc, else
 cc; about a second) into the cache directory ($SCALELLM_CACHE_DIR, else
 $XDG_CACHE_HOME/scalellm, else ~/.cache/scalellm), keyed by the source and the flags, and
 loaded with ctypes. The AMX kernels need AMX (Linux x86-64, `amx_bf16` and friends in
-/proc/cpuinfo) and the kernel's permission for the tile state (`sl_amx_init`), the VNNI one
-AVX-512 VNNI; where any of that is missing the loaders return None and callers keep their
-torch paths.
+/proc/cpuinfo) and the kernel's permission for the tile state (`sl_amx_init`), the others
+AVX-512 VNNI (and BF16 for the bf16 ones); where any of that is missing the loaders return
+None and callers keep their torch paths.
 """
 
 from __future__ import annotations

@@ -189,8 +189,8 @@ def _load_and_quantize(model: torch.nn.Module, args: ModelArgs, source: ModelSou
         if quantization == "int4":
             _add_int4_copies(model)
         added = sum(m.set_packed() for m in model.modules() if hasattr(m, "set_packed"))
-        logger.info("bf16 linears prepacked (+%.0f MB, with the plain copies the few-row bf16 GEMV reads "
-                    "where it runs)", added / 2**20)
+        logger.info("bf16 linears prepacked (+%.0f MB: the LM head's copy beside the tied embedding, "
+                    "layouts' padding)", added / 2**20)
 
 
 def _check_int4(dtype: torch.dtype, device: torch.device) -> None:
