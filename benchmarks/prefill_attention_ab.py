@@ -31,9 +31,9 @@ def main() -> int:
     a = p.parse_args()
 
     from scalellm import LLM, SamplingParams
-    from scalellm.layers import causal_attention_cpu as amx
+    from scalellm.layers import causal_attention_cpu as attn
 
-    if not amx.load():
+    if not attn.load():
         print("the kernel is not available here (no AMX or AVX-512 BF16 CPU, or no C compiler)", file=sys.stderr)
         return 1
     llm = LLM(dtype="bfloat16", max_model_len=2048,
@@ -53,26 +53,27 @@ def main() -> int:
         "fresh": lambda: [words(a.prompt_len) for _ in range(a.prompts)],
         "cached": lambda: [prefix + words(a.suffix_len) for _ in range(a.prompts)],
     }
-    kernel = amx._fn
-    times: dict[str, dict[str, list[float]]] = {w: {"amx": [], "torch": []} for w in workloads}
+    kernel = attn._fn
+    times: dict[str, dict[str, list[float]]] = {w: {"kernel": [], "torch": []} for w in workloads}
     for w, make in workloads.items():
         for _ in range(2):  # warm both paths
-            for path in ("amx", "torch"):
-                amx._fn = kernel if path == "amx" else None
+            for path in ("kernel", "torch"):
+                attn._fn = kernel if path == "kernel" else None
                 llm.generate(make(), one)
         for _ in range(a.rounds):
-            for path in ("amx", "torch"):
-                amx._fn = kernel if path == "amx" else None
+            for path in ("kernel", "torch"):
+                attn._fn = kernel if path == "kernel" else None
                 prompts = make()
                 t0 = time.perf_counter()
                 llm.generate(prompts, one)
                 times[w][path].append((time.perf_counter() - t0) * 1e3)
-    amx._fn = kernel
-    out = {"config": vars(a), "kernel": amx.backend(), "ms": times,
+    attn._fn = kernel
+    out = {"config": vars(a), "kernel": attn.backend(), "ms": times,
            "median_ms": {w: {k: statistics.median(v) for k, v in d.items()} for w, d in times.items()}}
     for w, d in out["median_ms"].items():
-        print(f"{w:7s} {amx.backend()} {d['amx']:7.1f} ms   torch SDPA {d['torch']:7.1f} ms   ({d['amx'] / d['torch']:.2f}x)  "
-              f"rounds: {[round(x) for x in times[w]['amx']]} / {[round(x) for x in times[w]['torch']]}")
+        print(f"{w:7s} {attn.backend()} {d['kernel']:7.1f} ms   torch SDPA {d['torch']:7.1f} ms   "
+              f"({d['kernel'] / d['torch']:.2f}x)  "
+              f"rounds: {[round(x) for x in times[w]['kernel']]} / {[round(x) for x in times[w]['torch']]}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)

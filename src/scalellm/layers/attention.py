@@ -197,6 +197,34 @@ class Attention(nn.Module):
         qk = rotary.rotate(positions, qkv[:, : (h + hkv) * d].reshape(t, h + hkv, d))  # one call for both
         return self.forward(qk[:, :h], qk[:, h:], v, batch)
 
+    def plain_decode_ready(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> bool:
+        """Whether `plain_decode` takes this step (x: its [T, E] hidden rows): only single-token
+        decodes, on the CPU with the fused kernels (rotary + KV write, decode attention)
+        compiled for x's dtype and these heads, a cache of that dtype (not 8-bit)."""
+        md = batch.attn
+        if not (md.num_decode_tokens == x.shape[0] and not md.prefills and md.num_pad_tokens == 0
+                and md.decode_lens is not None and md.block_tables is None and md.prefill_tables is None
+                and batch.kv_scales is None and fused_cpu.supports(x) and positions.dtype == torch.long
+                and md.slot_mapping.dtype == torch.long and fused_cpu.rope_ready(x.dtype, self.head_dim)):
+            return False
+        k_flat = self._cache_views(batch)[0]
+        return k_flat.dtype == x.dtype and paged_attention_cpu.supports(k_flat, self.num_heads)
+
+    def plain_decode(self, qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                     batch: ForwardBatch) -> torch.Tensor:
+        """`forward_qkv` for a step `plain_decode_ready` took: the same two kernels (rotary + KV
+        write in place, decode attention reading the queries from qkv) without its checks for
+        every other path -> [T, H*D]."""
+        md = batch.attn
+        k_flat, v_flat, _, _ = self._cache_views(batch)
+        fused_cpu.rope_write_kv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, positions, rotary.cos,
+                                rotary.sin, md.slot_mapping, k_flat, v_flat)
+        if md.fused_index is None:
+            md.fused_index = paged_attention_cpu.prepare(md.decode_slots, md.decode_lens)
+        out = qkv.new_empty(qkv.shape[0], self.num_heads * self.head_dim)
+        paged_attention_cpu.run_rows(qkv, self.num_heads, k_flat, v_flat, md.fused_index, self.scale, out)
+        return out
+
     def _cache_views(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                                                          torch.Tensor | None]:
         """This layer's K and V caches as [N*S, Hkv, D], and their scales [N*S, Hkv] (8-bit caches).

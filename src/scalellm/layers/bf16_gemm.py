@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from scalellm.layers import native
-
-BLOCK = 64  # output channels of a packed block (csrc/bf16_gemm.c's NR)
+from scalellm.layers.gemm_blocks import BLOCK, pack_blocks
 
 _kernel = native.lazy_vnni_function(
     "bf16_gemm.c", "bf16 GEMM", "sl_gemm_bf16",
@@ -63,11 +62,7 @@ def takes(weight: torch.Tensor) -> bool:
 
 
 def pack(weight: torch.Tensor) -> Bf16Blocks:
-    n, k = weight.shape
-    padded = -(-n // BLOCK) * BLOCK
-    full = torch.zeros(padded, k, dtype=torch.bfloat16)
-    full[:n] = weight.detach()
-    return Bf16Blocks(full.view(padded // BLOCK, BLOCK, k // 2, 2).permute(0, 2, 1, 3).contiguous(), n, k)
+    return Bf16Blocks(pack_blocks(weight, 2), *weight.shape)
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -88,7 +83,7 @@ def matmul(x: torch.Tensor, w: Bf16Blocks, bias: torch.Tensor | None = None, out
     shape = x.shape
     x2 = _rows(x, w.k)
     out = torch.empty(x2.shape[0], w.n, dtype=torch.float32 if out_float32 else torch.bfloat16)
-    b32 = None if bias is None else bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.float().contiguous()
+    b32 = bias if bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()) else bias.float().contiguous()
     if x2.shape[0]:
         fn(x2.data_ptr(), x2.stride(0), x2.shape[0], w.blocks.data_ptr(), b32.data_ptr() if b32 is not None else None,
            w.n, w.k, out.data_ptr(), w.n, int(out_float32), torch.get_num_threads())

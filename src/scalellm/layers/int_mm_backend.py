@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from scalellm.layers import fused_cpu, native
-
-BLOCK = 64  # output channels of a packed block (csrc/vnni_gemm.c's NR)
+from scalellm.layers.gemm_blocks import BLOCK, pack_blocks
 
 _gemm = native.lazy_vnni_function(
     "vnni_gemm.c", "VNNI GEMM", "sl_gemm_s8",
@@ -39,15 +38,12 @@ def load_gemm() -> bool:
 
 
 def pack(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] int8 codes (K a multiple of 4) -> (the GEMM's layout: blocks of 64 channels, each
-    channel's 4 codes of a quad of K together, N padded with zero channels to a multiple of 64;
-    128 * each channel's code sum [Np] int32, the correction of its x + 128 inputs)."""
-    n, k = q.shape
-    padded = -(-n // BLOCK) * BLOCK
-    full = torch.zeros(padded, k, dtype=torch.int8)
-    full[:n] = q
-    blocks = full.view(padded // BLOCK, BLOCK, k // 4, 4).permute(0, 2, 1, 3).contiguous()
-    return blocks, 128 * full.sum(dim=1, dtype=torch.int32)
+    """[N, K] int8 codes (K a multiple of 4) -> (the GEMM's layout, `pack_blocks` by quads of
+    K; 128 * each channel's code sum [Np] int32, the correction of its x + 128 inputs)."""
+    blocks = pack_blocks(q, 4)
+    corr = torch.zeros(blocks.shape[0] * BLOCK, dtype=torch.int32)
+    corr[:q.shape[0]] = 128 * q.sum(dim=1, dtype=torch.int32)
+    return blocks, corr
 
 
 @dataclass(slots=True, frozen=True)

@@ -132,7 +132,8 @@ INT4_MAX_ROWS = int(os.environ.get("SCALELLM_INT4_MAX_ROWS", "8"))
 
 def int8_rows_backend() -> Int8Backend | None:
     """The int8-rows chain's GEMM: the AMX kernel where it loads (SCALELLM_NO_AMX_GEMM=1: not),
-    else oneDNN's int8 linear where it runs natively (None: Int8Weight's own), else torch._int_mm."""
+    else oneDNN's int8 linear where it runs natively (None: Int8Weight's own), else our VNNI
+    GEMM or torch._int_mm (layers/int_mm_backend.py)."""
     amx = amx_gemm.int8_backend()
     if amx is not None:
         return amx
@@ -327,10 +328,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         """A [gate | up] pair is packed for `silu_and_mul`: as AMX tiles in (gate, up) block
         pairs, for our AVX-512 BF16 GEMM whole (its SwiGLU call pairs the halves' blocks), else
         half by half in oneDNN's layout."""
-        if not self.gate_up or (not amx_takes(self.weight) and bf16_gemm.takes(self.weight)):
-            super()._pack()
-        elif amx_takes(self.weight):
+        if self.gate_up and amx_takes(self.weight):
             self.packed = amx_gemm.pack(self.weight, swiglu=True)
+        elif not self.gate_up or bf16_gemm.takes(self.weight):
+            super()._pack()
         else:
             gate, up = self.weight.detach().split(self.weight.shape[0] // 2)
             self.packed_halves = (pack_onednn(gate.contiguous()), pack_onednn(up.contiguous()))

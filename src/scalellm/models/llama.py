@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from scalellm.distributed.parallel_state import get_parallel_state
-from scalellm.layers import fused_cpu, paged_attention_cpu
+from scalellm.layers import fused_cpu
 from scalellm.layers.activation import SiluAndMul
 from scalellm.layers.attention import Attention, ForwardBatch
 from scalellm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -103,7 +103,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, E]
-        if self._plain_layers() and _plain_decode_step(x, positions, batch, self.layers[0].self_attn.attn):
+        if self._plain_layers() and self.layers[0].self_attn.attn.plain_decode_ready(x, positions, batch):
             x, residual = _plain_decode_layers(self.layers, x, positions, batch)
         else:
             residual = None
@@ -116,35 +116,16 @@ class LlamaModel(nn.Module):
 
     def _plain_layers(self) -> bool:
         """Whether every layer is the plain one `_plain_decode_layers` runs: one rank, the
-        dense SwiGLU MLP, no q/k norm, no int8 wiring, every linear on our own kernels' packed
-        weights (layers/linear.py `own_only`) and gate/up with its SwiGLU call. Decided once,
-        at the first decode step (after the weights were packed)."""
+        dense SwiGLU MLP, no q/k norm, every linear on our own kernels' packed weights and
+        nothing else (layers/linear.py `own_only`: so no int8 wiring either). Decided once, at
+        the first step (after the weights were packed)."""
         if self._plain is None:
-            def own(linear: nn.Module) -> bool:
-                return getattr(linear, "own_only", None) is not None and not getattr(linear, "rows_out", False)
-
             self._plain = get_parallel_state().tp_size == 1 and all(
-                isinstance(layer.mlp, LlamaMLP) and layer.self_attn.q_norm is None
-                and not layer.input_layernorm.int8_out and not layer.post_attention_layernorm.int8_out
-                and own(layer.self_attn.qkv_proj) and own(layer.self_attn.o_proj) and own(layer.mlp.down_proj)
-                and own(layer.mlp.gate_up_proj) and layer.mlp.gate_up_proj.gate_up
-                and layer.mlp.gate_up_proj.silu_rows_out is False
+                isinstance(layer.mlp, LlamaMLP) and layer.self_attn.q_norm is None and layer.mlp.gate_up_proj.gate_up
+                and all(linear.own_only is not None for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                                   layer.mlp.gate_up_proj, layer.mlp.down_proj))
                 for layer in self.layers)
         return self._plain
-
-
-def _plain_decode_step(x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch, attn: Attention) -> bool:
-    """Whether this step is one `_plain_decode_layers` takes: only single-token decodes, on
-    the CPU with the fused kernels (RMSNorm, rotary + KV write, decode attention) compiled for
-    x's dtype and the layers' heads (`attn`: the first layer's), a cache of that dtype."""
-    md = batch.attn
-    if not (md.num_decode_tokens == x.shape[0] and not md.prefills and md.num_pad_tokens == 0
-            and md.decode_lens is not None and md.block_tables is None and md.prefill_tables is None
-            and batch.kv_scales is None and fused_cpu.supports(x) and positions.dtype == torch.long
-            and md.slot_mapping.dtype == torch.long and fused_cpu.rope_ready(x.dtype, attn.head_dim)):
-        return False
-    k_flat = attn._cache_views(batch)[0]
-    return k_flat.dtype == x.dtype and paged_attention_cpu.supports(k_flat, attn.num_heads)
 
 
 def _plain_decode_layers(layers: Iterable[LlamaDecoderLayer], x: torch.Tensor, positions: torch.Tensor,
@@ -155,7 +136,6 @@ def _plain_decode_layers(layers: Iterable[LlamaDecoderLayer], x: torch.Tensor, p
     NOTE: on the 2-core Zen 4 a decode step of one sequence spent ~5 ms of SmolLM2's 13-15 ms
     forward in that glue; this path saved 1.5-2.4 ms of it (a 30-layer model with nothing to
     compute: 4.1-6.0 -> 2.8-3.1 ms a forward)."""
-    md = batch.attn
     residual = None
     for layer in layers:
         a, mlp, ln1, ln2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
@@ -164,14 +144,7 @@ def _plain_decode_layers(layers: Iterable[LlamaDecoderLayer], x: torch.Tensor, p
         else:
             x, residual = fused_cpu.rms_norm(x, ln1.weight, ln1.eps, residual)
         qkv = linear_packed(x, a.qkv_proj.own_only, a.qkv_proj.bias32)
-        at = a.attn
-        k_flat, v_flat, _, _ = at._cache_views(batch)
-        fused_cpu.rope_write_kv(qkv, at.num_heads, at.num_kv_heads, at.head_dim, positions, a.rotary.cos,
-                                a.rotary.sin, md.slot_mapping, k_flat, v_flat)
-        if md.fused_index is None:
-            md.fused_index = paged_attention_cpu.prepare(md.decode_slots, md.decode_lens)
-        out = qkv.new_empty(qkv.shape[0], at.num_heads * at.head_dim)
-        paged_attention_cpu.run_rows(qkv, at.num_heads, k_flat, v_flat, md.fused_index, at.scale, out)
+        out = a.attn.plain_decode(qkv, positions, a.rotary, batch)
         x = linear_packed(out, a.o_proj.own_only, a.o_proj.bias32)
         x, residual = fused_cpu.rms_norm(x, ln2.weight, ln2.eps, residual)
         h = mlp.gate_up_proj.silu_and_mul(x)

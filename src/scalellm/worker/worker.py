@@ -137,8 +137,8 @@ def _load_and_quantize(model: torch.nn.Module, args: ModelArgs, source: ModelSou
         from scalellm.quant.int8 import int8_rows_available, int_mm_fast, quantize_int8
 
         stats = _int8_calibration(model, args, source, dtype, device)
-        # an int8 GEMM for every call (AMX kernel, oneDNN's int8 linear or torch._int_mm:
-        # linear.int8_rows_backend), the quantisation and row scales fused into the kernels
+        # an int8 GEMM for every call (AMX kernel, oneDNN's int8 linear, our VNNI GEMM or
+        # torch._int_mm: linear.int8_rows_backend), the quantisation and row scales fused into the kernels
         # around it (layers/int8_rows.py); else, with int8 units (torch._int_mm) and bf16 ones,
         # large calls (prefill) stay bf16 (layers/linear.py INT8_MAX_ROWS): both weights are kept
         packed_bf16 = dtype == torch.bfloat16 and cpu_has_fast_bf16() and _pack_weights()
