@@ -112,16 +112,18 @@ def assert_same_tokens_but_near_ties(ours, ref, tie: float = 0.05) -> None:
         assert abs(top[got[n]] - top[want[n]]) < tie, (n, top)
 
 
-def test_engine_on_the_gemm_generates_what_the_onednn_path_does(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tied", [False, True])
+def test_engine_on_the_gemm_generates_what_the_onednn_path_does(tmp_path, monkeypatch, tied):
     """A tiny bf16 Llama: every linear and the LM head hold our blocks and run every call on
     the GEMM (prefill and decode), and the greedy tokens equal those of the same engine on
-    oneDNN's prepacked GEMM (up to near-ties)."""
+    oneDNN's prepacked GEMM (up to near-ties). Tied: the embedding reads the head's blocks."""
     from conftest import build_tiny_model, wait_for_kernels
 
     from scalellm import LLM, SamplingParams
 
     _no_amx()
-    path = build_tiny_model(str(tmp_path / "llama"), "llama", hidden_size=128, intermediate_size=256)
+    path = build_tiny_model(str(tmp_path / "llama"), "llama", hidden_size=128, intermediate_size=256,
+                            tie_word_embeddings=tied)
     prompts = [list(range(3, 3 + n)) for n in (5, 16, 33, 70)]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
     calls = []
@@ -132,6 +134,8 @@ def test_engine_on_the_gemm_generates_what_the_onednn_path_does(tmp_path, monkey
         llm = LLM(path, dtype="bfloat16")
         model = llm.engine.core.executor.model
         packed = [m.packed for m in model.modules() if hasattr(m, "set_packed") and getattr(m, "packed", None) is not None]
+        assert (model.model.embed_tokens.weight is None) == (tied and isinstance(model.lm_head.packed,
+                                                                                bf16_gemm.Bf16Blocks))
         wait_for_kernels(llm.engine.core.executor)
         out = [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
         return out, packed
@@ -144,3 +148,41 @@ def test_engine_on_the_gemm_generates_what_the_onednn_path_does(tmp_path, monkey
     ref, packed = generate()
     assert not calls and packed and not any(isinstance(p, bf16_gemm.Bf16Blocks) for p in packed)
     assert_same_tokens_but_near_ties(ours, ref)
+
+
+def test_tied_embedding_reads_the_heads_blocks(monkeypatch):
+    """A tied LM head packed in our blocks keeps the only copy: the embedding's rows gathered
+    from the blocks, the logits and their re-scoring (numba reading the blocks, and the top-k
+    path's rows) equal, bit for bit, those computed with the plain table beside."""
+    import torch.nn.functional as F
+
+    from scalellm.layers import fused_cpu
+    from scalellm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+
+    _no_amx()
+    torch.manual_seed(0)
+    vocab, hidden = 1000, 96  # 1000: a partial last block of 64 channels
+    emb = VocabParallelEmbedding(vocab, hidden, torch.bfloat16)
+    emb.weight.data.normal_(0, 0.5)
+    head = ParallelLMHead(vocab, hidden, torch.bfloat16)
+    head.weight = emb.weight
+    head.num_rescored = 5
+    plain = emb.weight.detach().clone()
+    ids = torch.tensor([0, 1, 63, 64, 65, 511, 960, 999, 5, 5])
+    x = torch.randn(7, hidden)
+    head.set_packed()
+    assert fused_cpu.warm_up(torch.bfloat16) and fused_cpu.ready()
+
+    def both_paths():  # numba's re-scoring near the maximum, then torch's top-k one
+        near_max = head.compute_logits(x)
+        with monkeypatch.context() as m:
+            m.setattr(fused_cpu, "ready", lambda: False)
+            return near_max, head.compute_logits(x)
+
+    want = both_paths()
+    assert head.share_with(emb) == vocab * hidden * 2 and emb.weight is None and head.weight is None
+    got = both_paths()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not torch.equal(got[0], got[1])  # the two paths re-score different tokens
+    assert torch.equal(emb(ids), F.embedding(ids, plain))
+    assert torch.equal(head._rows(ids.view(2, 5)), plain[ids.view(2, 5)])

@@ -53,17 +53,22 @@ def test_drop_library_pages_code_only_unmaps_code_and_leaves_data_pages():
     assert torch.equal(torch.softmax(a, -1) @ a, expected)
 
 
-def test_prefault_kv_maps_the_cache_and_keeps_its_contents(tiny_models):
-    """Idle-time prefaulting: every page of the lazily mapped KV cache becomes resident,
-    and what the cache holds (a prefix-cached block, say) is left as it was."""
+@pytest.mark.parametrize("resident", [None, 96 << 20])
+def test_prefault_kv_maps_the_cache_and_keeps_its_contents(tiny_models, resident):
+    """Idle-time prefaulting: every page of the lazily mapped KV cache's resident budget (a
+    quarter of it by default, or all of it) becomes resident, and what the cache holds (a
+    prefix-cached block, say) is left as it was."""
     import torch
 
     from scalellm import LLM, SamplingParams
 
     # NOTE: whether the cache starts out lazily mapped depends on the process's allocation
     # history (calloc may hand out recycled, already-zeroed heap): only the end state is checked
-    llm = LLM(tiny_models["llama"], dtype="float32", block_size=4, kv_cache_memory=96 << 20)
+    llm = LLM(tiny_models["llama"], dtype="float32", block_size=4, kv_cache_memory=96 << 20,
+              kv_cache_resident=resident)
     runner = llm.engine.core.executor
+    budget = llm.engine.core.scheduler.kv_cache.pool.resident_blocks
+    assert budget == (runner.num_blocks // 4 if resident is None else runner.num_blocks)
     wait_for_kernels(runner)  # else the warm-up step empties the stand-ins' prefix cache
     out = llm.generate([5, 6, 7, 8, 9, 10, 11, 12, 13], SamplingParams(temperature=0.0, max_tokens=4))
 
@@ -90,11 +95,11 @@ def test_prefault_kv_maps_the_cache_and_keeps_its_contents(tiny_models):
         slices += bool(more)
     assert core.warmed_up  # the full-budget warm-up step ran, outside the prefix cache and counters
     assert core.stats() == stats
-    assert slices >= runner.num_blocks // 8 - 1
+    assert slices >= budget // 8 - 1
     assert core.idle_work() is False  # done: nothing left
     for b, c in zip(before, runner.kv_caches):
         assert torch.equal(b, c[:, :3])
-    assert all(resident_fraction(c) == 1.0 for c in runner.kv_caches)
+    assert all(resident_fraction(half[:budget]) == 1.0 for c in runner.kv_caches for half in c)
     again = llm.generate([5, 6, 7, 8, 9, 10, 11, 12, 13], SamplingParams(temperature=0.0, max_tokens=4))
     assert again[0].outputs[0].token_ids == out[0].outputs[0].token_ids
     assert core.stats().prefix_cache_hits == stats.prefix_cache_hits + 8  # the cached blocks served it
@@ -148,3 +153,59 @@ def test_warm_up_waits_for_an_idle_grace_period(tiny_models, monkeypatch):
     while core.idle_work() is not False:
         pass
     assert core.warmed_up
+
+
+def test_core_loop_trims_the_heap_once_per_idle_spell(tiny_models, monkeypatch):
+    """The engine core process's loop hands its heap's free pages back once it has been idle
+    for IDLE_TRIM_S, once per idle spell: again only after a step ran; never with
+    SCALELLM_NO_IDLE_TRIM=1. (The loop runs on a thread here, over in-process sockets.)"""
+    import os
+    import threading
+
+    import zmq
+
+    from scalellm import LLM, SamplingParams
+    from scalellm.protocol import ipc
+    from scalellm.protocol.step import CoreRequest
+    from scalellm.server import core_process
+
+    llm = LLM(tiny_models["llama"], dtype="float32", block_size=4, kv_cache_memory=16 << 20)
+    core = llm.engine.core
+    wait_for_kernels(core.executor)
+    trims: list[float] = []
+    monkeypatch.setattr(core_process, "trim_heap", lambda: trims.append(time.monotonic()))
+    monkeypatch.setattr(core_process, "IDLE_TRIM_S", 0.4)
+    monkeypatch.setenv("SCALELLM_NO_KV_PREFAULT", "1")  # no idle work before the trim
+
+    def run_loop(name: str, requests: int) -> list[float]:
+        trims.clear()
+        ctx = zmq.Context()
+        to_core, pull, push, from_core = (ctx.socket(k) for k in (zmq.PUSH, zmq.PULL, zmq.PUSH, zmq.PULL))
+        to_core.bind(f"inproc://{name}-in")
+        pull.connect(f"inproc://{name}-in")
+        from_core.bind(f"inproc://{name}-out")
+        push.connect(f"inproc://{name}-out")
+        loop = threading.Thread(target=core_process._busy_loop, args=(core, pull, push, os.getppid()))
+        loop.start()
+        try:
+            time.sleep(0.8)
+            spells = [len(trims)]  # the first idle spell (since the loop started)
+            for i in range(requests):
+                req = CoreRequest(f"{name}{i}", [5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=3), [], 3)
+                to_core.send(ipc.encode(ipc.AddRequests([req])))
+                while not any(o.finish_reason for o in ipc.decode_from_core(from_core.recv()).outputs):
+                    pass
+                spells.append(len(trims))  # right after the step: not yet
+                time.sleep(0.8)
+                spells.append(len(trims))
+        finally:
+            to_core.send(ipc.encode(ipc.Shutdown()))
+            loop.join(timeout=10)
+            for s in (to_core, pull, push, from_core):
+                s.close(linger=0)
+            ctx.term()
+        return spells
+
+    assert run_loop("on", 2) == [1, 1, 2, 2, 3]
+    monkeypatch.setenv("SCALELLM_NO_IDLE_TRIM", "1")
+    assert run_loop("off", 1) == [0, 0, 0]

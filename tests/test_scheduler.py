@@ -218,6 +218,39 @@ def test_prefix_cache_lru_eviction():
     assert out.new_requests[0].num_computed_tokens == 0  # evicted: no hit
 
 
+def test_block_pool_keeps_to_its_resident_budget():
+    """Fresh blocks (untouched memory) are handed out in id order while fewer than the budget
+    were ever touched; past it a free block is reused (a cached one evicted, oldest first)
+    before a fresh one, and fresh ones are touched only while every touched block is live.
+    Without a budget: fresh blocks first, as long as any remain."""
+    from scalellm.engine.block_pool import BlockPool
+
+    pool = BlockPool(10, resident_blocks=4)
+    a = pool.allocate(3)
+    assert [b.block_id for b in a] == [0, 1, 2] and pool.num_free_blocks == 7
+    for b, h in zip(a, (b"h0", b"h1", b"h2")):
+        pool.cache_block(b, h)
+    pool.free(reversed(a))  # tail first: block 2 is the oldest free one
+    assert [b.block_id for b in pool.allocate(1)] == [3]  # under the budget: fresh
+    got = pool.allocate(2)  # at the budget: the oldest free blocks, their cache entries evicted
+    assert [b.block_id for b in got] == [2, 1] and pool.num_evictions == 2
+    assert pool.lookup(b"h0") is a[0] and pool.lookup(b"h2") is None
+    assert pool.num_touched_blocks == 4
+    pool.touch([a[0]])  # a cache hit revives the last cached block: every touched block is live
+    more = pool.allocate(3)  # live requests need more: the pool grows past the budget
+    assert [b.block_id for b in more] == [4, 5, 6] and pool.num_touched_blocks == 7
+    pool.free(more)
+    assert [b.block_id for b in pool.allocate(2)] == [4, 5]  # reused, not fresh
+    assert pool.num_used_blocks == 6 and pool.num_free_blocks == 4
+    with pytest.raises(RuntimeError):
+        pool.allocate(5)
+
+    whole = BlockPool(4)
+    first = whole.allocate(2)
+    whole.free(first)
+    assert [b.block_id for b in whole.allocate(3)] == [2, 3, 0]  # fresh first, then the oldest free
+
+
 def test_shared_blocks_are_ref_counted():
     s = make_scheduler(block_size=4, budget=64)
     w = FakeWorker(s)

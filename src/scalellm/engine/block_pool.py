@@ -8,6 +8,13 @@ Bookkeeping only (ints and hashes); the tensors that hold K/V live in the worker
 A block with ref_cnt 0 sits in the free queue; if it still carries a hash it is a
 cached block that a later request may revive ("touch") until it is evicted, i.e.
 handed out again by `allocate`.
+
+Blocks never handed out yet ("fresh": ids next_fresh.. in order) are not in the queue:
+their memory has not been touched (a CPU cache is mapped lazily). `allocate` takes fresh
+blocks while fewer than `resident_blocks` have ever been handed out, then prefers evicting
+the queue's oldest to touching more: past that budget the pool grows only while live
+requests hold every touched block. Memory then follows max(budget, peak live need), not
+the pool's size, and the prefix cache keeps what fits the budget.
 """
 
 from __future__ import annotations
@@ -25,22 +32,30 @@ class KVBlock:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = True, resident_blocks: int | None = None) -> None:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
+        # fresh blocks are handed out freely up to this many touched ones (None: the whole pool)
+        self.resident_blocks = num_blocks if resident_blocks is None else max(0, min(num_blocks, resident_blocks))
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._free: OrderedDict[int, KVBlock] = OrderedDict()  # touched blocks with ref_cnt 0, LRU first
+        self._next_fresh = 0  # blocks [_next_fresh, num_blocks) were never handed out
         self._cached: dict[bytes, KVBlock] = {}
         self.num_evictions = 0
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks that can be handed out now (free, possibly evicting a cached one)."""
-        return len(self._free)
+        """Blocks that can be handed out now (free, possibly evicting a cached one, or fresh)."""
+        return len(self._free) + self.num_blocks - self._next_fresh
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self._next_fresh - len(self._free)
+
+    @property
+    def num_touched_blocks(self) -> int:
+        """Blocks ever handed out: those whose memory is resident (on CPU)."""
+        return self._next_fresh
 
     @property
     def num_cached_blocks(self) -> int:
@@ -50,11 +65,18 @@ class BlockPool:
         return self._cached.get(block_hash)
 
     def allocate(self, num: int) -> list[KVBlock]:
-        """Take `num` blocks from the front of the free queue (least recently freed)."""
-        if num > len(self._free):
-            raise RuntimeError(f"asked for {num} blocks, only {len(self._free)} free")
+        """Take `num` blocks: fresh ones while under the resident budget (or when the free
+        queue is empty), else from the front of the free queue (least recently freed)."""
+        if num > self.num_free_blocks:
+            raise RuntimeError(f"asked for {num} blocks, only {self.num_free_blocks} free")
         out = []
         for _ in range(num):
+            if self._next_fresh < self.num_blocks and (self._next_fresh < self.resident_blocks or not self._free):
+                block = self.blocks[self._next_fresh]
+                self._next_fresh += 1
+                block.ref_cnt = 1
+                out.append(block)
+                continue
             _, block = self._free.popitem(last=False)
             if block.block_hash is not None:
                 # NOTE: evicting only drops the mapping if it still points at this block.

@@ -94,7 +94,7 @@ def check_parallel_fits(args: Any, config: EngineConfig) -> None:
 
 
 def build_engine_core(config: EngineConfig, info: ModelInfo) -> EngineCore:
-    from scalellm.worker.worker import build_model_runner, num_kv_blocks, resolve_device, resolve_dtype
+    from scalellm.worker.worker import build_model_runner, kv_block_bytes, num_kv_blocks, resolve_device, resolve_dtype
 
     logger.info("engine: torch and model code imported")
     source, args = info.source, info.args
@@ -129,10 +129,14 @@ def build_engine_core(config: EngineConfig, info: ModelInfo) -> EngineCore:
         )
     sched_cfg = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, info.max_model_len,
                                 target_step_ms=config.target_step_ms, target_ttft_ms=config.target_ttft_ms)
-    kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    resident = num_blocks
+    if device.type == "cpu":  # a lazily mapped cache: the prefix cache keeps a budget of it touched
+        budget = config.kv_cache_memory // 4 if config.kv_cache_resident is None else config.kv_cache_resident
+        resident = min(num_blocks, budget // kv_block_bytes(args, dtype, config.block_size, tp, config.kv_cache_dtype))
+    kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, resident_blocks=resident)
     core = EngineCore(Scheduler(sched_cfg, kv), executor)
-    logger.info("engine ready: %s, dtype %s, %d KV blocks of %d tokens (per rank%s), max_model_len %d, "
-                "tensor parallel %d%s", source.name, dtype, num_blocks, config.block_size,
-                ", 8-bit" if config.kv_cache_dtype == "int8" else "", info.max_model_len, tp,
+    logger.info("engine ready: %s, dtype %s, %d KV blocks of %d tokens (per rank%s; %d kept touched for the prefix "
+                "cache), max_model_len %d, tensor parallel %d%s", source.name, dtype, num_blocks, config.block_size,
+                ", 8-bit" if config.kv_cache_dtype == "int8" else "", resident, info.max_model_len, tp,
                 " (experts split across ranks)" if config.enable_expert_parallel else "")
     return core

@@ -64,6 +64,10 @@ class EngineConfig:
     max_num_seqs: int = 256
     block_size: int = 16
     kv_cache_memory: int = 1 << 30  # bytes
+    # bytes of KV cache the prefix cache may keep touched (CPU: the pool is mapped lazily):
+    # past it, cached blocks are evicted before more memory is touched, unless live requests
+    # need it (engine/block_pool.py). None: a quarter of kv_cache_memory. GPU: the whole pool.
+    kv_cache_resident: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0  # seed of the shared generator for unseeded requests
     # None | "int8": dynamic W8A8 linears on fbgemm (quant/int8.py), CPU
@@ -102,3 +106,5 @@ class EngineConfig:
         SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len or 2,
                         target_step_ms=self.target_step_ms, target_ttft_ms=self.target_ttft_ms)
         CacheConfig(self.block_size, 0, self.kv_cache_memory, self.enable_prefix_caching)
+        if self.kv_cache_resident is not None and self.kv_cache_resident < 0:
+            raise InvalidParameterError("kv_cache_resident", f"must be >= 0, got {self.kv_cache_resident}")

@@ -36,8 +36,9 @@ class Executor(Protocol):
         """Before the warm-up step: drop resident pages only start-up used (returns bytes)."""
         ...
 
-    def prefault_kv(self, max_blocks: int = 8) -> bool:
-        """Idle time only: fault in the next KV blocks' pages; returns whether any remain."""
+    def prefault_kv(self, max_blocks: int = 8, upto: int | None = None) -> bool:
+        """Idle time only: fault in the next KV blocks' pages (below block `upto`); returns
+        whether any remain."""
         ...
 
     def read_expert_load(self) -> dict[int, list[int]]:
@@ -146,7 +147,7 @@ class EngineCore:
                 and time.monotonic() - self.last_busy >= WARM_UP_GRACE_S:
             self.warm_up_step()
             return True
-        if self.executor.prefault_kv():
+        if self.executor.prefault_kv(upto=self.scheduler.kv_cache.pool.resident_blocks):
             return True
         return False if self.warmed_up else None
 

@@ -42,6 +42,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", type=float, default=1.0, help="GiB for the KV cache (of each rank)")
+    p.add_argument("--kv-cache-resident", type=float, default=None,
+                   help="CPU: GiB of the KV cache the prefix cache may keep in memory (default: a quarter of "
+                        "--kv-cache-memory); the cache is mapped lazily and grows past this only while live "
+                        "requests need it. Equal to --kv-cache-memory: the prefix cache may use the whole pool")
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                    help="auto: the model's dtype; int8 (CPU, one rank): 8-bit codes with a float32 scale per token "
                         "and KV head, about half the bytes of bf16 (twice the tokens in --kv-cache-memory)")
@@ -77,6 +81,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
         dtype=a.dtype, device=a.device, max_model_len=a.max_model_len,
         max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
         block_size=a.block_size, kv_cache_memory=int(a.kv_cache_memory * (1 << 30)), kv_cache_dtype=a.kv_cache_dtype,
+        kv_cache_resident=None if a.kv_cache_resident is None else int(a.kv_cache_resident * (1 << 30)),
         enable_prefix_caching=not a.no_prefix_caching, seed=a.seed,
         tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
         quantization=a.quantization, target_step_ms=a.target_step_ms or None,
@@ -153,7 +158,7 @@ def _replica_args(a: argparse.Namespace) -> list[str]:
            "--seed", str(a.seed), "--drain-timeout", str(a.drain_timeout),
            "--tensor-parallel-size", str(a.tensor_parallel_size)]
     for flag, value in (("--model", a.model), ("--max-model-len", a.max_model_len),
-                        ("--served-model-name", a.served_model_name)):
+                        ("--served-model-name", a.served_model_name), ("--kv-cache-resident", a.kv_cache_resident)):
         if value is not None:
             out += [flag, str(value)]
     if a.no_prefix_caching:

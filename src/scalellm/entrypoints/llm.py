@@ -22,7 +22,7 @@ class LLM:
     """An engine with a model loaded. `model=None` loads the embedded SmolLM2-135M-Instruct.
 
     Keyword arguments are EngineConfig fields: dtype, device, max_model_len,
-    max_num_batched_tokens, max_num_seqs, block_size, kv_cache_memory, kv_cache_dtype,
+    max_num_batched_tokens, max_num_seqs, block_size, kv_cache_memory, kv_cache_resident, kv_cache_dtype,
     enable_prefix_caching, seed, tensor_parallel_size, enable_expert_parallel.
 
     With tensor_parallel_size=N, ranks 1..N-1 are worker processes: call `shutdown()`

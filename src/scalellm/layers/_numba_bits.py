@@ -2,7 +2,8 @@
 
 numba has no bfloat16: a bfloat16 tensor reaches a kernel as its 16 raw bits (an
 int16 view). `ld(a, r, c)` reads element [r, c] of a 2-D array as float32 whatever
-the array holds (float32, bfloat16 bits, or int8 codes); `st(a, r, c, v)` stores a float32
+the array holds (float32, bfloat16 bits, or int8 codes), or of the [N, K] matrix a 4-D array
+of bfloat16 bits holds in the GEMMs' blocked layout; `st(a, r, c, v)` stores a float32
 into it, rounding to nearest even for bfloat16 (as torch's float32 -> bfloat16 conversion
 does); `rnd(a, v)` rounds v to
 a's element type and returns it as float32 (for the double rounding torch's bfloat16
@@ -88,6 +89,8 @@ def _widen(bits16):  # pragma: no cover - numba (inlined)
 
 @overload(ld, inline="always")
 def _ld_impl(a, r, c):  # pragma: no cover - numba
+    if a.ndim == 4:  # a [N, K] bfloat16 weight in the GEMMs' blocks [N/64, K/2, 64, 2] (layers/gemm_blocks.py)
+        return lambda a, r, c: _widen(a[r >> 6, c >> 1, r & 63, c & 1])
     if a.dtype == types.float32:
         return lambda a, r, c: a[r, c]
     if a.dtype == types.int8:  # an 8-bit KV cache's codes (scaled by the caller)

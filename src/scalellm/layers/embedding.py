@@ -13,6 +13,7 @@ from scalellm.distributed.parallel_state import (
     tensor_parallel_all_reduce,
 )
 from scalellm.layers import fused_cpu
+from scalellm.layers.bf16_gemm import Bf16Blocks
 from scalellm.layers.linear import OwnWeight, PackedWeight, linear_packed, pack_bf16, packed_nbytes
 from scalellm.protocol.errors import ModelLoadError
 from scalellm.quant.int8 import Int8Weight
@@ -39,7 +40,27 @@ class VocabParallelEmbedding(nn.Module):
         param.data.zero_()
         param.data[:rows].copy_(loaded[self.vocab_start : self.vocab_start + rows])
 
+    # [Np/64, E/2, 64] int32 (pairs of bf16): a tied LM head's GEMM blocks, read in place of
+    # `weight` once `read_from_blocks` dropped it
+    blocks32: torch.Tensor | None = None
+
+    def read_from_blocks(self, blocks: Bf16Blocks) -> int:
+        """Drop the plain table and gather rows from the tied LM head's GEMM blocks instead
+        (one copy of the vocabulary's weights, not two: 54 MiB on SmolLM2); returns the bytes
+        freed. One rank, bf16 only. The `weight` attribute becomes None, here and on the head
+        that shared it (ParallelLMHead reads the blocks then)."""
+        if self.tp_size != 1 or blocks.n != self.vocab_size or self.weight.dtype != torch.bfloat16 \
+                or blocks.k != self.weight.shape[1]:
+            raise ValueError("read_from_blocks: a one-rank bf16 table and its [V, E] blocks only")
+        freed = self.weight.numel() * self.weight.element_size()
+        self.blocks32 = blocks.blocks.view(torch.int32).squeeze(-1)
+        self.weight = None  # type: ignore[assignment]
+        return freed
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.blocks32 is not None:
+            # row v of the [V, E] matrix: block v // 64, channel v % 64, each pair of E as one int32
+            return self.blocks32[input_ids >> 6, :, input_ids & 63].view(torch.bfloat16)  # [T, E]
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.vocab_start
@@ -73,6 +94,27 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.packed = pack_bf16(self.weight)
         return packed_nbytes(self.packed)
 
+    def share_with(self, embedding: VocabParallelEmbedding) -> int:
+        """A tied head whose prepacked copy is our GEMM's blocks keeps only them: the embedding
+        gathers its rows from them and re-scoring reads them (`read_from_blocks`); returns the
+        bytes freed (0 where the weight is not tied, or not packed so)."""
+        if embedding.weight is not self.weight or not isinstance(self.packed, Bf16Blocks) or self.tp_size != 1:
+            return 0
+        freed = embedding.read_from_blocks(self.packed)
+        self.weight = None  # type: ignore[assignment]
+        return freed
+
+    def _rows_source(self) -> torch.Tensor:
+        """The [V, E] bf16/float32 weight, or (shared with the embedding) the GEMM's blocks."""
+        return self.weight if self.weight is not None else self.packed.blocks  # type: ignore[union-attr]
+
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """weight[idx] (any index shape) -> [..., E] in the weight's dtype."""
+        if self.weight is not None:
+            return self.weight[idx]
+        blocks32 = self.packed.blocks.view(torch.int32).squeeze(-1)  # type: ignore[union-attr]
+        return blocks32[idx >> 6, :, idx & 63].view(torch.bfloat16)
+
     def set_int8(self, act_amax: torch.Tensor | None = None, keep_weight: bool = True, onednn: bool = False) -> int:
         """Compute logits with an int8 copy of the weight; the top candidates are re-scored exactly.
         The float weight always stays (re-scoring, the tied embedding): keep_weight is moot.
@@ -99,10 +141,10 @@ class ParallelLMHead(VocabParallelEmbedding):
             # (with a prepacked bf16 copy too, the bf16 GEMM: at 64 rows of SmolLM2's vocabulary it
             # took 6 ms a step, int8 10.4 ms, whose float32 input and output passes dominate)
             logits, exact = self.qweight(hidden.float()), False  # [B, V/tp] float32
-        elif self.weight.dtype == torch.float32:
+        elif self.weight is not None and self.weight.dtype == torch.float32:
             logits = _logits_fp32(hidden.float(), self.weight)  # [B, V/tp]
         elif isinstance(self.packed, OwnWeight):  # float32 out of the accumulators: the bf16 inputs' error only
-            logits, exact, bf16 = linear_packed(hidden.to(self.weight.dtype), self.packed, None, out_float32=True), False, True
+            logits, exact, bf16 = linear_packed(hidden.to(torch.bfloat16), self.packed, None, out_float32=True), False, True
         elif self.packed is not None:
             logits, exact, bf16 = linear_packed(hidden.to(self.weight.dtype), self.packed, None).float(), False, True
         else:
@@ -112,7 +154,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             # of its row's maximum is recomputed exactly (numba, in place; typically a few per row),
             # so the maximum, hence greedy, is exact. 0.5 ms at 64 rows where topk + gather +
             # rescoring took ~4 ms. (int8 logits carry no such bound: they take the top-k below.)
-            fused_cpu.rescore_near_max(logits, hidden.float(), self.weight, 2.0**-6, 1e-3)
+            fused_cpu.rescore_near_max(logits, hidden.float(), self._rows_source(), 2.0**-6, 1e-3)
         elif not exact and logits.shape[0] > 0:
             # NOTE: a bf16 (or int8) GEMM rounds its outputs to 8 mantissa bits: ~0.1 at a logit of 25,
             # enough to flip greedy picks (seen on SmolLM2: 25.33 vs 25.24 both became 25.375).
@@ -120,7 +162,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             # the distribution, where greedy and top-k/top-p act, exact.
             k = min(self.num_rescored, logits.shape[1])
             idx = logits.topk(k, dim=-1).indices  # [B, k]
-            rescored = torch.einsum("be,bke->bk", hidden.float(), self.weight[idx].float())
+            rescored = torch.einsum("be,bke->bk", hidden.float(), self._rows(idx).float())
             logits.scatter_(1, idx, rescored)
         if self.tp_size > 1:
             logits = tensor_parallel_all_gather(logits, dim=-1)

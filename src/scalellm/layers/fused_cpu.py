@@ -331,8 +331,8 @@ def rescore_near_max(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.T
                      rel_margin: float, abs_margin: float) -> None:
     """In place: logits [B, V] (float32, contiguous) within rel_margin * |row max| + abs_margin
     of their row's maximum are recomputed exactly as hidden [B, E] (float32) . weight[v]
-    ([V, E], float32 or bfloat16)."""
-    _kernels.rescore_near_max(logits.numpy(), hidden.contiguous().numpy(), _bits(weight),
+    ([V, E], float32 or bfloat16; or a bfloat16 GEMM's blocks [V/64, E/2, 64, 2], Bf16Blocks)."""
+    _kernels.rescore_near_max(logits.numpy(), hidden.contiguous().numpy(), const_bits(weight),
                               np.float32(rel_margin), np.float32(abs_margin))
 
 

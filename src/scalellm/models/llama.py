@@ -230,6 +230,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)  # [B, V] float32
 
+    def share_tied_embedding(self) -> int:
+        """After prepacking: a tied embedding reads the LM head's GEMM blocks and its plain
+        table goes (ParallelLMHead.share_with); returns the bytes freed."""
+        return self.lm_head.share_with(self.model.embed_tokens) if self.args.tie_word_embeddings else 0
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (checkpoint name, tensor) pairs; every parameter must be covered once."""
         params = dict(self.named_parameters(remove_duplicate=False))

@@ -18,7 +18,7 @@ import time
 import zmq
 
 from scalellm.engine.config import EngineConfig
-from scalellm.memory import keep_freed_heap
+from scalellm.memory import keep_freed_heap, trim_heap
 from scalellm.protocol import ipc
 
 logger = logging.getLogger("scalellm.core")
@@ -30,6 +30,12 @@ IDLE_POLL_MS = 100
 # caught ~57 of 64, and the stragglers' prefill then stalled 57 streams for 150-260 ms
 # (served c=64 ITL p99 138-223 ms against 94).
 EXPERT_LOAD_INTERVAL_S = 1.0
+# Seconds without a step (its idle work done) after which the core hands its heap's free
+# pages back (memory.trim_heap), once per idle spell: the steps' freed activations, which
+# keep_freed_heap keeps for reuse while serving. NOTE: on the 2-core Zen 4 VM, SmolLM2: -92
+# MiB after the warm-up step; the next burst faults them in again, ~0.8 ms per MiB (4 KiB
+# pages), spread over its first steps. SCALELLM_NO_IDLE_TRIM=1: never.
+IDLE_TRIM_S = 5.0
 
 
 class _Phases:
@@ -125,6 +131,8 @@ def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  
     phases = _PHASES
     clock = time.perf_counter
     idle_work = not os.environ.get("SCALELLM_NO_KV_PREFAULT")
+    trim_when_idle, trimmed = not os.environ.get("SCALELLM_NO_IDLE_TRIM"), False
+    last_step = clock()
     while True:
         busy = core.has_unfinished_requests()
         if not busy:
@@ -134,6 +142,9 @@ def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  
                 idle_work = more is not False
                 got = poller.poll(0 if more else IDLE_POLL_MS)
             else:
+                if trim_when_idle and not trimmed and t - last_step >= IDLE_TRIM_S:
+                    trim_heap()
+                    trimmed = True
                 got = poller.poll(IDLE_POLL_MS)
             phases.idle += clock() - t
             if not got:
@@ -162,6 +173,7 @@ def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  
         if core.has_unfinished_requests():
             outputs = core.step()
             t = clock()
+            last_step, trimmed = t, False
             load = expert_load.take(core, idle=not core.has_unfinished_requests())
             push.send(ipc.encode(ipc.CoreOutputs(outputs, _load(core), load)))
             phases.ipc += clock() - t

@@ -159,7 +159,7 @@ class MultiprocExecutor:
     def drop_start_up_pages(self) -> int:
         return self.runner.drop_start_up_pages()  # this process's (rank 0's) only
 
-    def prefault_kv(self, max_blocks: int = 8) -> bool:
+    def prefault_kv(self, max_blocks: int = 8, upto: int | None = None) -> bool:
         return False  # the ranks' caches fill on use (the idle work would have to run on every rank)
 
     def check_health(self) -> None:

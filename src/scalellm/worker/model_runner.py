@@ -23,7 +23,7 @@ from torch import nn
 from scalellm.layers import fused_cpu, paged_attention_triton
 from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk
 from scalellm.layers.linear import all_linears_on_amx
-from scalellm.memory import drop_library_pages
+from scalellm.memory import drop_library_pages, no_huge_pages
 from scalellm.models.args import ModelArgs
 from scalellm.protocol.sampling_params import SamplingParams
 from scalellm.protocol.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
@@ -94,7 +94,9 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     # NOTE: torch.zeros memsets (touches) every page; numpy's zeros uses calloc, which for
     # large blocks maps fresh zero pages without writing them.
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    raw = np.zeros(nbytes, dtype=np.uint8)
+    no_huge_pages(raw.ctypes.data, nbytes)  # resident as the blocks in use, not in 2 MiB steps
+    return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 def start_cpu_kernels(model: nn.Module, args: ModelArgs, dtype: torch.dtype, device: torch.device,
@@ -281,27 +283,29 @@ class ModelRunner:
             return 0
         return drop_library_pages("libtorch", code_only=True)
 
-    def prefault_kv(self, max_blocks: int = 8) -> bool:
+    def prefault_kv(self, max_blocks: int = 8, upto: int | None = None) -> bool:
         """Fault in the pages of the next `max_blocks` KV blocks (by id: the order the block
-        pool first hands them out) of every layer, leaving their contents as they are (each
-        page's first byte is rewritten with itself); returns whether blocks remain. For idle
-        time only: never while a step runs.
+        pool first hands them out) of every layer, below block `upto` (the pool's resident
+        budget; None: all), leaving their contents as they are (each page's first byte is
+        rewritten with itself); returns whether blocks remain. For idle time only: never
+        while a step runs.
 
         NOTE: the cache is mapped lazily (RSS grows as it fills), and on these VMs a first
         write to a page costs 10-300 us; until every page had been touched once, serving
         paid it inside steps: ~7 ms a 64-decode step, 165 ms a 2,048-token prefill step
         (a fresh server's c=64 benchmark: 655 out tok/s with the prefault, 618 without)."""
+        end = self.num_blocks if upto is None else min(upto, self.num_blocks)
         b0 = self._prefault_next
-        if b0 >= self.num_blocks:
+        if b0 >= end:
             return False
-        b1 = min(self.num_blocks, b0 + max_blocks)
+        b1 = min(end, b0 + max_blocks)
         for cache in self.kv_caches + (self.kv_scales or []):
             for half in cache[:, b0:b1]:  # K, then V: each a contiguous run of whole blocks
                 raw = half.reshape(-1).view(torch.uint8).numpy()
                 raw[::4096] |= 0  # one byte a page (a plain self-assignment is skipped by numpy)
                 raw[-1:] |= 0  # and the run's last page
         self._prefault_next = b1
-        return b1 < self.num_blocks
+        return b1 < end
 
     def check_health(self) -> None:
         pass

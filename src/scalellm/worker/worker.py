@@ -72,14 +72,20 @@ def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
     return max(1, num_kv_heads // tp_size)
 
 
-def num_kv_blocks(args: ModelArgs, dtype: torch.dtype, block_size: int, kv_cache_memory: int,
-                  max_model_len: int, tp_size: int = 1, kv_cache_dtype: str = "auto") -> int:
-    """Blocks that fit `kv_cache_memory` bytes of one rank (every rank gets the same count);
-    kv_cache_dtype "int8": a row of D values takes D bytes + its float32 scale (kv_quant)."""
+def kv_block_bytes(args: ModelArgs, dtype: torch.dtype, block_size: int, tp_size: int = 1,
+                   kv_cache_dtype: str = "auto") -> int:
+    """Bytes of one KV block (K and V of every layer) on one rank; kv_cache_dtype "int8": a
+    row of D values takes D bytes + its float32 scale (kv_quant)."""
     heads = kv_heads_per_rank(args.num_kv_heads, tp_size)
     row_bytes = args.head_dim + kv_quant.SCALE_BYTES if kv_cache_dtype == "int8" else \
         args.head_dim * torch.finfo(dtype).bits // 8
-    bytes_per_block = 2 * args.num_layers * heads * row_bytes * block_size
+    return 2 * args.num_layers * heads * row_bytes * block_size
+
+
+def num_kv_blocks(args: ModelArgs, dtype: torch.dtype, block_size: int, kv_cache_memory: int,
+                  max_model_len: int, tp_size: int = 1, kv_cache_dtype: str = "auto") -> int:
+    """Blocks that fit `kv_cache_memory` bytes of one rank (every rank gets the same count)."""
+    bytes_per_block = kv_block_bytes(args, dtype, block_size, tp_size, kv_cache_dtype)
     num_blocks = kv_cache_memory // bytes_per_block
     needed = -(-max_model_len // block_size)
     if num_blocks < needed:
@@ -151,6 +157,7 @@ def _load_and_quantize(model: torch.nn.Module, args: ModelArgs, source: ModelSou
             # what stays bf16 (the LM head) is prepacked, as in a bf16 model
             saved -= sum(m.set_packed() for m in model.modules()
                          if hasattr(m, "set_packed") and getattr(m, "qweight", None) is None)
+            saved += _share_tied_embedding(model)
             from scalellm.layers.linear import int8_rows_backend
 
             backend = int8_rows_backend()
@@ -189,8 +196,16 @@ def _load_and_quantize(model: torch.nn.Module, args: ModelArgs, source: ModelSou
         if quantization == "int4":
             _add_int4_copies(model)
         added = sum(m.set_packed() for m in model.modules() if hasattr(m, "set_packed"))
-        logger.info("bf16 linears prepacked (+%.0f MB: the LM head's copy beside the tied embedding, "
-                    "layouts' padding)", added / 2**20)
+        added -= _share_tied_embedding(model)
+        logger.info("bf16 linears prepacked (%+.0f MB: layouts' padding, and an LM head's copy beside "
+                    "a tied embedding unless it shares our GEMM's blocks)", added / 2**20)
+
+
+def _share_tied_embedding(model: torch.nn.Module) -> int:
+    """A tied embedding reads the LM head's prepacked blocks, its own table freed (models
+    with `share_tied_embedding`); returns the bytes freed."""
+    share = getattr(model, "share_tied_embedding", None)
+    return share() if share is not None else 0
 
 
 def _check_int4(dtype: torch.dtype, device: torch.device) -> None:
