@@ -8,13 +8,17 @@ INFO) and measures:
 - RSS and PSS (proportional: shared pages split between the processes that map them,
   so the sum is the memory the tree really holds) per process role when ready (1 s
   after /ready), with --settle after that many seconds idle too (the warm-up step and
-  the KV-cache prefault done), and again after a load (--load-requests streaming
-  requests of ~120 prompt tokens, --load-max-tokens out, at --load-concurrency), which
-  touches KV pages and the allocator's working set.
+  the KV-cache prefault done; the engine core trims its heap after 5 s idle), during a
+  load (--load-requests streaming requests of ~120 prompt tokens, --load-max-tokens out,
+  at --load-concurrency; which touches KV pages and the allocator's working set) the peak
+  of the summed RSS (sampled every 0.25 s), 1 s after it, and with --settle idle again.
 
     flock /work/cpu.lock python benchmarks/startup_rss.py             # ~1 min
     python benchmarks/startup_rss.py --serve-args "--quantization int8"
-    # settled (15 s idle) and after a c=64 run of 128 x ~128 in / 128 out, the smallest footprint:
+    # issue 7's measurement: settled (15 s idle), during and after a c=64 run of 128 x ~128 in / 128 out
+    python benchmarks/startup_rss.py --repeats 2 --settle 15 --load-requests 128 --load-concurrency 64 \
+        --load-max-tokens 128 --out benchmarks/results/s21_zen4/startup_rss_default.json
+    # the smallest footprint:
     python benchmarks/startup_rss.py --repeats 2 --settle 15 --load-requests 128 --load-concurrency 64 \\
         --load-max-tokens 128 --serve-args "--quantization int8 --kv-cache-dtype int8 --kv-cache-memory 0.25"
 """
@@ -133,16 +137,36 @@ def one_start(serve_args: list[str], load_requests: int, settle_s: float = 0.0, 
         if settle_s > 0:  # idle: the warm-up step and the KV-cache prefault have run
             time.sleep(settle_s)
             settled = memory(proc.pid)
+        peak = {"rss_mb": 0.0}
+        done = threading.Event()
+
+        def sample() -> None:  # the tree's summed RSS (cheap: no smaps) every 0.25 s during the load
+            while not done.wait(0.25):
+                try:
+                    procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+                    peak["rss_mb"] = max(peak["rss_mb"], sum(p.memory_info().rss for p in procs) / 2**20)
+                except psutil.Error:
+                    pass
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         load(url, load_requests, load_concurrency, load_max_tokens)
+        done.set()
+        sampler.join()
         time.sleep(1.0)
         after_load = memory(proc.pid)
+        after_load_settled = None
+        if settle_s > 0:  # idle again after the load
+            time.sleep(settle_s)
+            after_load_settled = memory(proc.pid)
     finally:
         proc.terminate()
         proc.wait(60)
     out = {"ready_s": ready_s, "phases_s": phases, "memory_at_ready": at_ready, "memory_after_load": after_load,
-           "log_tail": lines[-12:]}
+           "peak_rss_mb_during_load": peak["rss_mb"], "log_tail": lines[-12:]}
     if settled is not None:
         out["memory_settled"] = settled
+        out["memory_after_load_settled"] = after_load_settled
     return out
 
 
@@ -169,7 +193,8 @@ def main() -> int:
     for r in runs:
         mem = r["memory_at_ready"]
         print(f"ready {r['ready_s']:.2f} s  phases " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_s"].items()))
-        for key in ("memory_at_ready", "memory_settled", "memory_after_load"):
+        print(f"  peak total RSS during the load: {r['peak_rss_mb_during_load']:.0f} MB")
+        for key in ("memory_at_ready", "memory_settled", "memory_after_load", "memory_after_load_settled"):
             if key not in r:
                 continue
             mem = r[key]

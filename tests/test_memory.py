@@ -105,6 +105,49 @@ def test_prefault_kv_maps_the_cache_and_keeps_its_contents(tiny_models, resident
     assert core.stats().prefix_cache_hits == stats.prefix_cache_hits + 8  # the cached blocks served it
 
 
+def test_idle_release_hands_back_the_kv_memory_past_the_budget(tiny_models):
+    """A burst that needs more KV blocks than the resident budget touches fresh ones; once
+    idle, release_idle_kv makes those past the budget fresh again and hands their pages back
+    (mincore: not resident), and later requests that reuse them generate what they did."""
+    import ctypes
+    import mmap
+
+    from scalellm import LLM, SamplingParams
+
+    block_bytes = 2 * 2 * 2 * 16 * 4 * 4  # K+V, 2 layers, 2 KV heads x head dim 16, fp32, 4 tokens
+    llm = LLM(tiny_models["llama"], dtype="float32", block_size=4, kv_cache_memory=1024 * block_bytes,
+              kv_cache_resident=64 * block_bytes, enable_prefix_caching=False)
+    core, runner = llm.engine.core, llm.engine.core.executor
+    pool = core.scheduler.kv_cache.pool
+    wait_for_kernels(runner)
+    assert pool.resident_blocks == 64
+    prompts = [[5 + (i * 7 + j) % 400 for j in range(40)] for i in range(12)]  # 12 x (40 + 24) tokens: 192 blocks
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    first = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    touched = pool.num_touched_blocks
+    assert touched > 64 + 64
+
+    def resident(lo: int, hi: int) -> float:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        page, total, hits = mmap.PAGESIZE, 0, 0
+        for cache in runner.kv_caches:
+            for half in cache[:, lo:hi]:
+                start = -(-half.data_ptr() // page) * page
+                end = (half.data_ptr() + half.numel() * half.element_size()) // page * page
+                vec = (ctypes.c_ubyte * ((end - start) // page))()
+                assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) == 0
+                total, hits = total + len(vec), hits + sum(v & 1 for v in vec)
+        return hits / total
+
+    assert resident(64, touched) == 1.0
+    released = core.release_idle_kv()
+    assert pool.num_touched_blocks == 64 and released >= 0.8 * (touched - 64) * block_bytes  # whole pages only
+    assert resident(64, touched) == 0.0
+    assert core.release_idle_kv() == 0  # nothing more
+    again = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert again == first and pool.num_touched_blocks == touched
+
+
 def test_warm_up_drops_the_prefix_cache_of_steps_run_on_the_stand_ins(tiny_models, monkeypatch):
     """Steps that ran before the CPU kernels were ready (the torch stand-ins) leave their K/V
     in the prefix cache; the warm-up step that follows the kernels empties it, so a repeated

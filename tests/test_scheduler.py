@@ -245,6 +245,20 @@ def test_block_pool_keeps_to_its_resident_budget():
     with pytest.raises(RuntimeError):
         pool.allocate(5)
 
+    pool.free(pool.blocks[i] for i in (4, 5))
+    assert pool.shrink_to_budget() == (4, 7)  # idle: past the budget, down to the highest live block
+    assert pool.num_touched_blocks == 4 and pool.num_free_blocks == 6  # blocks 0-3 live, 4-9 fresh
+    pool.free([pool.blocks[3]])
+    assert [b.block_id for b in pool.allocate(1)] == [3]  # at the budget again: reuse before touching more
+    assert pool.shrink_to_budget() is None  # nothing past the budget
+    live = pool.allocate(3)
+    assert [b.block_id for b in live] == [4, 5, 6]  # every touched block is live: fresh ones
+    pool.free(live[:2])
+    assert pool.shrink_to_budget() is None  # block 6 is live: 4 and 5 below it stay
+    pool.cache_block(live[2], b"h6")
+    pool.free(live[2:])
+    assert pool.shrink_to_budget() == (4, 7) and pool.lookup(b"h6") is None
+
     whole = BlockPool(4)
     first = whole.allocate(2)
     whole.free(first)

@@ -100,3 +100,20 @@ def no_huge_pages(address: int, length: int) -> bool:
     start = address // page * page
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc.madvise(start, address + length - start, _MADV_NOHUGEPAGE) == 0
+
+
+def release_pages(address: int, length: int) -> int:
+    """Hand back the anonymous pages lying wholly inside [address, address + length)
+    (MADV_DONTNEED: a private anonymous page then reads as zeros); returns the bytes advised
+    (0 off Linux). The partial pages at either end are left alone."""
+    page = 4096
+    start = -(-address // page) * page
+    end = (address + length) // page * page
+    if end <= start:
+        return 0
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return end - start if libc.madvise(start, end - start, _MADV_DONTNEED) == 0 else 0

@@ -14,7 +14,9 @@ their memory has not been touched (a CPU cache is mapped lazily). `allocate` tak
 blocks while fewer than `resident_blocks` have ever been handed out, then prefers evicting
 the queue's oldest to touching more: past that budget the pool grows only while live
 requests hold every touched block. Memory then follows max(budget, peak live need), not
-the pool's size, and the prefix cache keeps what fits the budget.
+the pool's size, and the prefix cache keeps what fits the budget. When idle,
+`shrink_to_budget` makes the free blocks past it fresh again for their memory to be
+handed back.
 """
 
 from __future__ import annotations
@@ -87,6 +89,26 @@ class BlockPool:
             block.ref_cnt = 1
             out.append(block)
         return out
+
+    def shrink_to_budget(self) -> tuple[int, int] | None:
+        """Make the free blocks at the top of the touched range fresh again, down to the
+        resident budget or the highest block in use, dropping their cache entries; returns
+        the ids [lo, hi) whose memory the caller may hand back (None: nothing). For idle
+        time: the memory a peak of live requests took past the budget."""
+        hi = lo = self._next_fresh
+        while lo > self.resident_blocks and self.blocks[lo - 1].ref_cnt == 0:
+            lo -= 1
+        if lo == hi:
+            return None
+        for block in self.blocks[lo:hi]:
+            del self._free[block.block_id]
+            if block.block_hash is not None:
+                if self._cached.get(block.block_hash) is block:
+                    del self._cached[block.block_hash]
+                block.block_hash = None
+                self.num_evictions += 1
+        self._next_fresh = lo
+        return lo, hi
 
     def touch(self, blocks: Iterable[KVBlock]) -> None:
         """Take a reference on cache-hit blocks, reviving those sitting in the free queue."""

@@ -41,6 +41,11 @@ class Executor(Protocol):
         whether any remain."""
         ...
 
+    def release_kv(self, lo: int, hi: int) -> int:
+        """Idle time only: hand back the memory of KV blocks [lo, hi) (their contents are
+        lost); returns the bytes released."""
+        ...
+
     def read_expert_load(self) -> dict[int, list[int]]:
         """MoE: tokens per expert per layer since the last read ({} for dense models)."""
         ...
@@ -150,6 +155,12 @@ class EngineCore:
         if self.executor.prefault_kv(upto=self.scheduler.kv_cache.pool.resident_blocks):
             return True
         return False if self.warmed_up else None
+
+    def release_idle_kv(self) -> int:
+        """Idle time only: hand back the KV memory that live requests took past the block
+        pool's resident budget (BlockPool.shrink_to_budget); returns the bytes released."""
+        span = self.scheduler.kv_cache.pool.shrink_to_budget()
+        return self.executor.release_kv(*span) if span is not None else 0
 
     def warm_up_step(self) -> None:
         """Run dummy prompts that fill one step's token budget (128-token prompts, one

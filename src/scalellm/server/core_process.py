@@ -30,9 +30,10 @@ IDLE_POLL_MS = 100
 # caught ~57 of 64, and the stragglers' prefill then stalled 57 streams for 150-260 ms
 # (served c=64 ITL p99 138-223 ms against 94).
 EXPERT_LOAD_INTERVAL_S = 1.0
-# Seconds without a step (its idle work done) after which the core hands its heap's free
-# pages back (memory.trim_heap), once per idle spell: the steps' freed activations, which
-# keep_freed_heap keeps for reuse while serving. NOTE: on the 2-core Zen 4 VM, SmolLM2: -92
+# Seconds without a step (its idle work done) after which the core hands back, once per
+# idle spell, the KV memory a peak of live requests took past the block pool's resident
+# budget (EngineCore.release_idle_kv) and its heap's free pages (memory.trim_heap): the
+# steps' freed activations, which keep_freed_heap keeps for reuse while serving. NOTE: on the 2-core Zen 4 VM, SmolLM2: -92
 # MiB after the warm-up step; the next burst faults them in again, ~0.8 ms per MiB (4 KiB
 # pages), spread over its first steps. SCALELLM_NO_IDLE_TRIM=1: never.
 IDLE_TRIM_S = 5.0
@@ -143,6 +144,7 @@ def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  
                 got = poller.poll(0 if more else IDLE_POLL_MS)
             else:
                 if trim_when_idle and not trimmed and t - last_step >= IDLE_TRIM_S:
+                    core.release_idle_kv()
                     trim_heap()
                     trimmed = True
                 got = poller.poll(IDLE_POLL_MS)

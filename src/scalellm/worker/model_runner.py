@@ -23,7 +23,7 @@ from torch import nn
 from scalellm.layers import fused_cpu, paged_attention_triton
 from scalellm.layers.attention import AttentionMetadata, ForwardBatch, PrefillChunk
 from scalellm.layers.linear import all_linears_on_amx
-from scalellm.memory import drop_library_pages, no_huge_pages
+from scalellm.memory import drop_library_pages, no_huge_pages, release_pages
 from scalellm.models.args import ModelArgs
 from scalellm.protocol.sampling_params import SamplingParams
 from scalellm.protocol.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
@@ -306,6 +306,18 @@ class ModelRunner:
                 raw[-1:] |= 0  # and the run's last page
         self._prefault_next = b1
         return b1 < end
+
+    def release_kv(self, lo: int, hi: int) -> int:
+        """Hand back the pages that lie wholly inside blocks [lo, hi) of every layer's cache
+        (MADV_DONTNEED: they read as zeros when next touched; the pool hands these blocks out
+        as fresh, written before read); returns the bytes released. CPU only (0 elsewhere)."""
+        if self.device.type != "cpu" or hi <= lo:
+            return 0
+        released = 0
+        for cache in self.kv_caches + (self.kv_scales or []):
+            for half in cache[:, lo:hi]:  # K, then V: each a contiguous run of whole blocks
+                released += release_pages(half.data_ptr(), half.numel() * half.element_size())
+        return released
 
     def check_health(self) -> None:
         pass
