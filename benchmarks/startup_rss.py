@@ -16,7 +16,7 @@ INFO) and measures:
     flock /work/cpu.lock python benchmarks/startup_rss.py             # ~1 min
     python benchmarks/startup_rss.py --serve-args "--quantization int8"
     # issue 7's measurement: settled (15 s idle), during and after a c=64 run of 128 x ~128 in / 128 out
-    python benchmarks/startup_rss.py --repeats 2 --settle 15 --load-requests 128 --load-concurrency 64 \
+    python benchmarks/startup_rss.py --repeats 2 --settle 15 --load-requests 128 --load-concurrency 64 \\
         --load-max-tokens 128 --out benchmarks/results/s21_zen4/startup_rss_default.json
     # the smallest footprint:
     python benchmarks/startup_rss.py --repeats 2 --settle 15 --load-requests 128 --load-concurrency 64 \\

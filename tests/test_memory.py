@@ -140,9 +140,13 @@ def test_idle_release_hands_back_the_kv_memory_past_the_budget(tiny_models):
         return hits / total
 
     assert resident(64, touched) == 1.0
+    below = [c[:, :64].clone() for c in runner.kv_caches]
     released = core.release_idle_kv()
     assert pool.num_touched_blocks == 64 and released >= 0.8 * (touched - 64) * block_bytes  # whole pages only
     assert resident(64, touched) == 0.0
+    for b, c in zip(below, runner.kv_caches):
+        assert torch.equal(b, c[:, :64])  # the budget's blocks keep their pages and contents
+        assert not c[:, 64 + 8 : touched - 8].any()  # released pages read as zeros (8 blocks a page)
     assert core.release_idle_kv() == 0  # nothing more
     again = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert again == first and pool.num_touched_blocks == touched
@@ -216,7 +220,10 @@ def test_core_loop_trims_the_heap_once_per_idle_spell(tiny_models, monkeypatch):
     core = llm.engine.core
     wait_for_kernels(core.executor)
     trims: list[float] = []
+    releases: list[int] = []
     monkeypatch.setattr(core_process, "trim_heap", lambda: trims.append(time.monotonic()))
+    real_release = core.release_idle_kv
+    monkeypatch.setattr(core, "release_idle_kv", lambda: releases.append(real_release()) or releases[-1])
     monkeypatch.setattr(core_process, "IDLE_TRIM_S", 0.4)
     monkeypatch.setenv("SCALELLM_NO_KV_PREFAULT", "1")  # no idle work before the trim
 
@@ -250,5 +257,6 @@ def test_core_loop_trims_the_heap_once_per_idle_spell(tiny_models, monkeypatch):
         return spells
 
     assert run_loop("on", 2) == [1, 1, 2, 2, 3]
+    assert len(releases) == 3  # the KV past the resident budget went back with each trim
     monkeypatch.setenv("SCALELLM_NO_IDLE_TRIM", "1")
-    assert run_loop("off", 1) == [0, 0, 0]
+    assert run_loop("off", 1) == [0, 0, 0] and len(releases) == 3

@@ -117,6 +117,8 @@ def warm_up(dtype: torch.dtype) -> bool:
         inverse_cdf_draw(torch.ones(1, 4), torch.zeros(1, dtype=torch.float64))
         softmax_draw(torch.zeros(1, 4), torch.ones(1), torch.zeros(1, dtype=torch.float64))
         rescore_near_max(torch.zeros(1, 4), torch.zeros(1, 8), torch.zeros(4, 8, dtype=dtype), 0.0, 0.0)
+        if dtype == torch.bfloat16:  # a tied LM head's GEMM blocks (ParallelLMHead.share_with)
+            rescore_near_max(torch.zeros(1, 4), torch.zeros(1, 8), torch.zeros(1, 4, 64, 2, dtype=dtype), 0.0, 0.0)
         _compiled.add(dtype)
         logger.debug("fused CPU kernels (%s) ready in %.2fs", dtype, time.monotonic() - t0)
     return True

@@ -141,12 +141,17 @@ def _busy_loop(core, pull: zmq.Socket, push: zmq.Socket, parent: int) -> None:  
             if idle_work:  # a slice, then look for requests (at once if more work is ready)
                 more = core.idle_work()
                 idle_work = more is not False
+                if more:  # (the warm-up step or a prefault slice ran: the idle spell starts after it)
+                    last_step = clock()
                 got = poller.poll(0 if more else IDLE_POLL_MS)
             else:
                 if trim_when_idle and not trimmed and t - last_step >= IDLE_TRIM_S:
-                    core.release_idle_kv()
-                    trim_heap()
                     trimmed = True
+                    try:
+                        core.release_idle_kv()
+                        trim_heap()
+                    except Exception:  # memory hand-back is best effort: never the loop's end
+                        logger.warning("idle memory release failed", exc_info=True)
                 got = poller.poll(IDLE_POLL_MS)
             phases.idle += clock() - t
             if not got:

@@ -160,10 +160,10 @@ class MultiprocExecutor:
         return self.runner.drop_start_up_pages()  # this process's (rank 0's) only
 
     def prefault_kv(self, max_blocks: int = 8, upto: int | None = None) -> bool:
-        return False
+        return False  # the ranks' caches fill on use (the idle work would have to run on every rank)
 
     def release_kv(self, lo: int, hi: int) -> int:
-        return 0  # the ranks keep theirs (the blocks are fresh again all the same)  # the ranks' caches fill on use (the idle work would have to run on every rank)
+        return 0  # the ranks keep theirs (the pool hands the blocks out as fresh all the same)
 
     def check_health(self) -> None:
         """Raise RankFailedError if any worker rank exited or reported a failure."""
