@@ -107,6 +107,8 @@ def test_engine_options_are_validated(tiny_models):
         LLM("/nonexistent/model")
     with pytest.raises(InvalidParameterError, match="block_size"):
         LLM(tiny_models["llama"], block_size=3)
+    with pytest.raises(InvalidParameterError, match="kv_cache_resident"):
+        LLM(tiny_models["llama"], kv_cache_resident=-1)
 
 
 def test_priority_is_served_first(llm):

@@ -107,4 +107,4 @@ class EngineConfig:
                         target_step_ms=self.target_step_ms, target_ttft_ms=self.target_ttft_ms)
         CacheConfig(self.block_size, 0, self.kv_cache_memory, self.enable_prefix_caching)
         if self.kv_cache_resident is not None and self.kv_cache_resident < 0:
-            raise InvalidParameterError("kv_cache_resident", f"must be >= 0, got {self.kv_cache_resident}")
+            raise InvalidParameterError("kv_cache_resident", f"must be >= 0 bytes, got {self.kv_cache_resident}")
