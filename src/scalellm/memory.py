@@ -84,6 +84,16 @@ def drop_library_pages(name_fragment: str, code_only: bool = False) -> int:
 _MADV_NOHUGEPAGE = 15
 
 
+def _madvise(start: int, length: int, advice: int) -> bool:
+    """madvise(2) on [start, start + length) (start page-aligned); False off Linux or on error."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return False
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(start, length, advice) == 0
+
+
 def no_huge_pages(address: int, length: int) -> bool:
     """Ask the kernel to back [address, address + length) with 4 KiB pages only (no
     transparent huge pages); returns whether it took (Linux only).
@@ -92,14 +102,8 @@ def no_huge_pages(address: int, length: int) -> bool:
     in `madvise` mode a first write then maps 2 MiB at once: a lazily filled cache (the KV
     cache, whose pool hands out blocks in order) grew in 2 MiB steps at each of its 60
     halves' edges, ~100 MiB more resident than its blocks in use on SmolLM2."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return False
-    page = 4096
-    start = address // page * page
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(start, address + length - start, _MADV_NOHUGEPAGE) == 0
+    start = address // 4096 * 4096
+    return _madvise(start, address + length - start, _MADV_NOHUGEPAGE)
 
 
 def release_pages(address: int, length: int) -> int:
@@ -109,11 +113,4 @@ def release_pages(address: int, length: int) -> int:
     page = 4096
     start = -(-address // page) * page
     end = (address + length) // page * page
-    if end <= start:
-        return 0
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return 0
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return end - start if libc.madvise(start, end - start, _MADV_DONTNEED) == 0 else 0
+    return end - start if end > start and _madvise(start, end - start, _MADV_DONTNEED) else 0

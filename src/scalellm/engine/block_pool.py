@@ -76,19 +76,21 @@ class BlockPool:
             if self._next_fresh < self.num_blocks and (self._next_fresh < self.resident_blocks or not self._free):
                 block = self.blocks[self._next_fresh]
                 self._next_fresh += 1
-                block.ref_cnt = 1
-                out.append(block)
-                continue
-            _, block = self._free.popitem(last=False)
-            if block.block_hash is not None:
-                # NOTE: evicting only drops the mapping if it still points at this block.
-                if self._cached.get(block.block_hash) is block:
-                    del self._cached[block.block_hash]
-                block.block_hash = None
-                self.num_evictions += 1
+            else:
+                _, block = self._free.popitem(last=False)
+                self._evict(block)
             block.ref_cnt = 1
             out.append(block)
         return out
+
+    def _evict(self, block: KVBlock) -> None:
+        """Drop a block's prefix-cache entry, if it has one."""
+        if block.block_hash is not None:
+            # NOTE: evicting only drops the mapping if it still points at this block.
+            if self._cached.get(block.block_hash) is block:
+                del self._cached[block.block_hash]
+            block.block_hash = None
+            self.num_evictions += 1
 
     def shrink_to_budget(self) -> tuple[int, int] | None:
         """Make the free blocks at the top of the touched range fresh again, down to the
@@ -102,11 +104,7 @@ class BlockPool:
             return None
         for block in self.blocks[lo:hi]:
             del self._free[block.block_id]
-            if block.block_hash is not None:
-                if self._cached.get(block.block_hash) is block:
-                    del self._cached[block.block_hash]
-                block.block_hash = None
-                self.num_evictions += 1
+            self._evict(block)
         self._next_fresh = lo
         return lo, hi
 

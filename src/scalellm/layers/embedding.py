@@ -19,6 +19,13 @@ from scalellm.protocol.errors import ModelLoadError
 from scalellm.quant.int8 import Int8Weight
 
 
+def _block_rows(blocks32: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (any shape) of the [V, E] bf16 matrix whose GEMM blocks are `blocks32`
+    ([Np/64, E/2, 64] int32, each pair of E one int32): row v is block v // 64, channel
+    v % 64 -> [..., E] bf16."""
+    return blocks32[ids >> 6, :, ids & 63].view(torch.bfloat16)
+
+
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -59,8 +66,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.blocks32 is not None:
-            # row v of the [V, E] matrix: block v // 64, channel v % 64, each pair of E as one int32
-            return self.blocks32[input_ids >> 6, :, input_ids & 63].view(torch.bfloat16)  # [T, E]
+            return _block_rows(self.blocks32, input_ids)  # [T, E]
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.vocab_start
@@ -101,7 +107,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         if embedding.weight is not self.weight or not isinstance(self.packed, Bf16Blocks) or self.tp_size != 1:
             return 0
         freed = embedding.read_from_blocks(self.packed)
-        self.weight = None  # type: ignore[assignment]
+        self.weight, self.blocks32 = None, embedding.blocks32  # type: ignore[assignment]
         return freed
 
     def _rows_source(self) -> torch.Tensor:
@@ -110,10 +116,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
         """weight[idx] (any index shape) -> [..., E] in the weight's dtype."""
-        if self.weight is not None:
-            return self.weight[idx]
-        blocks32 = self.packed.blocks.view(torch.int32).squeeze(-1)  # type: ignore[union-attr]
-        return blocks32[idx >> 6, :, idx & 63].view(torch.bfloat16)
+        return self.weight[idx] if self.weight is not None else _block_rows(self.blocks32, idx)  # type: ignore[arg-type]
 
     def set_int8(self, act_amax: torch.Tensor | None = None, keep_weight: bool = True, onednn: bool = False) -> int:
         """Compute logits with an int8 copy of the weight; the top candidates are re-scored exactly.

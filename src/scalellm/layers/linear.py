@@ -349,10 +349,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def _onednn_parts(self) -> int:
         return 2 if self.gate_up else 1
 
-    def _on_halves(self, x: torch.Tensor) -> bool:
+    def _on_bf16(self, x: torch.Tensor) -> bool:
         # an int8 weight (kept with the bf16 one) serves calls of up to INT8_MAX_ROWS rows
-        return self.packed_halves is not None and (
-            self.qweight is None or x.numel() > INT8_MAX_ROWS * x.shape[-1])
+        return self.qweight is None or x.numel() > INT8_MAX_ROWS * x.shape[-1]
+
+    def _on_halves(self, x: torch.Tensor) -> bool:
+        return self.packed_halves is not None and self._on_bf16(x)
 
     def matmul(self, x: torch.Tensor | Int8Rows, bias: torch.Tensor | None) -> torch.Tensor | ScaledRows:
         if isinstance(x, torch.Tensor) and self._on_halves(x) and not self._on_int4(x):
@@ -371,10 +373,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         assert isinstance(x, torch.Tensor)  # (int8 rows come only to a oneDNN int8 pair)
         if x.dim() != 2 or self._on_int4(x):
             return None  # (the 4-bit GEMM, then the SiLU-mul pass)
-        if isinstance(self.packed, AmxWeight) and (self.qweight is None or x.numel() > INT8_MAX_ROWS * x.shape[-1]):
+        if isinstance(self.packed, AmxWeight) and self._on_bf16(x):
             return amx_gemm.silu_mul(x, self.packed)
         if (isinstance(self.packed, Bf16Blocks) and self.gate_up and bf16_gemm.takes_swiglu(self.packed)
-                and (self.qweight is None or x.numel() > INT8_MAX_ROWS * x.shape[-1])):
+                and self._on_bf16(x)):
             return bf16_gemm.silu_mul(x, self.packed)
         if self._on_halves(x):
             assert self.packed_halves is not None

@@ -33,9 +33,10 @@ EXPERT_LOAD_INTERVAL_S = 1.0
 # Seconds without a step (its idle work done) after which the core hands back, once per
 # idle spell, the KV memory a peak of live requests took past the block pool's resident
 # budget (EngineCore.release_idle_kv) and its heap's free pages (memory.trim_heap): the
-# steps' freed activations, which keep_freed_heap keeps for reuse while serving. NOTE: on the 2-core Zen 4 VM, SmolLM2: -92
-# MiB after the warm-up step; the next burst faults them in again, ~0.8 ms per MiB (4 KiB
-# pages), spread over its first steps. SCALELLM_NO_IDLE_TRIM=1: never.
+# steps' freed activations, which keep_freed_heap keeps for reuse while serving.
+# NOTE: on the 2-core Zen 4 VM, SmolLM2: -92 MiB after the warm-up step; the next burst
+# faults them in again, ~0.8 ms per MiB (4 KiB pages), spread over its first steps.
+# SCALELLM_NO_IDLE_TRIM=1: never.
 IDLE_TRIM_S = 5.0
 
 
